@@ -1,0 +1,339 @@
+//! The `file` protocol driver: a host file or block device, driven through
+//! the calling thread's io_uring.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Seek, SeekFrom};
+use std::mem::MaybeUninit;
+use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use io_uring::{opcode, types};
+use strata_graph::{AlignedBuf, BlockDriver, BlockError, GraphView, IoFuture, IoOp, IoVecs};
+
+use crate::reactor::Reactor;
+
+/// Options of a `file` node, spelled as qemu-storage-daemon spells them.
+#[derive(Clone, Debug, Default)]
+pub struct FileOptions {
+    /// The host file or block device.
+    pub filename: PathBuf,
+    /// `cache.direct`: bypass the host page cache with O_DIRECT.
+    pub direct: bool,
+    /// Open without write access.
+    pub read_only: bool,
+}
+
+/// Why a file could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum FileError {
+    /// open(2) failed.
+    #[error("cannot open '{path}': {source}")]
+    Open {
+        /// The file.
+        path: PathBuf,
+        /// The host's error.
+        #[source]
+        source: io::Error,
+    },
+    /// The filesystem refuses O_DIRECT (tmpfs, for one).
+    #[error("'{path}' does not support O_DIRECT; use cache.direct=off (--cache writeback)")]
+    NoDirect {
+        /// The file.
+        path: PathBuf,
+    },
+    /// Neither a regular file nor a block device.
+    #[error("'{path}' is not a regular file or a block device")]
+    NotAFile {
+        /// The file.
+        path: PathBuf,
+    },
+    /// Querying the file failed.
+    #[error("cannot query '{path}': {source}")]
+    Query {
+        /// The file.
+        path: PathBuf,
+        /// The host's error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Largest single zero-fill write when the host cannot zero in place.
+const ZERO_CHUNK: usize = 1 << 20;
+
+/// An open host file.
+pub struct FileNode {
+    file: File,
+    direct: bool,
+    read_only: bool,
+    size: AtomicU64,
+    /// O_DIRECT alignment of buffer addresses and lengths.
+    mem_align: usize,
+    /// O_DIRECT alignment of file offsets and request lengths.
+    offset_align: u32,
+}
+
+impl FileNode {
+    /// Opens `opts.filename`.
+    pub fn open(opts: &FileOptions) -> Result<FileNode, FileError> {
+        let path = &opts.filename;
+        let mut oo = OpenOptions::new();
+        oo.read(true).write(!opts.read_only);
+        if opts.direct {
+            oo.custom_flags(libc::O_DIRECT);
+        }
+        let file = oo
+            .open(path)
+            .map_err(|source| match source.raw_os_error() {
+                Some(libc::EINVAL) if opts.direct => FileError::NoDirect { path: path.clone() },
+                _ => FileError::Open {
+                    path: path.clone(),
+                    source,
+                },
+            })?;
+        let query = |source| FileError::Query {
+            path: path.clone(),
+            source,
+        };
+        let kind = file.metadata().map_err(query)?.file_type();
+        if !kind.is_file() && !kind.is_block_device() {
+            return Err(FileError::NotAFile { path: path.clone() });
+        }
+        // Works for block devices too, where metadata().len() is 0.
+        let size = (&file).seek(SeekFrom::End(0)).map_err(query)?;
+        let (mem_align, offset_align) = if opts.direct {
+            dio_alignment(path).map_err(query)?
+        } else {
+            (1, 1)
+        };
+        Ok(FileNode {
+            file,
+            direct: opts.direct,
+            read_only: opts.read_only,
+            size: AtomicU64::new(size),
+            mem_align: mem_align as usize,
+            offset_align,
+        })
+    }
+
+    /// One readv or writev, resubmitted until complete. A read past the end
+    /// of the file reads zeroes.
+    async fn rw(&self, op: IoOp, offset: u64, buf: &IoVecs<'_>) -> Result<(), BlockError> {
+        let reactor = Reactor::current().map_err(|e| BlockError::io(op, offset, e))?;
+        let fd = types::Fd(self.file.as_raw_fd());
+        let mut done = 0u64;
+        while done < buf.len() {
+            let rest;
+            let iov = if done == 0 {
+                buf
+            } else {
+                rest = buf.slice(done, buf.len() - done);
+                &rest
+            };
+            let (ptr, cnt) = (iov.as_iovecs().as_ptr(), iov.as_iovecs().len() as u32);
+            let entry = match op {
+                IoOp::Read => opcode::Readv::new(fd, ptr, cnt)
+                    .offset(offset + done)
+                    .build(),
+                _ => opcode::Writev::new(fd, ptr, cnt)
+                    .offset(offset + done)
+                    .build(),
+            };
+            // SAFETY: `iov`, its iovec array and the memory it describes are
+            // borrowed by this future, which awaits the op before letting go
+            // of them (and dropping the op waits for the kernel).
+            let res = unsafe { reactor.push(entry) }.await;
+            match res {
+                n if n > 0 => done += n as u64,
+                0 if op == IoOp::Read => {
+                    buf.zero_range(done, buf.len() - done);
+                    break;
+                }
+                0 => return Err(BlockError::errno(op, offset + done, libc::ENOSPC)),
+                e if -e == libc::EINTR || -e == libc::EAGAIN => continue,
+                e => return Err(BlockError::errno(op, offset + done, -e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads or writes through an aligned bounce buffer: O_DIRECT refuses
+    /// guest buffers that are not aligned in memory.
+    async fn rw_bounced(&self, op: IoOp, offset: u64, buf: &IoVecs<'_>) -> Result<(), BlockError> {
+        let mut bounce = AlignedBuf::zeroed(buf.len() as usize, self.mem_align.max(4096));
+        if op == IoOp::Write {
+            buf.copy_to_slice(0, bounce.as_mut_slice());
+        }
+        self.rw(op, offset, &bounce.iovecs_mut()).await?;
+        if op == IoOp::Read {
+            buf.copy_from_slice(0, bounce.as_slice());
+        }
+        Ok(())
+    }
+
+    async fn fallocate(&self, mode: i32, offset: u64, len: u64) -> i32 {
+        let Ok(reactor) = Reactor::current() else {
+            return -libc::ENOMEM;
+        };
+        let entry = opcode::Fallocate::new(types::Fd(self.file.as_raw_fd()), len)
+            .offset(offset)
+            .mode(mode)
+            .build();
+        // SAFETY: fallocate references no memory.
+        unsafe { reactor.push(entry) }.await
+    }
+
+    /// Writes zeroes from a buffer, for hosts that cannot zero in place.
+    async fn write_zero_buffer(&self, offset: u64, len: u64) -> Result<(), BlockError> {
+        let mut zeroes = AlignedBuf::zeroed(ZERO_CHUNK.min(len as usize), self.mem_align.max(4096));
+        let iov = zeroes.iovecs_mut();
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(ZERO_CHUNK as u64);
+            self.rw(IoOp::WriteZeroes, offset + done, &iov.slice(0, n))
+                .await?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    fn check(&self, op: IoOp, offset: u64, len: u64) -> Result<(), BlockError> {
+        if self.read_only && op != IoOp::Read {
+            return Err(BlockError::ReadOnly { op });
+        }
+        BlockError::check_range(op, offset, len, self.size.load(Ordering::Relaxed))
+    }
+}
+
+impl BlockDriver for FileNode {
+    fn driver_name(&self) -> &'static str {
+        "file"
+    }
+
+    fn size(&self, _g: &GraphView) -> Result<u64, BlockError> {
+        Ok(self.size.load(Ordering::Relaxed))
+    }
+
+    fn request_alignment(&self, _g: &GraphView) -> u32 {
+        self.offset_align
+    }
+
+    fn read<'a>(&'a self, _g: &'a GraphView, offset: u64, buf: &'a IoVecs<'a>) -> IoFuture<'a> {
+        if let Err(e) = self.check(IoOp::Read, offset, buf.len()) {
+            return IoFuture::ready(Err(e));
+        }
+        if self.direct && !buf.is_aligned(self.mem_align) {
+            return IoFuture::new(self.rw_bounced(IoOp::Read, offset, buf));
+        }
+        IoFuture::new(self.rw(IoOp::Read, offset, buf))
+    }
+
+    fn write<'a>(&'a self, _g: &'a GraphView, offset: u64, buf: &'a IoVecs<'a>) -> IoFuture<'a> {
+        if let Err(e) = self.check(IoOp::Write, offset, buf.len()) {
+            return IoFuture::ready(Err(e));
+        }
+        if self.direct && !buf.is_aligned(self.mem_align) {
+            return IoFuture::new(self.rw_bounced(IoOp::Write, offset, buf));
+        }
+        IoFuture::new(self.rw(IoOp::Write, offset, buf))
+    }
+
+    fn write_zeroes<'a>(
+        &'a self,
+        _g: &'a GraphView,
+        offset: u64,
+        len: u64,
+        may_unmap: bool,
+    ) -> IoFuture<'a> {
+        if let Err(e) = self.check(IoOp::WriteZeroes, offset, len) {
+            return IoFuture::ready(Err(e));
+        }
+        IoFuture::new(async move {
+            const KEEP: i32 = libc::FALLOC_FL_KEEP_SIZE;
+            // A hole reads as zeroes; zero-range keeps the blocks allocated.
+            if may_unmap
+                && self
+                    .fallocate(libc::FALLOC_FL_PUNCH_HOLE | KEEP, offset, len)
+                    .await
+                    == 0
+            {
+                return Ok(());
+            }
+            match self
+                .fallocate(libc::FALLOC_FL_ZERO_RANGE | KEEP, offset, len)
+                .await
+            {
+                0 => Ok(()),
+                e if -e == libc::EOPNOTSUPP || -e == libc::EINVAL => {
+                    self.write_zero_buffer(offset, len).await
+                }
+                e => Err(BlockError::errno(IoOp::WriteZeroes, offset, -e)),
+            }
+        })
+    }
+
+    fn discard<'a>(&'a self, _g: &'a GraphView, offset: u64, len: u64) -> IoFuture<'a> {
+        if let Err(e) = self.check(IoOp::Discard, offset, len) {
+            return IoFuture::ready(Err(e));
+        }
+        IoFuture::new(async move {
+            let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+            match self.fallocate(mode, offset, len).await {
+                0 => Ok(()),
+                // Discard is a hint: a host that cannot punch holes ignores it.
+                e if -e == libc::EOPNOTSUPP => Ok(()),
+                e => Err(BlockError::errno(IoOp::Discard, offset, -e)),
+            }
+        })
+    }
+
+    fn flush<'a>(&'a self, _g: &'a GraphView) -> IoFuture<'a> {
+        if self.read_only {
+            return IoFuture::ready(Ok(()));
+        }
+        IoFuture::new(async move {
+            let reactor = Reactor::current().map_err(|e| BlockError::io(IoOp::Flush, 0, e))?;
+            let entry = opcode::Fsync::new(types::Fd(self.file.as_raw_fd()))
+                .flags(types::FsyncFlags::DATASYNC)
+                .build();
+            // SAFETY: fsync references no memory.
+            match unsafe { reactor.push(entry) }.await {
+                0 => Ok(()),
+                e => Err(BlockError::errno(IoOp::Flush, 0, -e)),
+            }
+        })
+    }
+}
+
+/// O_DIRECT's (memory, offset) alignment for `path`, from statx. Kernels or
+/// filesystems that do not report it get the conservative 4096.
+fn dio_alignment(path: &Path) -> io::Result<(u32, u32)> {
+    let mut cpath = path.as_os_str().as_bytes().to_vec();
+    cpath.push(0);
+    let mut stx = MaybeUninit::<libc::statx>::zeroed();
+    // SAFETY: `cpath` is NUL-terminated and `stx` is a writable statx buffer.
+    let rc = unsafe {
+        libc::statx(
+            libc::AT_FDCWD,
+            cpath.as_ptr().cast(),
+            0,
+            libc::STATX_DIOALIGN,
+            stx.as_mut_ptr(),
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: statx succeeded and filled the buffer (it was zeroed anyway).
+    let stx = unsafe { stx.assume_init() };
+    if stx.stx_mask & libc::STATX_DIOALIGN == 0 || stx.stx_dio_offset_align == 0 {
+        return Ok((4096, 4096));
+    }
+    Ok((stx.stx_dio_mem_align.max(1), stx.stx_dio_offset_align))
+}
+
+#[cfg(test)]
+mod tests;

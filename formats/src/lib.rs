@@ -1,0 +1,17 @@
+//! Strata's block drivers and image tools.
+//!
+//! Every driver implements [`strata_graph::BlockDriver`]. Drivers with
+//! children ([`raw::RawNode`]) attach them through the graph's slot table
+//! when they open and never hold them directly. Protocol drivers do their
+//! I/O on the calling thread's io_uring ([`reactor`]).
+
+#![warn(missing_docs)]
+
+pub mod file;
+pub mod image;
+pub mod null;
+pub mod raw;
+pub mod reactor;
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,169 @@
+//! The `raw` format driver: the bytes of its `file` child, optionally a
+//! window of them (`offset`, `size`).
+
+use strata_graph::{
+    BlockDriver, BlockError, GraphError, GraphView, IoFuture, IoOp, IoVecs, NodeBuilder, NodeId,
+    SlotId,
+};
+
+/// Options of a `raw` node.
+#[derive(Clone, Debug, Default)]
+pub struct RawOptions {
+    /// Where the window starts in the child.
+    pub offset: u64,
+    /// The window's length; by default, the rest of the child.
+    pub size: Option<u64>,
+}
+
+/// Why a raw node could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum RawError {
+    /// The window does not fit in the child.
+    #[error("offset {offset} plus size {size} ends past the end of the {child_size}-byte file")]
+    WindowTooLarge {
+        /// The `offset` option.
+        offset: u64,
+        /// The window's size.
+        size: u64,
+        /// The child's size.
+        child_size: u64,
+    },
+    /// The window's start or size breaks the child's alignment (O_DIRECT).
+    #[error("offset {offset} and size {size} must be multiples of {align} bytes (the file's request alignment)")]
+    Misaligned {
+        /// The `offset` option.
+        offset: u64,
+        /// The window's size.
+        size: u64,
+        /// The child's alignment.
+        align: u32,
+    },
+    /// Attaching the child failed.
+    #[error(transparent)]
+    Graph(#[from] GraphError),
+    /// The child could not report its size.
+    #[error("cannot size the file child: {0}")]
+    Child(#[from] BlockError),
+}
+
+/// An open raw node.
+pub struct RawNode {
+    file: SlotId,
+    offset: u64,
+    size: Option<u64>,
+}
+
+impl RawNode {
+    /// Opens a raw node over `file`, attaching it as the node's `file` child.
+    pub fn open(
+        b: &mut NodeBuilder<'_>,
+        file: NodeId,
+        opts: &RawOptions,
+    ) -> Result<Self, RawError> {
+        let slot = b.attach("file", file)?;
+        let child = b.view().child(slot)?;
+        let child_size = child.size(b.view())?;
+        let size = opts.size.unwrap_or(child_size.saturating_sub(opts.offset));
+        if opts
+            .offset
+            .checked_add(size)
+            .is_none_or(|end| end > child_size)
+        {
+            return Err(RawError::WindowTooLarge {
+                offset: opts.offset,
+                size,
+                child_size,
+            });
+        }
+        let align = child.request_alignment(b.view());
+        if opts.offset % u64::from(align) != 0
+            || (opts.size.is_some() && size % u64::from(align) != 0)
+        {
+            return Err(RawError::Misaligned {
+                offset: opts.offset,
+                size,
+                align,
+            });
+        }
+        Ok(RawNode {
+            file: slot,
+            offset: opts.offset,
+            size: opts.size,
+        })
+    }
+
+    /// Checks the range and resolves the child, or says why not.
+    fn route<'a>(
+        &self,
+        g: &'a GraphView,
+        op: IoOp,
+        offset: u64,
+        len: u64,
+    ) -> Result<&'a dyn BlockDriver, BlockError> {
+        BlockError::check_range(op, offset, len, self.size(g)?)?;
+        g.child(self.file)
+    }
+}
+
+/// Forwards a request to the child, or returns the routing error.
+macro_rules! forward {
+    ($self:ident, $g:ident, $op:expr, $offset:ident, $len:expr, |$child:ident, $at:ident| $call:expr) => {
+        match $self.route($g, $op, $offset, $len) {
+            Ok($child) => {
+                let $at = $offset + $self.offset;
+                $call
+            }
+            Err(e) => IoFuture::ready(Err(e)),
+        }
+    };
+}
+
+impl BlockDriver for RawNode {
+    fn driver_name(&self) -> &'static str {
+        "raw"
+    }
+
+    fn size(&self, g: &GraphView) -> Result<u64, BlockError> {
+        match self.size {
+            Some(size) => Ok(size),
+            None => Ok(g.child(self.file)?.size(g)?.saturating_sub(self.offset)),
+        }
+    }
+
+    fn request_alignment(&self, g: &GraphView) -> u32 {
+        g.child(self.file).map_or(1, |c| c.request_alignment(g))
+    }
+
+    fn read<'a>(&'a self, g: &'a GraphView, offset: u64, buf: &'a IoVecs<'a>) -> IoFuture<'a> {
+        forward!(self, g, IoOp::Read, offset, buf.len(), |c, at| c
+            .read(g, at, buf))
+    }
+
+    fn write<'a>(&'a self, g: &'a GraphView, offset: u64, buf: &'a IoVecs<'a>) -> IoFuture<'a> {
+        forward!(self, g, IoOp::Write, offset, buf.len(), |c, at| c
+            .write(g, at, buf))
+    }
+
+    fn write_zeroes<'a>(
+        &'a self,
+        g: &'a GraphView,
+        offset: u64,
+        len: u64,
+        may_unmap: bool,
+    ) -> IoFuture<'a> {
+        forward!(self, g, IoOp::WriteZeroes, offset, len, |c, at| c
+            .write_zeroes(g, at, len, may_unmap))
+    }
+
+    fn discard<'a>(&'a self, g: &'a GraphView, offset: u64, len: u64) -> IoFuture<'a> {
+        forward!(self, g, IoOp::Discard, offset, len, |c, at| c
+            .discard(g, at, len))
+    }
+
+    fn flush<'a>(&'a self, g: &'a GraphView) -> IoFuture<'a> {
+        match g.child(self.file) {
+            Ok(c) => c.flush(g),
+            Err(e) => IoFuture::ready(Err(e)),
+        }
+    }
+}

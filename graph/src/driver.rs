@@ -1,0 +1,90 @@
+//! The asynchronous interface every block driver implements.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use crate::{BlockError, GraphView, IoVecs};
+
+/// The future a driver returns for one request.
+///
+/// Requests that finish at once (a range error, a null read, a filter
+/// handing its child's future straight through) allocate nothing; the rest
+/// box their state machine. Futures run on the thread that issued the
+/// request (one executor per queue thread), so they need not be `Send`.
+pub enum IoFuture<'a, T = ()> {
+    /// Already finished.
+    Ready(Option<Result<T, BlockError>>),
+    /// Still running.
+    Running(Pin<Box<dyn Future<Output = Result<T, BlockError>> + 'a>>),
+}
+
+impl<'a, T> IoFuture<'a, T> {
+    /// A future that has already finished with `res`.
+    pub fn ready(res: Result<T, BlockError>) -> Self {
+        IoFuture::Ready(Some(res))
+    }
+
+    /// Boxes `fut`.
+    pub fn new(fut: impl Future<Output = Result<T, BlockError>> + 'a) -> Self {
+        IoFuture::Running(Box::pin(fut))
+    }
+}
+
+// The result is moved out, never pinned in place.
+impl<T> Unpin for IoFuture<'_, T> {}
+
+impl<T> Future for IoFuture<'_, T> {
+    type Output = Result<T, BlockError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.get_mut() {
+            IoFuture::Ready(res) => {
+                Poll::Ready(res.take().expect("IoFuture polled after completion"))
+            }
+            IoFuture::Running(fut) => fut.as_mut().poll(cx),
+        }
+    }
+}
+
+/// A node's behaviour: a format (raw, qcow2), a protocol (file, null) or a
+/// filter. Offsets and lengths are in bytes of the node's own address space.
+///
+/// A driver never holds its children. It keeps the [`SlotId`](crate::SlotId)s
+/// it was given when it was opened and resolves them through `g` on every
+/// request, so a child swapped in the slot table is seen by the next request.
+pub trait BlockDriver: Send + Sync + 'static {
+    /// The driver's name as the command line spells it (`file`, `raw`, ...).
+    fn driver_name(&self) -> &'static str;
+
+    /// The node's current size in bytes.
+    fn size(&self, g: &GraphView) -> Result<u64, BlockError>;
+
+    /// The alignment, in bytes, that request offsets and lengths must have.
+    fn request_alignment(&self, _g: &GraphView) -> u32 {
+        1
+    }
+
+    /// Reads `buf.len()` bytes at `offset` into `buf`.
+    fn read<'a>(&'a self, g: &'a GraphView, offset: u64, buf: &'a IoVecs<'a>) -> IoFuture<'a>;
+
+    /// Writes `buf` at `offset`.
+    fn write<'a>(&'a self, g: &'a GraphView, offset: u64, buf: &'a IoVecs<'a>) -> IoFuture<'a>;
+
+    /// Makes `len` bytes at `offset` read as zeroes. With `may_unmap` the
+    /// driver may also release the space.
+    fn write_zeroes<'a>(
+        &'a self,
+        g: &'a GraphView,
+        offset: u64,
+        len: u64,
+        may_unmap: bool,
+    ) -> IoFuture<'a>;
+
+    /// Tells the node that `len` bytes at `offset` are no longer needed.
+    /// What they read as afterwards is up to the driver.
+    fn discard<'a>(&'a self, g: &'a GraphView, offset: u64, len: u64) -> IoFuture<'a>;
+
+    /// Makes every completed write durable.
+    fn flush<'a>(&'a self, g: &'a GraphView) -> IoFuture<'a>;
+}

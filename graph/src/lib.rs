@@ -1,0 +1,39 @@
+//! The block graph behind every Strata export.
+//!
+//! ```text
+//!   export "vda" ──slot 0 "root"──▶ node "disk" (raw)
+//!                                     └─slot 1 "file"──▶ node "disk-file" (file)
+//! ```
+//!
+//! Nodes live in an arena and never point at each other. Every edge is a
+//! [`Slot`]: a parent, a role (`file`, `backing`, `children.0`, ...) and a
+//! child. Slots live in one table, so "the children of a node" and "the child
+//! a driver reads from" are the same fact and cannot drift apart. Drivers keep
+//! [`SlotId`]s and resolve them through the [`GraphView`] they are handed on
+//! every request; swapping a child is one write to the table.
+//!
+//! A [`GraphView`] is an immutable snapshot. Edits build a new view and
+//! publish it atomically; the I/O path reads the current one without locks.
+//!
+//! This crate knows nothing about virtio or about any image format: drivers
+//! implement [`BlockDriver`], and the I/O buffers are plain [`IoVecs`].
+
+#![warn(missing_docs)]
+
+mod buffer;
+mod driver;
+mod error;
+mod graph;
+mod ids;
+mod iovec;
+mod slot;
+mod view;
+
+pub use buffer::AlignedBuf;
+pub use driver::{BlockDriver, IoFuture};
+pub use error::{BlockError, GraphError, IoOp};
+pub use graph::{Graph, LocalViews, NodeBuilder};
+pub use ids::{NodeId, SlotId};
+pub use iovec::{IoVecs, MAX_IOVECS};
+pub use slot::{Parent, Slot};
+pub use view::{GraphView, Node};
