@@ -1,1 +1,120 @@
-fn main() {}
+//! `strata`: the daemon's entry point.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{bail, Context as _};
+use clap::Parser;
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+use strata_backend::cli::{
+    CacheArg, Cli, Command, FormatArg, ServeArgs, DEFAULT_IMAGE, DEFAULT_SIZE,
+};
+use strata_backend::export::{Export, ExportOptions};
+use strata_backend::open::{open_image, ImageOptions};
+use strata_backend::serve::{serve, StopHandle};
+use strata_formats::image::{self, ImageFormat};
+use strata_graph::Graph;
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    let cli = Cli::parse();
+    let res = match cli.command {
+        Command::Serve(args) => run_serve(args),
+    };
+    match res {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("strata: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
+    let (image, create) = match args.image {
+        Some(p) => (p, args.create),
+        None => (
+            PathBuf::from(DEFAULT_IMAGE),
+            Some(args.create.unwrap_or(DEFAULT_SIZE)),
+        ),
+    };
+    let format = match args.format {
+        FormatArg::Auto => None,
+        FormatArg::Raw => Some(ImageFormat::Raw),
+        FormatArg::Qcow2 => Some(ImageFormat::Qcow2),
+    };
+    let mut created = false;
+    if let Some(size) = create {
+        if image.exists() {
+            tracing::info!("'{}' exists; serving it as it is", image.display());
+        } else {
+            if format == Some(ImageFormat::Qcow2) {
+                bail!("--create makes raw images; qcow2 is not supported yet");
+            }
+            image::create_raw(&image, size).context("cannot create the image")?;
+            created = true;
+            tracing::info!("created '{}' ({size} bytes, raw)", image.display());
+        }
+    } else if !image.exists() {
+        bail!(
+            "'{}' does not exist (pass --create SIZE to create it)",
+            image.display()
+        );
+    }
+
+    let graph = Graph::new();
+    let node = open_image(
+        &graph,
+        &image,
+        &ImageOptions {
+            // A freshly created image is known to be raw.
+            format: format.or(created.then_some(ImageFormat::Raw)),
+            direct: args.cache == CacheArg::None,
+            read_only: args.read_only,
+        },
+    )?;
+    let export = Export::new(
+        &graph,
+        node,
+        ExportOptions {
+            id: "vhost-user-blk0".into(),
+            num_queues: args.num_queues,
+            read_only: args.read_only,
+            serial: args.serial,
+            writeback: !args.writethrough,
+        },
+    )?;
+    let cfg = export.config();
+    tracing::info!(
+        "serving '{}': {} bytes, {}-byte blocks, {} queue(s){}",
+        image.display(),
+        cfg.capacity * 512,
+        cfg.blk_size,
+        cfg.num_queues,
+        if args.read_only { ", read-only" } else { "" }
+    );
+
+    let stop = StopHandle::default();
+    let mut signals = Signals::new([SIGINT, SIGTERM]).context("cannot install signal handlers")?;
+    let on_signal = stop.clone();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if let Some(sig) = signals.forever().next() {
+                tracing::info!("signal {sig}: stopping");
+                on_signal.stop();
+            }
+        })
+        .context("cannot start the signal thread")?;
+    serve(Arc::clone(&export), &args.socket, &stop)
+}

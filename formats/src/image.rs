@@ -25,6 +25,18 @@ impl ImageFormat {
 
 const QCOW2_MAGIC: [u8; 4] = *b"QFI\xfb";
 
+/// Bytes at the start of an image that [`format_of`] looks at.
+pub const PROBE_LEN: usize = 4;
+
+/// The format an image starting with `head` would probe as.
+pub fn format_of(head: &[u8]) -> ImageFormat {
+    if head.starts_with(&QCOW2_MAGIC) {
+        ImageFormat::Qcow2
+    } else {
+        ImageFormat::Raw
+    }
+}
+
 /// Why an image could not be probed or created.
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
@@ -57,7 +69,7 @@ pub fn probe(path: &Path) -> Result<ImageFormat, ImageError> {
         path: path.into(),
         source,
     };
-    let mut magic = [0u8; 4];
+    let mut magic = [0u8; PROBE_LEN];
     let mut f = OpenOptions::new().read(true).open(path).map_err(io)?;
     let mut got = 0;
     while got < magic.len() {
@@ -66,11 +78,7 @@ pub fn probe(path: &Path) -> Result<ImageFormat, ImageError> {
             n => got += n,
         }
     }
-    Ok(if got == 4 && magic == QCOW2_MAGIC {
-        ImageFormat::Qcow2
-    } else {
-        ImageFormat::Raw
-    })
+    Ok(format_of(&magic[..got]))
 }
 
 /// Creates a sparse raw image of `size` bytes. Refuses to overwrite.

@@ -1,6 +1,7 @@
 //! The `raw` format driver: the bytes of its `file` child, optionally a
 //! window of them (`offset`, `size`).
 
+use crate::image::{format_of, ImageFormat, PROBE_LEN};
 use strata_graph::{
     BlockDriver, BlockError, GraphError, GraphView, IoFuture, IoOp, IoVecs, NodeBuilder, NodeId,
     SlotId,
@@ -13,6 +14,11 @@ pub struct RawOptions {
     pub offset: u64,
     /// The window's length; by default, the rest of the child.
     pub size: Option<u64>,
+    /// Refuse writes that would make the image probe as another format.
+    /// For images whose format was probed: otherwise a guest could write a
+    /// qcow2 header naming a host file as its backing file, and read that
+    /// file after the next start.
+    pub guard_format: bool,
 }
 
 /// Why a raw node could not be opened.
@@ -51,6 +57,7 @@ pub struct RawNode {
     file: SlotId,
     offset: u64,
     size: Option<u64>,
+    guard_format: bool,
 }
 
 impl RawNode {
@@ -89,6 +96,7 @@ impl RawNode {
             file: slot,
             offset: opts.offset,
             size: opts.size,
+            guard_format: opts.guard_format,
         })
     }
 
@@ -102,6 +110,21 @@ impl RawNode {
     ) -> Result<&'a dyn BlockDriver, BlockError> {
         BlockError::check_range(op, offset, len, self.size(g)?)?;
         g.child(self.file)
+    }
+}
+
+impl RawNode {
+    /// True when writing `buf` at `offset` could make the image probe as
+    /// something other than raw.
+    fn would_change_format(&self, offset: u64, buf: &IoVecs<'_>) -> bool {
+        // With the guard on, requests are 512-aligned (see
+        // request_alignment), so one touching the probed bytes covers them.
+        if offset != 0 || buf.len() < PROBE_LEN as u64 {
+            return true;
+        }
+        let mut head = [0u8; PROBE_LEN];
+        buf.copy_to_slice(0, &mut head);
+        format_of(&head) != ImageFormat::Raw
     }
 }
 
@@ -131,7 +154,12 @@ impl BlockDriver for RawNode {
     }
 
     fn request_alignment(&self, g: &GraphView) -> u32 {
-        g.child(self.file).map_or(1, |c| c.request_alignment(g))
+        let child = g.child(self.file).map_or(1, |c| c.request_alignment(g));
+        if self.guard_format {
+            child.max(512)
+        } else {
+            child
+        }
     }
 
     fn read<'a>(&'a self, g: &'a GraphView, offset: u64, buf: &'a IoVecs<'a>) -> IoFuture<'a> {
@@ -140,6 +168,9 @@ impl BlockDriver for RawNode {
     }
 
     fn write<'a>(&'a self, g: &'a GraphView, offset: u64, buf: &'a IoVecs<'a>) -> IoFuture<'a> {
+        if self.guard_format && offset < PROBE_LEN as u64 && self.would_change_format(offset, buf) {
+            return IoFuture::ready(Err(BlockError::errno(IoOp::Write, offset, libc::EPERM)));
+        }
         forward!(self, g, IoOp::Write, offset, buf.len(), |c, at| c
             .write(g, at, buf))
     }

@@ -44,6 +44,7 @@ fn a_window_maps_onto_the_file() {
         RawOptions {
             offset: 4096,
             size: Some(8192),
+            ..Default::default()
         },
     )
     .unwrap();
@@ -104,6 +105,7 @@ fn a_window_past_the_file_is_refused() {
         RawOptions {
             offset: 2048,
             size: Some(4096),
+            ..Default::default()
         },
     )
     .unwrap_err();
@@ -124,4 +126,43 @@ fn a_window_past_the_file_is_refused() {
         "cannot open node 'raw0': offset 2048 plus size 4096 ends past the end of the 4096-byte file"
     );
     assert!(g.view().find("raw0").is_none());
+}
+
+#[test]
+fn a_guarded_raw_refuses_writes_that_would_make_it_qcow2() {
+    let (tmp, g, file) = graph_with_file(&[0u8; 8192]);
+    let raw = add_raw(
+        &g,
+        file,
+        RawOptions {
+            guard_format: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let v = g.view();
+    let node = v.node(raw).unwrap().driver();
+    assert_eq!(node.request_alignment(&v), 512);
+
+    let mut header = vec![0u8; 512];
+    header[..4].copy_from_slice(b"QFI\xfb");
+    let iov = IoVecs::from_slice(&mut header);
+    let err = block_on(node.write(&v, 0, &iov)).unwrap().unwrap_err();
+    assert!(
+        matches!(&err, BlockError::Io { op: IoOp::Write, offset: 0, source } if source.raw_os_error() == Some(libc::EPERM)),
+        "{err}"
+    );
+    assert!(
+        block_on(node.write(&v, 512, &iov)).unwrap().is_ok(),
+        "only block 0 is guarded"
+    );
+    drop(iov);
+
+    let mut plain = vec![0x55u8; 512];
+    let iov = IoVecs::from_slice(&mut plain);
+    block_on(node.write(&v, 0, &iov)).unwrap().unwrap();
+    drop(iov);
+    let on_disk = std::fs::read(tmp.path()).unwrap();
+    assert_eq!(&on_disk[..4], &[0x55; 4]);
+    assert_eq!(&on_disk[512..516], b"QFI\xfb");
 }

@@ -148,20 +148,22 @@ impl NodeBuilder<'_> {
     }
 }
 
+/// A view as a thread hands it to its requests. The outer `Rc` is the
+/// point: cloning it touches no cache line another thread writes.
+#[allow(clippy::redundant_allocation)]
+pub type LocalView = Rc<Arc<GraphView>>;
+
 /// A thread's handle on the current view. Checking for a newer view costs
 /// one atomic load; handing the view to a request costs a non-atomic
 /// increment, so queue threads never share a contended counter.
 pub struct LocalViews {
     cache: Cache<Arc<ArcSwap<GraphView>>, Arc<GraphView>>,
-    // The outer Rc is the point: cloning it touches no shared cache line.
-    #[allow(clippy::redundant_allocation)]
-    current: Rc<Arc<GraphView>>,
+    current: LocalView,
 }
 
 impl LocalViews {
     /// The current view.
-    #[allow(clippy::redundant_allocation)]
-    pub fn current(&mut self) -> Rc<Arc<GraphView>> {
+    pub fn current(&mut self) -> LocalView {
         let latest = self.cache.load();
         if !Arc::ptr_eq(latest, &self.current) {
             self.current = Rc::new(Arc::clone(latest));

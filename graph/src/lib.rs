@@ -32,7 +32,7 @@ mod view;
 pub use buffer::AlignedBuf;
 pub use driver::{BlockDriver, IoFuture};
 pub use error::{BlockError, GraphError, IoOp};
-pub use graph::{Graph, LocalViews, NodeBuilder};
+pub use graph::{Graph, LocalView, LocalViews, NodeBuilder};
 pub use ids::{NodeId, SlotId};
 pub use iovec::{IoVecs, MAX_IOVECS};
 pub use slot::{Parent, Slot};

@@ -1,0 +1,193 @@
+//! An export: the node a vhost-user-blk device serves, and how the device
+//! presents it (size, block size, read-only, serial, cache mode).
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use strata_formats::reactor::block_on;
+use strata_graph::{BlockError, Graph, GraphError, NodeId, SlotId};
+
+use crate::virtio::config::BlkConfig;
+use crate::virtio::request::Limits;
+
+/// Bytes GET_ID returns (virtio's `VIRTIO_BLK_ID_BYTES`).
+pub const SERIAL_LEN: usize = 20;
+
+/// How to present the node.
+#[derive(Clone, Debug)]
+pub struct ExportOptions {
+    /// The export's id; it owns the slot that holds the root node.
+    pub id: String,
+    /// Number of request queues (one worker thread each).
+    pub num_queues: u16,
+    /// Refuse write-class requests and offer VIRTIO_BLK_F_RO.
+    pub read_only: bool,
+    /// What GET_ID returns; `None` makes GET_ID unsupported.
+    pub serial: Option<String>,
+    /// Start in write-back mode (the driver may change it via CONFIG_WCE).
+    pub writeback: bool,
+}
+
+/// Why an export could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    /// The serial does not fit GET_ID's 20 bytes.
+    #[error("serial '{serial}' is longer than {SERIAL_LEN} bytes")]
+    SerialTooLong {
+        /// The serial given.
+        serial: String,
+    },
+    /// Zero queues, or more than a vhost-user device can have.
+    #[error("num-queues must be between 1 and 64, not {num_queues}")]
+    BadQueueCount {
+        /// The count given.
+        num_queues: u16,
+    },
+    /// The node is smaller than one sector.
+    #[error("node '{node}' is {size} bytes: a disk needs at least one 512-byte sector")]
+    TooSmall {
+        /// The node's name.
+        node: String,
+        /// Its size.
+        size: u64,
+    },
+    /// The graph refused the export's slot.
+    #[error(transparent)]
+    Graph(#[from] GraphError),
+    /// The node could not report its size.
+    #[error("cannot size node '{node}': {source}")]
+    Size {
+        /// The node's name.
+        node: String,
+        /// Why.
+        #[source]
+        source: BlockError,
+    },
+}
+
+/// A node served as a disk.
+pub struct Export {
+    opts: ExportOptions,
+    graph: Graph,
+    root: SlotId,
+    serial: Option<[u8; SERIAL_LEN]>,
+    block_size: u32,
+    capacity: AtomicU64,
+    writeback: AtomicBool,
+}
+
+impl Export {
+    /// Exports `node` of `graph`, attaching it to a new slot owned by the
+    /// export.
+    pub fn new(
+        graph: &Graph,
+        node: NodeId,
+        opts: ExportOptions,
+    ) -> Result<Arc<Export>, ExportError> {
+        if !(1..=64).contains(&opts.num_queues) {
+            return Err(ExportError::BadQueueCount {
+                num_queues: opts.num_queues,
+            });
+        }
+        let serial = match &opts.serial {
+            Some(s) if s.len() > SERIAL_LEN => {
+                return Err(ExportError::SerialTooLong { serial: s.clone() })
+            }
+            Some(s) => {
+                let mut b = [0u8; SERIAL_LEN];
+                b[..s.len()].copy_from_slice(s.as_bytes());
+                Some(b)
+            }
+            None => None,
+        };
+        let view = graph.view();
+        let n = view.node(node).ok_or(GraphError::NoSuchNode { id: node })?;
+        let size = n.driver().size(&view).map_err(|source| ExportError::Size {
+            node: n.name().into(),
+            source,
+        })?;
+        if size < 512 {
+            return Err(ExportError::TooSmall {
+                node: n.name().into(),
+                size,
+            });
+        }
+        // The guest must never send what the node cannot take in one piece
+        // (O_DIRECT on a 4k-sector host disk, say).
+        let block_size = n
+            .driver()
+            .request_alignment(&view)
+            .clamp(512, 4096)
+            .next_power_of_two();
+        let root = graph.attach_export(&opts.id, node)?;
+        Ok(Arc::new(Export {
+            writeback: AtomicBool::new(opts.writeback),
+            opts,
+            graph: graph.clone(),
+            root,
+            serial,
+            block_size,
+            capacity: AtomicU64::new(size / 512),
+        }))
+    }
+
+    /// The options the export was made with.
+    pub fn options(&self) -> &ExportOptions {
+        &self.opts
+    }
+
+    /// The graph the export serves from.
+    pub fn graph(&self) -> &Graph {
+        &self.graph
+    }
+
+    /// The slot holding the exported node.
+    pub fn root(&self) -> SlotId {
+        self.root
+    }
+
+    /// The 20 bytes GET_ID returns, if a serial was set.
+    pub fn serial(&self) -> Option<&[u8; SERIAL_LEN]> {
+        self.serial.as_ref()
+    }
+
+    /// Whether writes are cached (flush makes them durable) or written
+    /// through (each write is flushed before it completes).
+    pub fn writeback(&self) -> bool {
+        self.writeback.load(Ordering::Relaxed)
+    }
+
+    /// Switches the cache mode (CONFIG_WCE).
+    pub fn set_writeback(&self, on: bool) {
+        self.writeback.store(on, Ordering::Relaxed)
+    }
+
+    /// What request validation checks against.
+    pub fn limits(&self) -> Limits {
+        Limits {
+            capacity: self.capacity.load(Ordering::Relaxed),
+            block_size: self.block_size,
+            read_only: self.opts.read_only,
+        }
+    }
+
+    /// The device's config space.
+    pub fn config(&self) -> BlkConfig {
+        BlkConfig {
+            capacity: self.capacity.load(Ordering::Relaxed),
+            blk_size: self.block_size,
+            num_queues: self.opts.num_queues,
+            writeback: self.writeback(),
+        }
+    }
+
+    /// Flushes the exported node, blocking this thread.
+    pub fn flush_blocking(&self) -> Result<(), BlockError> {
+        let view = self.graph.view();
+        let res = block_on(async {
+            let node = view.child(self.root)?;
+            node.flush(&view).await
+        });
+        res.map_err(|e| BlockError::io(strata_graph::IoOp::Flush, 0, e))?
+    }
+}

@@ -1,0 +1,60 @@
+//! Opening a disk image as graph nodes: `file`, then the format on top.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{bail, Context as _};
+use strata_formats::file::{FileNode, FileOptions};
+use strata_formats::image::{self, ImageFormat};
+use strata_formats::raw::{RawNode, RawOptions};
+use strata_graph::{BlockDriver, Graph, NodeId};
+
+/// How `serve` opens its image.
+#[derive(Clone, Debug)]
+pub struct ImageOptions {
+    /// `None` probes the format.
+    pub format: Option<ImageFormat>,
+    /// O_DIRECT (`cache.direct=on`).
+    pub direct: bool,
+    /// Open read-only.
+    pub read_only: bool,
+}
+
+/// Adds the nodes for `path` to `graph` and returns the top one.
+pub fn open_image(graph: &Graph, path: &Path, opts: &ImageOptions) -> anyhow::Result<NodeId> {
+    let probed = opts.format.is_none();
+    let format = match opts.format {
+        Some(f) => f,
+        None => image::probe(path).context("cannot probe the image format")?,
+    };
+    if format == ImageFormat::Qcow2 {
+        bail!(
+            "'{}' is a qcow2 image, and qcow2 is not supported yet; \
+             convert it with `qemu-img convert -O raw`",
+            path.display()
+        );
+    }
+    if probed {
+        tracing::warn!(
+            "the format of '{}' was probed as raw; writes that would make it look like \
+             another format are refused. Pass --format raw to lift this.",
+            path.display()
+        );
+    }
+    let file_opts = FileOptions {
+        filename: path.into(),
+        direct: opts.direct,
+        read_only: opts.read_only,
+    };
+    let file = graph.add_node("disk-file", |_| {
+        FileNode::open(&file_opts).map(|n| Arc::new(n) as Arc<dyn BlockDriver>)
+    })?;
+    let raw_opts = RawOptions {
+        guard_format: probed,
+        ..Default::default()
+    };
+    let disk = graph.add_node("disk", |b| {
+        RawNode::open(b, file, &raw_opts).map(|n| Arc::new(n) as Arc<dyn BlockDriver>)
+    })?;
+    Ok(disk)
+}

@@ -1,0 +1,87 @@
+//! In-flight requests of one queue, by descriptor head.
+//!
+//! The record is what a vhost-user inflight region needs to resubmit after
+//! a backend restart: which heads are outstanding and in what order they
+//! were taken from the avail ring.
+
+/// The outstanding heads of one queue.
+#[derive(Debug, Default)]
+pub struct InFlight {
+    /// `order[head]` is the submission counter of an outstanding head.
+    order: Vec<Option<u64>>,
+    next: u64,
+    count: usize,
+}
+
+impl InFlight {
+    /// Records `head` as taken. False when it is already outstanding: a
+    /// driver bug, after which the chain must not be completed twice.
+    pub fn start(&mut self, head: u16) -> bool {
+        let i = usize::from(head);
+        if i >= self.order.len() {
+            self.order.resize(i + 1, None);
+        }
+        if self.order[i].is_some() {
+            return false;
+        }
+        self.order[i] = Some(self.next);
+        self.next += 1;
+        self.count += 1;
+        true
+    }
+
+    /// Records `head` as completed.
+    pub fn finish(&mut self, head: u16) {
+        if let Some(slot) = self.order.get_mut(usize::from(head)) {
+            if slot.take().is_some() {
+                self.count -= 1;
+            }
+        }
+    }
+
+    /// How many heads are outstanding.
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
+    /// True when nothing is outstanding.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Outstanding heads, oldest first: the order to resubmit them in.
+    pub fn oldest_first(&self) -> Vec<u16> {
+        let mut v: Vec<(u64, u16)> = self
+            .order
+            .iter()
+            .enumerate()
+            .filter_map(|(h, o)| Some(((*o)?, h as u16)))
+            .collect();
+        v.sort_unstable();
+        v.into_iter().map(|(_, h)| h).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tracks_heads_in_submission_order() {
+        let mut f = InFlight::default();
+        assert!(f.start(5));
+        assert!(f.start(2));
+        assert!(f.start(9));
+        assert!(!f.start(2), "a head already outstanding is refused");
+        assert_eq!(f.len(), 3);
+        f.finish(2);
+        f.finish(2);
+        assert_eq!(f.len(), 2, "finishing twice counts once");
+        assert!(f.start(2));
+        assert_eq!(f.oldest_first(), [5, 9, 2]);
+        f.finish(5);
+        f.finish(9);
+        f.finish(2);
+        assert!(f.is_empty());
+    }
+}

@@ -1,0 +1,6 @@
+//! The virtio-blk device model: what the device offers, and how a guest's
+//! descriptor chain becomes a request.
+
+pub mod config;
+pub mod inflight;
+pub mod request;

@@ -1,0 +1,342 @@
+//! A queue's worker: the executor, the io_uring and the requests in flight
+//! of one virtqueue, all owned by that queue's thread.
+//!
+//! One `handle_event` call is one batch: take every available chain, run
+//! the request futures until they wait on I/O, submit the ring once, then
+//! put everything that finished on the used ring and notify once.
+
+use std::cell::RefCell;
+use std::os::fd::AsRawFd;
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::executor::{LocalPool, LocalSpawner};
+use futures::task::LocalSpawnExt;
+use strata_formats::reactor::Reactor;
+use strata_graph::{BlockError, GraphView, LocalView, LocalViews};
+use vhost_user_backend::VringT;
+use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP};
+use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
+use vm_memory::GuestAddressSpace;
+
+use crate::device::{DeviceInner, Vring};
+use crate::export::{Export, SERIAL_LEN};
+use crate::ratelimit::RateLimit;
+use crate::virtio::inflight::InFlight;
+use crate::virtio::request::{self, GuestMemory, Limits, MemHandle, Request, RequestKind};
+
+/// What woke the worker.
+pub(crate) enum Event {
+    /// The guest kicked the queue.
+    Kick,
+    /// The io_uring posted completions.
+    Completions,
+}
+
+thread_local! {
+    static WORKER: RefCell<Option<Worker>> = const { RefCell::new(None) };
+}
+
+/// Handles one event on the worker thread of `queue`.
+pub(crate) fn handle(dev: &Arc<DeviceInner>, queue: usize, event: Event, vring: &Vring) {
+    WORKER.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.is_none() {
+            match Worker::new(dev, queue) {
+                Ok(w) => *slot = Some(w),
+                Err(e) => {
+                    tracing::error!("queue {queue}: cannot set up io_uring: {e}");
+                    return;
+                }
+            }
+        }
+        let Some(w) = slot.as_mut() else { return };
+        match event {
+            Event::Kick => w.take_requests(vring),
+            Event::Completions => w.on_completions(),
+        }
+        w.run(vring);
+    });
+}
+
+/// State the request futures share with their worker.
+struct QueueCtx {
+    dev: Arc<DeviceInner>,
+    queue: usize,
+    /// Finished chains waiting for the used ring: (head, used length).
+    done: RefCell<Vec<(u16, u32)>>,
+    inflight: RefCell<InFlight>,
+    errors: RefCell<RateLimit>,
+}
+
+impl QueueCtx {
+    fn export(&self) -> &Export {
+        &self.dev.export
+    }
+
+    fn finish(&self, head: u16, used: u32) {
+        self.inflight.borrow_mut().finish(head);
+        self.done.borrow_mut().push((head, used));
+    }
+
+    fn warn(&self, what: std::fmt::Arguments<'_>) {
+        if let Some(dropped) = self.errors.borrow_mut().check() {
+            let q = self.queue;
+            if dropped > 0 {
+                tracing::warn!("queue {q}: {what} ({dropped} similar messages suppressed)");
+            } else {
+                tracing::warn!("queue {q}: {what}");
+            }
+        }
+    }
+}
+
+struct Worker {
+    ctx: Rc<QueueCtx>,
+    reactor: Rc<Reactor>,
+    pool: LocalPool,
+    spawner: LocalSpawner,
+    views: LocalViews,
+    mem: Option<MemHandle>,
+    /// Reused buffer for publishing completions.
+    publishing: Vec<(u16, u32)>,
+}
+
+impl Worker {
+    fn new(dev: &Arc<DeviceInner>, queue: usize) -> std::io::Result<Worker> {
+        let reactor = Reactor::current()?;
+        reactor.register_eventfd(dev.queues[queue].ring_event.as_raw_fd())?;
+        let pool = LocalPool::new();
+        let spawner = pool.spawner();
+        Ok(Worker {
+            ctx: Rc::new(QueueCtx {
+                dev: Arc::clone(dev),
+                queue,
+                done: RefCell::new(Vec::new()),
+                inflight: RefCell::new(InFlight::default()),
+                errors: RefCell::new(RateLimit::new(10, Duration::from_secs(5))),
+            }),
+            reactor,
+            pool,
+            spawner,
+            views: dev.export.graph().local_views(),
+            mem: None,
+            publishing: Vec::new(),
+        })
+    }
+
+    /// A handle on the current guest memory, reusing the last one if the
+    /// map has not changed.
+    fn memory(&mut self) -> MemHandle {
+        let current = self.ctx.dev.mem.memory().into_inner();
+        match &self.mem {
+            Some(m) if m.is(&current) => m.clone(),
+            _ => self.mem.insert(MemHandle::new(current)).clone(),
+        }
+    }
+
+    fn take_requests(&mut self, vring: &Vring) {
+        let mut state = vring.get_mut();
+        if !state.get_queue().ready() || !state.is_enabled() {
+            return;
+        }
+        let mem = self.memory();
+        let limits = self.ctx.export().limits();
+        let view = self.views.current();
+        loop {
+            if let Err(e) = state.disable_notification() {
+                self.ctx
+                    .warn(format_args!("cannot disable notifications: {e}"));
+            }
+            let mut taken = 0;
+            match state.get_queue_mut().iter(&*mem) {
+                Ok(chains) => {
+                    for chain in chains {
+                        taken += 1;
+                        self.start(chain, &mem, &limits, &view);
+                    }
+                }
+                Err(e) => self.ctx.warn(format_args!("bad avail ring: {e}")),
+            }
+            // Re-enabling can reveal chains that raced in; a ring that keeps
+            // claiming more while yielding none is broken, so stop there.
+            match state.enable_notification() {
+                Ok(true) if taken > 0 => continue,
+                Ok(_) => break,
+                Err(e) => {
+                    self.ctx
+                        .warn(format_args!("cannot enable notifications: {e}"));
+                    break;
+                }
+            }
+        }
+    }
+
+    fn start(
+        &mut self,
+        chain: DescriptorChain<&GuestMemory>,
+        mem: &MemHandle,
+        limits: &Limits,
+        view: &LocalView,
+    ) {
+        let head = chain.head_index();
+        if !self.ctx.inflight.borrow_mut().start(head) {
+            // Completing it would complete the first one too: drop it.
+            self.ctx
+                .warn(format_args!("chain {head} is already in flight; ignored"));
+            return;
+        }
+        self.ctx.dev.queues[self.ctx.queue]
+            .in_flight
+            .fetch_add(1, Ordering::Relaxed);
+        match request::parse(chain, mem, limits) {
+            Ok(req) => {
+                let fut = execute(Rc::clone(&self.ctx), Rc::clone(view), req);
+                if let Err(e) = self.spawner.spawn_local(fut) {
+                    // Only when the pool is shutting down, which it never is here.
+                    tracing::error!("queue {}: cannot start a request: {e}", self.ctx.queue);
+                }
+            }
+            Err(rej) => {
+                self.ctx.warn(format_args!("{rej:?}"));
+                let used = rej.complete();
+                self.ctx.finish(rej.head, used);
+            }
+        }
+    }
+
+    fn on_completions(&mut self) {
+        // Reset the eventfd; a racing completion re-signals it.
+        let _ = self.ctx.dev.queues[self.ctx.queue].ring_event.read();
+        self.reactor.reap();
+    }
+
+    /// Runs requests until all wait on I/O, submits their I/O, and repeats
+    /// while the kernel completes some inline. Then publishes.
+    fn run(&mut self, vring: &Vring) {
+        loop {
+            self.pool.run_until_stalled();
+            if let Err(e) = self.reactor.submit() {
+                self.ctx.warn(format_args!("io_uring submit failed: {e}"));
+            }
+            if self.reactor.reap() == 0 {
+                break;
+            }
+        }
+        self.publish(vring);
+    }
+
+    /// Puts finished chains on the used ring and notifies the guest once.
+    fn publish(&mut self, vring: &Vring) {
+        std::mem::swap(&mut *self.ctx.done.borrow_mut(), &mut self.publishing);
+        if self.publishing.is_empty() {
+            return;
+        }
+        {
+            let mut state = vring.get_mut();
+            for &(head, len) in &self.publishing {
+                if let Err(e) = state.add_used(head, len) {
+                    self.ctx
+                        .warn(format_args!("cannot complete chain {head}: {e}"));
+                }
+            }
+            let notify = state.needs_notification().unwrap_or(true);
+            if notify {
+                if let Err(e) = state.signal_used_queue() {
+                    self.ctx.warn(format_args!("cannot notify the guest: {e}"));
+                }
+            }
+        }
+        let n = self.publishing.len();
+        let q = &self.ctx.dev.queues[self.ctx.queue];
+        q.completed.fetch_add(n as u64, Ordering::Relaxed);
+        // Release: GET_VRING_BASE reads the ring after seeing zero.
+        q.in_flight.fetch_sub(n, Ordering::Release);
+        self.publishing.clear();
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        // The frontend is gone, but the kernel may still write into guest
+        // memory for requests in flight: let it finish before unmapping.
+        self.reactor.wait_idle();
+        let left = self.ctx.inflight.borrow().oldest_first();
+        if !left.is_empty() {
+            tracing::warn!(
+                "queue {}: {} requests were in flight at disconnect (heads {:?})",
+                self.ctx.queue,
+                left.len(),
+                left
+            );
+        }
+    }
+}
+
+/// How a request ended, with the used length: the bytes written into the
+/// chain, status byte included.
+enum Reply {
+    Done(u32),
+    Failed(BlockError, u32),
+    Unsupported,
+}
+
+/// Runs one request to completion and records it as finished.
+async fn execute(ctx: Rc<QueueCtx>, view: LocalView, req: Request) {
+    let (status, used) = match dispatch(ctx.export(), &view, &req).await {
+        Reply::Done(used) => (VIRTIO_BLK_S_OK, used),
+        Reply::Failed(e, used) => {
+            ctx.warn(format_args!("{:?} failed: {e}", req.kind));
+            let status = if e.is_unsupported() {
+                VIRTIO_BLK_S_UNSUPP
+            } else {
+                VIRTIO_BLK_S_IOERR
+            };
+            (status, used)
+        }
+        Reply::Unsupported => (VIRTIO_BLK_S_UNSUPP, 1),
+    };
+    req.status.set(status as u8);
+    ctx.finish(req.head, used);
+}
+
+/// Runs a request against the export's root node.
+async fn dispatch(export: &Export, g: &GraphView, req: &Request) -> Reply {
+    let data = req.data();
+    let node = match g.child(export.root()) {
+        Ok(n) => n,
+        Err(e) => return Reply::Failed(e, 1),
+    };
+    let (res, used) = match req.kind {
+        RequestKind::Read { offset } => (node.read(g, offset, data).await, data.len() as u32 + 1),
+        RequestKind::Write { offset } => (node.write(g, offset, data).await, 1),
+        RequestKind::Flush => (node.flush(g).await, 1),
+        RequestKind::GetId => {
+            let Some(serial) = export.serial() else {
+                return Reply::Unsupported;
+            };
+            let n = (data.len() as usize).min(SERIAL_LEN);
+            data.copy_from_slice(0, &serial[..n]);
+            (Ok(()), n as u32 + 1)
+        }
+        RequestKind::Discard { offset, len } => (node.discard(g, offset, len).await, 1),
+        RequestKind::WriteZeroes { offset, len, unmap } => {
+            (node.write_zeroes(g, offset, len, unmap).await, 1)
+        }
+    };
+    // Write-through: a write completes only once it is durable.
+    let is_write = matches!(
+        req.kind,
+        RequestKind::Write { .. } | RequestKind::WriteZeroes { .. }
+    );
+    let res = match res {
+        Ok(()) if is_write && !export.writeback() => node.flush(g).await,
+        res => res,
+    };
+    match res {
+        Ok(()) => Reply::Done(used),
+        Err(e) => Reply::Failed(e, used),
+    }
+}
