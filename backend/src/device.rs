@@ -33,6 +33,8 @@ use crate::worker;
 
 /// Largest virtqueue the device accepts (QEMU's limit too).
 pub const MAX_QUEUE_SIZE: usize = 1024;
+/// Largest config read vhost-user allows.
+const MAX_CONFIG_SIZE: usize = 256;
 /// How long GET_VRING_BASE waits for a queue's requests before giving up.
 const STOP_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -156,10 +158,14 @@ impl VhostUserBackend for BlkDevice {
     fn set_event_idx(&self, _enabled: bool) {}
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        // Fields past the ones we fill (secure erase, zoned) read as zero,
+        // which means "not offered"; frontends ask for the size they know.
         let bytes = self.inner.export.config().to_bytes();
+        let mut out = vec![0u8; (size as usize).min(MAX_CONFIG_SIZE)];
         let start = (offset as usize).min(CONFIG_LEN);
-        let end = start.saturating_add(size as usize).min(CONFIG_LEN);
-        bytes[start..end].to_vec()
+        let n = (CONFIG_LEN - start).min(out.len());
+        out[..n].copy_from_slice(&bytes[start..start + n]);
+        out
     }
 
     fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {

@@ -1,1 +1,6 @@
-//! Test helpers.
+//! Helpers for Strata's workspace-level tests: run the real `strata`
+//! binary, drive it with a frontend, boot a guest against it.
+
+pub mod daemon;
+pub mod frontend;
+pub mod guest;

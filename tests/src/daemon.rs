@@ -1,0 +1,138 @@
+//! Running the `strata` binary as a test daemon.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// The `strata` binary of this build, built on first use.
+pub fn strata_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Ok(p) = std::env::var("STRATA_BIN") {
+            return PathBuf::from(p);
+        }
+        // target/<profile>/deps/<test binary> -> target/<profile>/strata
+        let exe = std::env::current_exe().expect("test binary path");
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("target/<profile>");
+        let release = profile_dir.file_name().is_some_and(|n| n == "release");
+        let mut cargo = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+        cargo.args([
+            "build",
+            "--quiet",
+            "-p",
+            "strata-backend",
+            "--bin",
+            "strata",
+        ]);
+        if release {
+            cargo.arg("--release");
+        }
+        let status = cargo.status().expect("run cargo build");
+        assert!(status.success(), "building strata failed");
+        profile_dir.join("strata")
+    })
+}
+
+/// A `strata serve` process. Killed when dropped.
+pub struct Daemon {
+    child: Option<Child>,
+    socket: PathBuf,
+    log: PathBuf,
+}
+
+impl Daemon {
+    /// Runs `strata serve ARGS --socket SOCKET`, logging to LOG, and waits
+    /// until it listens.
+    pub fn serve(args: &[&str], socket: &Path, log: &Path) -> Daemon {
+        let out = File::create(log).expect("create daemon log");
+        let child = Command::new(strata_bin())
+            .arg("serve")
+            .args(args)
+            .arg("--socket")
+            .arg(socket)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .expect("start strata");
+        let mut d = Daemon {
+            child: Some(child),
+            socket: socket.into(),
+            log: log.into(),
+        };
+        d.wait_listening();
+        d
+    }
+
+    fn wait_listening(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .contains("listening on")
+        {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!(
+                    "strata exited with {status} before listening:\n{}",
+                    self.log_text()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "strata did not listen:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The vhost-user socket.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// What the daemon has logged so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// True while the process runs.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    /// Sends SIGTERM and waits for the exit; returns the status and log.
+    pub fn stop(mut self) -> (ExitStatus, String) {
+        let mut child = self.child.take().unwrap();
+        // SAFETY: kill(2) on our own child's pid has no memory effects.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return (status, self.log_text());
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("strata ignored SIGTERM for 30 s:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}

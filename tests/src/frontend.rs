@@ -1,0 +1,266 @@
+//! A minimal vhost-user-blk frontend, for what blkio cannot send: GET_ID,
+//! malformed chains, and requests a read-only-aware client would not issue.
+//!
+//! Guest memory is a memfd shared with the daemon. Queue `q`'s rings sit at
+//! `q * RING_STRIDE`; test buffers live from [`DATA`] up.
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::path::Path;
+use std::sync::atomic::{fence, Ordering};
+use std::time::{Duration, Instant};
+
+use vhost::vhost_user::message::{
+    VhostUserConfigFlags, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+};
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use virtio_bindings::virtio_blk::*;
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use vm_memory::{Address, Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+/// Guest memory size.
+pub const MEM_SIZE: usize = 16 << 20;
+/// Where test buffers start.
+pub const DATA: u64 = 1 << 20;
+/// Descriptors per queue.
+pub const QUEUE_SIZE: u16 = 64;
+const RING_STRIDE: u64 = 0x4000;
+/// Descriptor flag: device-writable.
+pub const W: u16 = VRING_DESC_F_WRITE as u16;
+/// Descriptor flag: chained.
+pub const NEXT: u16 = VRING_DESC_F_NEXT as u16;
+
+struct Queue {
+    kick: EventFd,
+    _call: EventFd,
+    base: u64,
+    next_avail: u16,
+    last_used: u16,
+}
+
+/// A connected frontend with `n` queues, all enabled.
+pub struct TestFrontend {
+    fe: Frontend,
+    mem: GuestMemoryMmap<()>,
+    queues: Vec<Queue>,
+}
+
+/// One descriptor: guest address, length, flags.
+pub type Desc = (u64, u32, u16);
+
+impl TestFrontend {
+    /// Connects to `socket` and sets up `num_queues` queues.
+    pub fn connect(socket: &Path, num_queues: usize) -> TestFrontend {
+        let mut fe = Frontend::connect(socket, num_queues as u64).expect("connect");
+        fe.set_owner().unwrap();
+        let offered = fe.get_features().unwrap();
+        let proto = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        assert_ne!(offered & proto, 0, "PROTOCOL_FEATURES offered");
+        let wanted = offered & (1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_BLK_F_RO | proto);
+        fe.set_features(wanted).unwrap();
+        let pf = fe.get_protocol_features().unwrap();
+        let need = VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
+        assert!(pf.contains(need), "protocol features {pf:?} lack {need:?}");
+        fe.set_protocol_features(need).unwrap();
+
+        // SAFETY: memfd_create with a static NUL-terminated name.
+        let fd = unsafe { libc::memfd_create(c"strata-test-guest".as_ptr(), 0) };
+        assert!(fd >= 0, "memfd_create");
+        // SAFETY: `fd` is a fresh descriptor we own.
+        let file = unsafe { File::from_raw_fd(fd) };
+        file.set_len(MEM_SIZE as u64).unwrap();
+        let mem = GuestMemoryMmap::<()>::from_ranges_with_files([(
+            GuestAddress(0),
+            MEM_SIZE,
+            Some(FileOffset::new(file.try_clone().unwrap(), 0)),
+        )])
+        .unwrap();
+        let host = mem.get_host_address(GuestAddress(0)).unwrap() as u64;
+        fe.set_mem_table(&[VhostUserMemoryRegionInfo {
+            guest_phys_addr: 0,
+            memory_size: MEM_SIZE as u64,
+            userspace_addr: host,
+            mmap_offset: 0,
+            mmap_handle: file.as_raw_fd(),
+        }])
+        .unwrap();
+
+        let mut queues = Vec::new();
+        for q in 0..num_queues {
+            let base = q as u64 * RING_STRIDE;
+            let (desc, avail, used) = Self::ring_addrs(base);
+            fe.set_vring_num(q, QUEUE_SIZE).unwrap();
+            fe.set_vring_addr(
+                q,
+                &VringConfigData {
+                    queue_max_size: QUEUE_SIZE,
+                    queue_size: QUEUE_SIZE,
+                    flags: 0,
+                    desc_table_addr: host + desc,
+                    used_ring_addr: host + used,
+                    avail_ring_addr: host + avail,
+                    log_addr: None,
+                },
+            )
+            .unwrap();
+            fe.set_vring_base(q, 0).unwrap();
+            let kick = EventFd::new(0).unwrap();
+            let call = EventFd::new(0).unwrap();
+            fe.set_vring_call(q, &call).unwrap();
+            fe.set_vring_kick(q, &kick).unwrap();
+            fe.set_vring_enable(q, true).unwrap();
+            queues.push(Queue {
+                kick,
+                _call: call,
+                base,
+                next_avail: 0,
+                last_used: 0,
+            });
+        }
+        TestFrontend { fe, mem, queues }
+    }
+
+    fn ring_addrs(base: u64) -> (u64, u64, u64) {
+        let desc = base;
+        let avail = desc + 16 * u64::from(QUEUE_SIZE);
+        let used = (avail + 6 + 2 * u64::from(QUEUE_SIZE) + 3) & !3;
+        (desc, avail, used)
+    }
+
+    /// The guest memory, to place buffers and read results.
+    pub fn mem(&self) -> &GuestMemoryMmap<()> {
+        &self.mem
+    }
+
+    /// The device's config space (60 bytes).
+    pub fn config(&mut self) -> Vec<u8> {
+        let (_, payload) = self
+            .fe
+            .get_config(0, 60, VhostUserConfigFlags::WRITABLE, &[0u8; 60])
+            .unwrap();
+        payload
+    }
+
+    /// Writes the config space's `writeback` byte (CONFIG_WCE).
+    pub fn set_writeback(&mut self, on: bool) {
+        self.fe
+            .set_config(32, VhostUserConfigFlags::WRITABLE, &[u8::from(on)])
+            .unwrap();
+    }
+
+    /// Offered virtio features.
+    pub fn features(&self) -> u64 {
+        self.fe.get_features().unwrap()
+    }
+
+    /// Places descriptors at table indices starting at `first`, linked in
+    /// order unless `links` overrides a `next` field, and offers the chain.
+    pub fn offer_raw(&mut self, q: usize, first: u16, descs: &[(u64, u32, u16, u16)]) -> u16 {
+        let (desc, avail, _) = Self::ring_addrs(self.queues[q].base);
+        for (i, &(addr, len, flags, next)) in descs.iter().enumerate() {
+            let at = GuestAddress(desc + 16 * u64::from(first + i as u16));
+            self.mem.write_obj(addr.to_le(), at).unwrap(); // addr
+            self.mem
+                .write_obj(len.to_le(), at.unchecked_add(8))
+                .unwrap(); // len
+            self.mem
+                .write_obj(flags.to_le(), at.unchecked_add(12))
+                .unwrap(); // flags
+            self.mem
+                .write_obj(next.to_le(), at.unchecked_add(14))
+                .unwrap(); // next
+        }
+        let queue = &mut self.queues[q];
+        let slot = queue.next_avail % QUEUE_SIZE;
+        self.mem
+            .write_obj(first.to_le(), GuestAddress(avail + 4 + 2 * u64::from(slot)))
+            .unwrap();
+        queue.next_avail = queue.next_avail.wrapping_add(1);
+        fence(Ordering::SeqCst);
+        self.mem
+            .write_obj(queue.next_avail.to_le(), GuestAddress(avail + 2))
+            .unwrap();
+        fence(Ordering::SeqCst);
+        queue.kick.write(1).unwrap();
+        first
+    }
+
+    /// Offers a well-linked chain from table index 0 and waits for it.
+    /// Returns the used length.
+    pub fn run(&mut self, q: usize, descs: &[Desc]) -> u32 {
+        let n = descs.len();
+        let linked: Vec<(u64, u32, u16, u16)> = descs
+            .iter()
+            .enumerate()
+            .map(|(i, &(a, l, f))| {
+                if i + 1 < n {
+                    (a, l, f | NEXT, i as u16 + 1)
+                } else {
+                    (a, l, f & !NEXT, 0)
+                }
+            })
+            .collect();
+        let head = self.offer_raw(q, 0, &linked);
+        let (id, len) = self
+            .wait_used(q, Duration::from_secs(10))
+            .expect("request completed");
+        assert_eq!(id, u32::from(head), "completed the chain we offered");
+        len
+    }
+
+    /// Waits for the next used element of queue `q`: (id, len).
+    pub fn wait_used(&mut self, q: usize, timeout: Duration) -> Option<(u32, u32)> {
+        let (_, _, used) = Self::ring_addrs(self.queues[q].base);
+        let deadline = Instant::now() + timeout;
+        loop {
+            fence(Ordering::SeqCst);
+            let idx: u16 = self.mem.read_obj(GuestAddress(used + 2)).unwrap();
+            let queue = &mut self.queues[q];
+            if u16::from_le(idx) != queue.last_used {
+                let slot = u64::from(queue.last_used % QUEUE_SIZE);
+                let elem = GuestAddress(used + 4 + 8 * slot);
+                let id: u32 = self.mem.read_obj(elem).unwrap();
+                let len: u32 = self.mem.read_obj(elem.unchecked_add(4)).unwrap();
+                queue.last_used = queue.last_used.wrapping_add(1);
+                return Some((u32::from_le(id), u32::from_le(len)));
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Writes a request header at `at`.
+    pub fn header(&self, at: u64, ty: u32, sector: u64) {
+        self.mem.write_obj(ty.to_le(), GuestAddress(at)).unwrap(); // type
+        self.mem.write_obj(0u32, GuestAddress(at + 4)).unwrap(); // reserved
+        self.mem
+            .write_obj(sector.to_le(), GuestAddress(at + 8))
+            .unwrap(); // sector
+    }
+
+    /// Writes a discard / write-zeroes segment at `at`.
+    pub fn segment(&self, at: u64, sector: u64, sectors: u32, flags: u32) {
+        self.mem
+            .write_obj(sector.to_le(), GuestAddress(at))
+            .unwrap(); // sector
+        self.mem
+            .write_obj(sectors.to_le(), GuestAddress(at + 8))
+            .unwrap(); // num_sectors
+        self.mem
+            .write_obj(flags.to_le(), GuestAddress(at + 12))
+            .unwrap(); // flags
+    }
+
+    /// Reads one byte of guest memory.
+    pub fn byte(&self, at: u64) -> u8 {
+        self.mem.read_obj(GuestAddress(at)).unwrap()
+    }
+}

@@ -1,0 +1,126 @@
+//! Booting the test guest (ci/build-guest) under QEMU against a socket.
+//!
+//! The guest's init runs the checks named on its command line and prints
+//! lines containing "STRATA "; this module collects them.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// Where ci/build-guest put the kernel and initramfs.
+pub fn guest_dir() -> PathBuf {
+    if let Ok(d) = std::env::var("STRATA_GUEST_DIR") {
+        return d.into();
+    }
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/guest")
+}
+
+/// What a guest run printed.
+pub struct GuestRun {
+    /// The "STRATA ..." lines, from "STRATA" on, in order.
+    pub lines: Vec<String>,
+    /// Whether the guest's init reached its end.
+    pub done: bool,
+    /// The whole console, for failure messages.
+    pub console: String,
+}
+
+impl GuestRun {
+    /// The value of `key=` in the first line that starts with `prefix`
+    /// and has that key.
+    pub fn value(&self, prefix: &str, key: &str) -> Option<String> {
+        let pat = format!(" {key}=");
+        self.lines
+            .iter()
+            .filter(|l| l.starts_with(prefix))
+            .find_map(|l| l.find(&pat).map(|at| &l[at + pat.len()..]))
+            .map(|v| v.split(' ').next().unwrap_or("").to_owned())
+    }
+
+    /// Lines reporting a failed check.
+    pub fn failures(&self) -> Vec<&String> {
+        self.lines
+            .iter()
+            .filter(|l| l.starts_with("STRATA FAIL"))
+            .collect()
+    }
+}
+
+/// Boots the guest with a vhost-user-blk disk on `socket` and runs
+/// `tests` (comma-separated names from ci/guest/init).
+pub fn boot(socket: &Path, num_queues: u16, tests: &str, timeout: Duration) -> GuestRun {
+    let dir = guest_dir();
+    let (kernel, initrd) = (dir.join("vmlinuz"), dir.join("initrd.gz"));
+    assert!(
+        kernel.exists() && initrd.exists(),
+        "no guest in {}: run ci/build-guest (ci/test does)",
+        dir.display()
+    );
+    let mut child = Command::new("qemu-system-x86_64")
+        .args(["-accel", "tcg", "-cpu", "max", "-m", "512", "-smp", "2"])
+        .args(["-nographic", "-no-reboot", "-nic", "none"])
+        .args(["-object", "memory-backend-memfd,id=mem,size=512M,share=on"])
+        .args(["-numa", "node,memdev=mem"])
+        .arg("-kernel")
+        .arg(&kernel)
+        .arg("-initrd")
+        .arg(&initrd)
+        .arg("-append")
+        .arg(format!("console=ttyS0 quiet panic=-1 strata.test={tests}"))
+        .arg("-chardev")
+        .arg(format!("socket,id=c0,path={}", socket.display()))
+        .arg("-device")
+        .arg(format!(
+            "vhost-user-blk-pci,chardev=c0,num-queues={num_queues}"
+        ))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start qemu-system-x86_64 (apt-get install qemu-system-x86)");
+
+    let (tx, rx) = mpsc::channel::<String>();
+    for pipe in [
+        Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+        Box::new(child.stderr.take().unwrap()),
+    ] {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).split(b'\n') {
+                let Ok(line) = line else { break };
+                let line = String::from_utf8_lossy(&line).replace('\r', "");
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    drop(tx);
+
+    let deadline = Instant::now() + timeout;
+    let mut run = GuestRun {
+        lines: Vec::new(),
+        done: false,
+        console: String::new(),
+    };
+    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+        match rx.recv_timeout(left) {
+            Ok(line) => {
+                run.console.push_str(&line);
+                run.console.push('\n');
+                // The console prefixes escape codes: match anywhere.
+                if line.contains("STRATA-DONE") {
+                    run.done = true;
+                } else if let Some(at) = line.find("STRATA ") {
+                    run.lines.push(line[at..].trim_end().to_owned());
+                }
+            }
+            Err(_) => break,
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    run
+}

@@ -1,0 +1,243 @@
+//! A hand-built vhost-user frontend sends what well-behaved clients never
+//! do: malformed chains, GET_ID, writes to a read-only export. Every bad
+//! chain gets its status (or, with nowhere to put one, a used length of
+//! 0), and the device keeps working.
+
+use std::path::Path;
+use std::time::Duration;
+
+use strata_tests::daemon::Daemon;
+use strata_tests::frontend::{TestFrontend, DATA, NEXT, W};
+use virtio_bindings::virtio_blk::*;
+
+const HDR: u64 = DATA;
+const BUF: u64 = DATA + 0x1000;
+const STATUS: u64 = DATA + 0x10_0000;
+const S_OK: u8 = VIRTIO_BLK_S_OK as u8;
+const S_IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
+const S_UNSUPP: u8 = VIRTIO_BLK_S_UNSUPP as u8;
+
+fn serve(dir: &Path, size: usize, extra: &[&str]) -> Daemon {
+    let image = dir.join("disk.img");
+    std::fs::write(&image, vec![0x11u8; size]).unwrap();
+    let mut args = vec![image.to_str().unwrap(), "--format", "raw"];
+    args.extend_from_slice(extra);
+    Daemon::serve(&args, &dir.join("vm.sock"), &dir.join("strata.log"))
+}
+
+/// Runs header + data + 1-byte status; returns (status, used length).
+fn request(fe: &mut TestFrontend, ty: u32, sector: u64, data: Option<(u32, u16)>) -> (u8, u32) {
+    fe.header(HDR, ty, sector);
+    fe.mem()
+        .write_obj(0xffu8, vm_memory::GuestAddress(STATUS))
+        .unwrap();
+    let mut descs = vec![(HDR, 16, 0)];
+    if let Some((len, flags)) = data {
+        descs.push((BUF, len, flags));
+    }
+    descs.push((STATUS, 1, W));
+    let used = fe.run(0, &descs);
+    (fe.byte(STATUS), used)
+}
+
+fn a_good_read_works(fe: &mut TestFrontend) {
+    assert_eq!(
+        request(fe, VIRTIO_BLK_T_IN, 0, Some((4096, W))),
+        (S_OK, 4097)
+    );
+    assert_eq!(fe.byte(BUF), 0x11);
+}
+
+use vm_memory::Bytes;
+
+#[test]
+fn get_id_returns_the_serial() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = serve(dir.path(), 1 << 20, &["--serial", "strata-serial-01"]);
+    let mut fe = TestFrontend::connect(daemon.socket(), 1);
+    assert_eq!(
+        request(&mut fe, VIRTIO_BLK_T_GET_ID, 0, Some((512, W))),
+        (S_OK, 21)
+    );
+    let mut id = [0u8; 20];
+    fe.mem()
+        .read_slice(&mut id, vm_memory::GuestAddress(BUF))
+        .unwrap();
+    assert_eq!(&id, b"strata-serial-01\0\0\0\0");
+    // A buffer shorter than 20 bytes gets what fits.
+    assert_eq!(
+        request(&mut fe, VIRTIO_BLK_T_GET_ID, 0, Some((8, W))),
+        (S_OK, 9)
+    );
+}
+
+#[test]
+fn get_id_without_a_serial_is_unsupported() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = serve(dir.path(), 1 << 20, &[]);
+    let mut fe = TestFrontend::connect(daemon.socket(), 1);
+    assert_eq!(
+        request(&mut fe, VIRTIO_BLK_T_GET_ID, 0, Some((20, W))),
+        (S_UNSUPP, 1)
+    );
+}
+
+#[test]
+fn the_config_space_describes_the_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = serve(
+        dir.path(),
+        3 << 20,
+        &["--num-queues", "3", "--writethrough"],
+    );
+    let mut fe = TestFrontend::connect(daemon.socket(), 3);
+    let cfg = fe.config();
+    let u32_at = |o: usize| u32::from_le_bytes(cfg[o..o + 4].try_into().unwrap());
+    assert_eq!(
+        u64::from_le_bytes(cfg[0..8].try_into().unwrap()),
+        6144,
+        "capacity"
+    );
+    assert_eq!(u32_at(12), 126, "seg_max");
+    assert_eq!(u32_at(20), 512, "blk_size");
+    assert_eq!(cfg[32], 0, "writeback off with --writethrough");
+    assert_eq!(
+        u16::from_le_bytes(cfg[34..36].try_into().unwrap()),
+        3,
+        "num_queues"
+    );
+    assert_eq!(u32_at(36), 32768, "max_discard_sectors");
+    assert_eq!(u32_at(48), 32768, "max_write_zeroes_sectors");
+    assert_eq!(fe.features() & (1 << VIRTIO_BLK_F_RO), 0, "writable");
+    // Writes still complete in write-through mode.
+    assert_eq!(
+        request(&mut fe, VIRTIO_BLK_T_OUT, 8, Some((512, 0))),
+        (S_OK, 1)
+    );
+}
+
+#[test]
+fn malformed_chains_get_errors_and_the_device_keeps_working() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut daemon = serve(dir.path(), 1 << 20, &[]);
+    let mut fe = TestFrontend::connect(daemon.socket(), 1);
+    a_good_read_works(&mut fe);
+
+    // No status descriptor: nowhere to report, used length 0.
+    fe.header(HDR, VIRTIO_BLK_T_IN, 0);
+    assert_eq!(fe.run(0, &[(HDR, 16, 0), (BUF, 512, 0)]), 0);
+    a_good_read_works(&mut fe);
+
+    // A read-only buffer for a read; a length that is not a sector multiple.
+    assert_eq!(
+        request(&mut fe, VIRTIO_BLK_T_IN, 0, Some((4096, 0))),
+        (S_IOERR, 1)
+    );
+    assert_eq!(
+        request(&mut fe, VIRTIO_BLK_T_IN, 0, Some((1000, W))).0,
+        S_IOERR
+    );
+    assert_eq!(
+        request(&mut fe, VIRTIO_BLK_T_OUT, 0, Some((100, 0))).0,
+        S_IOERR
+    );
+    // Past the end, and a buffer outside guest memory.
+    assert_eq!(
+        request(&mut fe, VIRTIO_BLK_T_IN, 2047, Some((1024, W))).0,
+        S_IOERR
+    );
+    fe.header(HDR, VIRTIO_BLK_T_IN, 0);
+    assert_eq!(
+        fe.run(0, &[(HDR, 16, 0), (1 << 40, 512, W), (STATUS, 1, W)]),
+        1
+    );
+    assert_eq!(fe.byte(STATUS), S_IOERR);
+    // Unknown type; discard with a flag; two discard segments.
+    assert_eq!(request(&mut fe, 77, 0, None), (S_UNSUPP, 1));
+    fe.segment(BUF, 0, 8, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP);
+    assert_eq!(
+        request(&mut fe, VIRTIO_BLK_T_DISCARD, 0, Some((16, 0))).0,
+        S_UNSUPP
+    );
+    fe.segment(BUF, 0, 8, 0);
+    fe.segment(BUF + 16, 8, 8, 0);
+    assert_eq!(
+        request(&mut fe, VIRTIO_BLK_T_DISCARD, 0, Some((32, 0))).0,
+        S_UNSUPP
+    );
+    a_good_read_works(&mut fe);
+
+    // A chain whose `next` leaves the table, and one that loops: no
+    // trusted place for a status.
+    fe.header(HDR, VIRTIO_BLK_T_IN, 0);
+    fe.offer_raw(0, 0, &[(HDR, 16, NEXT, 1), (BUF, 512, W | NEXT, 500)]);
+    assert_eq!(fe.wait_used(0, Duration::from_secs(10)), Some((0, 0)));
+    fe.offer_raw(0, 0, &[(HDR, 16, NEXT, 1), (BUF, 512, W | NEXT, 0)]);
+    assert_eq!(fe.wait_used(0, Duration::from_secs(10)), Some((0, 0)));
+    a_good_read_works(&mut fe);
+
+    assert!(daemon.is_running());
+    drop(fe);
+    let (status, log) = daemon.stop();
+    assert!(status.success(), "{log}");
+    assert!(
+        log.contains("the chain is truncated"),
+        "bad chains are logged:\n{log}"
+    );
+}
+
+#[test]
+fn a_read_only_export_refuses_every_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = serve(dir.path(), 1 << 20, &["--read-only"]);
+    let mut fe = TestFrontend::connect(daemon.socket(), 1);
+    assert_ne!(fe.features() & (1 << VIRTIO_BLK_F_RO), 0, "RO offered");
+    fe.mem()
+        .write_slice(&[0x22u8; 4096], vm_memory::GuestAddress(BUF))
+        .unwrap();
+    assert_eq!(
+        request(&mut fe, VIRTIO_BLK_T_OUT, 0, Some((4096, 0))),
+        (S_IOERR, 1)
+    );
+    fe.segment(BUF, 0, 8, 0);
+    assert_eq!(
+        request(&mut fe, VIRTIO_BLK_T_DISCARD, 0, Some((16, 0))).0,
+        S_IOERR
+    );
+    fe.segment(BUF, 0, 8, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP);
+    assert_eq!(
+        request(&mut fe, VIRTIO_BLK_T_WRITE_ZEROES, 0, Some((16, 0))).0,
+        S_IOERR
+    );
+    assert_eq!(request(&mut fe, VIRTIO_BLK_T_FLUSH, 0, None), (S_OK, 1));
+    a_good_read_works(&mut fe);
+    drop(fe);
+    let (status, log) = daemon.stop();
+    assert!(status.success(), "{log}");
+    assert!(
+        std::fs::read(dir.path().join("disk.img"))
+            .unwrap()
+            .iter()
+            .all(|&b| b == 0x11),
+        "the image is untouched"
+    );
+}
+
+#[test]
+fn the_driver_can_switch_the_write_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = serve(dir.path(), 1 << 20, &[]);
+    let mut fe = TestFrontend::connect(daemon.socket(), 1);
+    assert_eq!(fe.config()[32], 1, "write-back by default");
+    fe.set_writeback(false);
+    assert_eq!(fe.config()[32], 0);
+    assert_eq!(
+        request(&mut fe, VIRTIO_BLK_T_OUT, 0, Some((512, 0))),
+        (S_OK, 1)
+    );
+    fe.set_writeback(true);
+    assert_eq!(fe.config()[32], 1);
+    drop(fe);
+    let (_, log) = daemon.stop();
+    assert!(log.contains("write-through"), "{log}");
+}
