@@ -69,3 +69,62 @@ impl BlockDriver for NullNode {
         IoFuture::ready(Ok(()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reactor::block_on;
+
+    fn read(node: &NullNode, offset: u64, buf: &mut [u8]) -> Result<(), BlockError> {
+        let g = GraphView::default();
+        let iov = IoVecs::from_slice(buf);
+        block_on(node.read(&g, offset, &iov)).unwrap()
+    }
+
+    #[test]
+    fn reads_zeroes_by_default_and_leaves_buffers_alone_when_told() {
+        let zeroes = NullNode::new(NullOptions {
+            size: 1 << 20,
+            read_zeroes: true,
+        });
+        let mut buf = [0xaau8; 4096];
+        read(&zeroes, 4096, &mut buf).unwrap();
+        assert_eq!(buf, [0u8; 4096]);
+
+        let raw = NullNode::new(NullOptions {
+            size: 1 << 20,
+            read_zeroes: false,
+        });
+        let mut buf = [0xaau8; 4096];
+        read(&raw, 4096, &mut buf).unwrap();
+        assert_eq!(buf, [0xaau8; 4096]);
+    }
+
+    #[test]
+    fn checks_ranges_and_accepts_everything_else() {
+        let node = NullNode::new(NullOptions {
+            size: 8192,
+            read_zeroes: true,
+        });
+        let g = GraphView::default();
+        let mut buf = [0u8; 4096];
+        assert!(matches!(
+            read(&node, 8192, &mut buf),
+            Err(BlockError::OutOfRange {
+                op: IoOp::Read,
+                offset: 8192,
+                len: 4096,
+                size: 8192
+            })
+        ));
+        let iov = IoVecs::from_slice(&mut buf);
+        block_on(node.write(&g, 4096, &iov)).unwrap().unwrap();
+        block_on(node.write_zeroes(&g, 0, 8192, true))
+            .unwrap()
+            .unwrap();
+        block_on(node.discard(&g, 0, 8192)).unwrap().unwrap();
+        block_on(node.flush(&g)).unwrap().unwrap();
+        assert!(block_on(node.discard(&g, 4096, 8192)).unwrap().is_err());
+        assert_eq!(node.size(&g).unwrap(), 8192);
+    }
+}

@@ -281,3 +281,22 @@ fn a_client_that_reconnects_is_served_again() {
     assert!(status.success(), "{log}");
     assert_eq!(log.matches("frontend connected").count(), 4, "{log}");
 }
+
+#[test]
+fn sigterm_with_a_client_connected_flushes_and_exits() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = serve(dir.path(), &vec![0u8; 1 << 20], &[]);
+    let mut c = Client::connect(daemon.socket(), 1);
+    let mut q = c.queues.remove(0);
+    let data = pattern(65536, 9);
+    c.buf()[..65536].copy_from_slice(&data);
+    q.write(0, c.ptr(0), 65536, 0, ReqFlags::empty());
+    assert_eq!(one(&mut q), 0);
+    let (status, log) = daemon.stop();
+    assert!(status.success(), "{log}");
+    assert!(log.contains("stopping") && log.contains("stopped"), "{log}");
+    assert_eq!(
+        std::fs::read(dir.path().join("disk.img")).unwrap()[..65536],
+        data[..]
+    );
+}
