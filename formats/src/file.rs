@@ -200,6 +200,17 @@ impl FileNode {
         Ok(())
     }
 
+    /// Starts a read or write, bouncing buffers O_DIRECT cannot take.
+    fn data_io<'a>(&'a self, op: IoOp, offset: u64, buf: &'a IoVecs<'a>) -> IoFuture<'a> {
+        if let Err(e) = self.check(op, offset, buf.len()) {
+            return IoFuture::ready(Err(e));
+        }
+        if self.direct && !buf.is_aligned(self.mem_align) {
+            return IoFuture::new(self.rw_bounced(op, offset, buf));
+        }
+        IoFuture::new(self.rw(op, offset, buf))
+    }
+
     fn check(&self, op: IoOp, offset: u64, len: u64) -> Result<(), BlockError> {
         if self.read_only && op != IoOp::Read {
             return Err(BlockError::ReadOnly { op });
@@ -222,23 +233,11 @@ impl BlockDriver for FileNode {
     }
 
     fn read<'a>(&'a self, _g: &'a GraphView, offset: u64, buf: &'a IoVecs<'a>) -> IoFuture<'a> {
-        if let Err(e) = self.check(IoOp::Read, offset, buf.len()) {
-            return IoFuture::ready(Err(e));
-        }
-        if self.direct && !buf.is_aligned(self.mem_align) {
-            return IoFuture::new(self.rw_bounced(IoOp::Read, offset, buf));
-        }
-        IoFuture::new(self.rw(IoOp::Read, offset, buf))
+        self.data_io(IoOp::Read, offset, buf)
     }
 
     fn write<'a>(&'a self, _g: &'a GraphView, offset: u64, buf: &'a IoVecs<'a>) -> IoFuture<'a> {
-        if let Err(e) = self.check(IoOp::Write, offset, buf.len()) {
-            return IoFuture::ready(Err(e));
-        }
-        if self.direct && !buf.is_aligned(self.mem_align) {
-            return IoFuture::new(self.rw_bounced(IoOp::Write, offset, buf));
-        }
-        IoFuture::new(self.rw(IoOp::Write, offset, buf))
+        self.data_io(IoOp::Write, offset, buf)
     }
 
     fn write_zeroes<'a>(
