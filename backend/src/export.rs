@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use strata_formats::reactor::block_on;
-use strata_graph::{BlockError, Graph, GraphError, NodeId, SlotId};
+use strata_graph::{BlockError, Graph, GraphError, NodeId, SlotId, SlotPerm, User, UserKind};
 
 use crate::virtio::config::BlkConfig;
 use crate::virtio::request::Limits;
@@ -119,7 +119,12 @@ impl Export {
             .request_alignment(&view)
             .clamp(512, 4096)
             .next_power_of_two();
-        let root = graph.attach_export(&opts.id, node)?;
+        let user = User {
+            kind: UserKind::Export,
+            name: opts.id.as_str().into(),
+            perm: SlotPerm::user(!opts.read_only),
+        };
+        let root = graph.attach_user(user, node)?;
         Ok(Arc::new(Export {
             writeback: AtomicBool::new(opts.writeback),
             opts,

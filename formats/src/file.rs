@@ -228,6 +228,10 @@ impl BlockDriver for FileNode {
         Ok(self.size.load(Ordering::Relaxed))
     }
 
+    fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+
     fn request_alignment(&self, _g: &GraphView) -> u32 {
         self.offset_align
     }

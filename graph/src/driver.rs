@@ -4,7 +4,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use crate::{BlockError, GraphView, IoVecs};
+use crate::{BlockError, GraphView, IoVecs, SlotPerm};
 
 /// The future a driver returns for one request.
 ///
@@ -59,6 +59,17 @@ pub trait BlockDriver: Send + Sync + 'static {
 
     /// The node's current size in bytes.
     fn size(&self, g: &GraphView) -> Result<u64, BlockError>;
+
+    /// What the node asks of its child in `role`, given what its own parents
+    /// ask of it (see [`default_child_perm`](crate::default_child_perm)).
+    fn child_perm(&self, role: &str, parents: SlotPerm) -> SlotPerm {
+        crate::default_child_perm(role, parents)
+    }
+
+    /// True when the node cannot be written at all (opened read-only).
+    fn is_read_only(&self) -> bool {
+        false
+    }
 
     /// The alignment, in bytes, that request offsets and lengths must have.
     fn request_alignment(&self, _g: &GraphView) -> u32 {

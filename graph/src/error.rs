@@ -143,6 +143,75 @@ pub enum GraphError {
         /// The name asked for.
         name: String,
     },
+    /// The node is in use, so it cannot be deleted.
+    #[error("Node '{node}' is busy: it is used by {user}")]
+    Busy {
+        /// The node.
+        node: String,
+        /// Who uses it: "'top' as 'backing'", "export 'vda'".
+        user: String,
+    },
+    /// A frozen slot cannot change.
+    #[error("Cannot change frozen '{role}' link of {parent}: it is frozen by job '{job}'")]
+    Frozen {
+        /// The slot's role.
+        role: String,
+        /// The slot's owner.
+        parent: String,
+        /// The job that froze it.
+        job: String,
+    },
+    /// The edit would make a node its own descendant.
+    #[error("Making '{child}' the '{role}' child of '{parent}' would create a cycle")]
+    Cycle {
+        /// The parent.
+        parent: String,
+        /// The would-be child.
+        child: String,
+        /// The slot's role.
+        role: String,
+    },
+    /// Two users of a node want what the other does not allow.
+    #[error("Conflicts with use by {other}, which does not allow '{perm}' on '{node}' (needed by {user})")]
+    PermissionConflict {
+        /// The node.
+        node: String,
+        /// The refused permissions.
+        perm: String,
+        /// The user that needs them.
+        user: String,
+        /// The user that does not share them.
+        other: String,
+    },
+    /// A user needs to write to a node opened read-only.
+    #[error("Block node '{node}' is read-only, but {user} needs to write to it")]
+    ReadOnlyNode {
+        /// The node.
+        node: String,
+        /// The writer.
+        user: String,
+    },
+    /// The slot does not exist.
+    #[error("{slot} does not exist")]
+    NoSuchSlot {
+        /// The slot.
+        slot: SlotId,
+    },
+    /// A user name is taken.
+    #[error("{user} already uses a node")]
+    DuplicateUser {
+        /// The user.
+        user: String,
+    },
+    /// A user could not be quiesced before the edit.
+    #[error("cannot drain {user}: {source}")]
+    Drain {
+        /// The user.
+        user: String,
+        /// Why.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// The driver refused to open the node.
     #[error("cannot open node '{name}': {source}")]
     Open {

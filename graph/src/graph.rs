@@ -1,19 +1,25 @@
 //! The shared, editable graph: edits build a new [`GraphView`] and publish it.
 
 use std::rc::Rc;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 
 use arc_swap::{ArcSwap, Cache};
 
-use crate::{BlockDriver, GraphError, GraphView, Node, NodeId, Parent, Slot, SlotId};
+use crate::drain::Quiescers;
+use crate::{
+    BlockDriver, GraphError, GraphView, NodeBuilder, NodeId, Quiesce, SlotId, Transaction, User,
+};
 
 /// The block graph of one daemon. Cloning gives another handle on the same
 /// graph.
 #[derive(Clone)]
 pub struct Graph {
-    views: Arc<ArcSwap<GraphView>>,
+    pub(crate) views: Arc<ArcSwap<GraphView>>,
     /// Serialises edits; readers never take it.
     edit: Arc<Mutex<()>>,
+    pub(crate) quiescers: Quiescers,
+    pub(crate) next_auto_name: Arc<AtomicU64>,
 }
 
 impl Default for Graph {
@@ -28,6 +34,8 @@ impl Graph {
         Graph {
             views: Arc::new(ArcSwap::from_pointee(GraphView::default())),
             edit: Arc::new(Mutex::new(())),
+            quiescers: Quiescers::default(),
+            next_auto_name: Arc::new(AtomicU64::new(0)),
         }
     }
 
@@ -43,22 +51,12 @@ impl Graph {
         LocalViews { cache, current }
     }
 
-    /// Applies `f` to a copy of the current view and publishes the result,
-    /// or publishes nothing if `f` fails: every edit is all or nothing.
-    fn edit<R>(
-        &self,
-        f: impl FnOnce(&mut GraphView) -> Result<R, GraphError>,
-    ) -> Result<R, GraphError> {
-        let _guard = self.edit.lock().unwrap_or_else(|e| e.into_inner());
-        let mut next = GraphView::clone(&self.views.load());
-        let out = f(&mut next)?;
-        self.views.store(Arc::new(next));
-        Ok(out)
+    /// Starts an edit. Edits are serialised: this waits for any other.
+    pub fn transaction(&self) -> Transaction<'_> {
+        Transaction::new(self, self.edit.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
-    /// Adds a node named `name`. `open` attaches the node's children through
-    /// the [`NodeBuilder`] and returns the driver. If `open` fails, the graph
-    /// is left as it was.
+    /// Adds one node owned by the monitor, in a transaction of its own.
     pub fn add_node<E>(
         &self,
         name: &str,
@@ -67,84 +65,28 @@ impl Graph {
     where
         E: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
-        check_name(name)?;
-        self.edit(|next| {
-            if next.find(name).is_some() {
-                return Err(GraphError::DuplicateName { name: name.into() });
-            }
-            let id = NodeId(next.nodes.len() as u32);
-            // Reserve the id so slots attached during `open` name a real parent.
-            next.nodes.push(None);
-            let mut b = NodeBuilder { next, id };
-            let driver = open(&mut b).map_err(|e| GraphError::Open {
-                name: name.into(),
-                source: e.into(),
-            })?;
-            b.next.nodes[id.index()] = Some(Node {
-                name: name.into(),
-                driver,
-            });
-            Ok(id)
-        })
+        let mut tx = self.transaction();
+        let id = tx.add_node(Some(name), serde_json::Value::Null, true, open)?;
+        tx.commit()?;
+        Ok(id)
     }
 
-    /// Gives export `export` a slot holding `child`, its root node.
-    pub fn attach_export(&self, export: &str, child: NodeId) -> Result<SlotId, GraphError> {
-        self.edit(|next| push_slot(next, Parent::Export(export.into()), "root", child))
-    }
-}
-
-fn push_slot(
-    next: &mut GraphView,
-    parent: Parent,
-    role: &str,
-    child: NodeId,
-) -> Result<SlotId, GraphError> {
-    if next.node(child).is_none() {
-        return Err(GraphError::NoSuchNode { id: child });
-    }
-    let id = SlotId(next.slots.len() as u32);
-    next.slots.push(Some(Slot {
-        parent,
-        role: role.into(),
-        child,
-    }));
-    Ok(id)
-}
-
-/// QEMU's rule for ids: a letter, then letters, digits, `-`, `.` or `_`.
-fn check_name(name: &str) -> Result<(), GraphError> {
-    let mut chars = name.chars();
-    let ok = chars.next().is_some_and(|c| c.is_ascii_alphabetic())
-        && chars.all(|c| c.is_ascii_alphanumeric() || "-._".contains(c));
-    if ok && name.len() <= 127 {
-        Ok(())
-    } else {
-        Err(GraphError::InvalidName { name: name.into() })
-    }
-}
-
-/// Lets a driver's open function attach children to the node being added.
-pub struct NodeBuilder<'a> {
-    next: &'a mut GraphView,
-    id: NodeId,
-}
-
-impl NodeBuilder<'_> {
-    /// The id the new node will have.
-    pub fn id(&self) -> NodeId {
-        self.id
+    /// Gives `user` a slot holding `child`, in a transaction of its own.
+    pub fn attach_user(&self, user: User, child: NodeId) -> Result<SlotId, GraphError> {
+        let mut tx = self.transaction();
+        let slot = tx.attach_user(user, child)?;
+        tx.commit()?;
+        Ok(slot)
     }
 
-    /// Attaches `child` in a new slot with `role` and returns the slot.
-    pub fn attach(&mut self, role: &str, child: NodeId) -> Result<SlotId, GraphError> {
-        push_slot(self.next, Parent::Node(self.id), role, child)
+    /// Registers how to quiesce the user named `name` (see [`Quiesce`]).
+    pub fn register_quiesce(&self, name: &str, q: Arc<dyn Quiesce>) {
+        self.quiescers.insert(name, q);
     }
 
-    /// The view the node will be published in, including the slots attached
-    /// so far. Drivers use it to query their children while opening.
-    pub fn view(&self) -> &GraphView {
-        self.next
+    /// Forgets the quiesce handler of `name`.
+    pub fn unregister_quiesce(&self, name: &str) {
+        self.quiescers.remove(name);
     }
 }
 

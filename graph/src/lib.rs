@@ -21,19 +21,25 @@
 #![warn(missing_docs)]
 
 mod buffer;
+mod drain;
 mod driver;
 mod error;
 mod graph;
 mod ids;
 mod iovec;
+mod perm;
 mod slot;
+mod transaction;
 mod view;
 
 pub use buffer::AlignedBuf;
+pub use drain::Quiesce;
 pub use driver::{BlockDriver, IoFuture};
 pub use error::{BlockError, GraphError, IoOp};
-pub use graph::{Graph, LocalView, LocalViews, NodeBuilder};
+pub use graph::{Graph, LocalView, LocalViews};
 pub use ids::{NodeId, SlotId};
 pub use iovec::{IoVecs, MAX_IOVECS};
-pub use slot::{Parent, Slot};
+pub use perm::{default_child_perm, slot_perms, Perm, SlotPerm};
+pub use slot::{Parent, Slot, User, UserKind};
+pub use transaction::{NodeBuilder, Transaction};
 pub use view::{GraphView, Node};

@@ -1,14 +1,17 @@
 //! An immutable snapshot of the graph: the arena of nodes and the slot table.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use crate::{BlockDriver, BlockError, NodeId, Parent, Slot, SlotId};
 
-/// A node: a name and the driver that implements it.
+/// A node: its name, its driver and the options it was opened with.
 #[derive(Clone)]
 pub struct Node {
     pub(crate) name: Arc<str>,
     pub(crate) driver: Arc<dyn BlockDriver>,
+    pub(crate) options: Arc<serde_json::Value>,
+    pub(crate) monitor_owned: bool,
 }
 
 impl Node {
@@ -20,6 +23,22 @@ impl Node {
     /// The node's driver.
     pub fn driver(&self) -> &dyn BlockDriver {
         &*self.driver
+    }
+
+    /// The node's driver, shared.
+    pub fn driver_arc(&self) -> &Arc<dyn BlockDriver> {
+        &self.driver
+    }
+
+    /// The options the node was opened (or last reopened) with.
+    pub fn options(&self) -> &serde_json::Value {
+        &self.options
+    }
+
+    /// True for nodes added on their own (by blockdev-add); false for
+    /// children created inline, which go away with their last parent.
+    pub fn monitor_owned(&self) -> bool {
+        self.monitor_owned
     }
 }
 
@@ -50,11 +69,21 @@ impl GraphView {
             .ok_or(BlockError::EmptySlot { slot })
     }
 
+    /// The id of the node in `slot`.
+    pub fn child_id(&self, slot: SlotId) -> Option<NodeId> {
+        self.slot(slot).map(|s| s.child)
+    }
+
     /// The node named `name`.
     pub fn find(&self, name: &str) -> Option<NodeId> {
         self.nodes()
             .find(|(_, n)| &*n.name == name)
             .map(|(id, _)| id)
+    }
+
+    /// The name of node `id`, or "?" if it does not exist.
+    pub fn name(&self, id: NodeId) -> &str {
+        self.node(id).map_or("?", Node::name)
     }
 
     /// Every node.
@@ -79,8 +108,65 @@ impl GraphView {
             .filter(move |(_, s)| s.parent == Parent::Node(parent))
     }
 
+    /// The slot of `parent` with `role`.
+    pub fn child_slot(&self, parent: NodeId, role: &str) -> Option<SlotId> {
+        self.children(parent)
+            .find(|(_, s)| s.role() == role)
+            .map(|(id, _)| id)
+    }
+
     /// The slots that hold `child`.
     pub fn parents(&self, child: NodeId) -> impl Iterator<Item = (SlotId, &Slot)> {
         self.slots().filter(move |(_, s)| s.child == child)
+    }
+
+    /// The slot owned by the user named `name`.
+    pub fn user_slot(&self, name: &str) -> Option<SlotId> {
+        self.slots()
+            .find(|(_, s)| matches!(&s.parent, Parent::User(u) if &*u.name == name))
+            .map(|(id, _)| id)
+    }
+
+    /// True when `to` is `from` or lies below it.
+    pub fn reaches(&self, from: NodeId, to: NodeId) -> bool {
+        let mut seen = vec![false; self.nodes.len()];
+        let mut todo = vec![from];
+        while let Some(n) = todo.pop() {
+            if n == to {
+                return true;
+            }
+            if std::mem::replace(&mut seen[n.index()], true) {
+                continue;
+            }
+            todo.extend(self.children(n).map(|(_, s)| s.child));
+        }
+        false
+    }
+
+    /// Every node in an order where parents come before their children, or
+    /// `None` if the slots form a cycle.
+    pub fn parents_first(&self) -> Option<Vec<NodeId>> {
+        let mut pending = vec![0usize; self.nodes.len()];
+        for (_, s) in self.slots() {
+            if matches!(s.parent, Parent::Node(_)) {
+                pending[s.child.index()] += 1;
+            }
+        }
+        let mut ready: VecDeque<NodeId> = self
+            .nodes()
+            .filter(|(id, _)| pending[id.index()] == 0)
+            .map(|(id, _)| id)
+            .collect();
+        let mut order = Vec::new();
+        while let Some(n) = ready.pop_front() {
+            order.push(n);
+            for (_, s) in self.children(n) {
+                pending[s.child.index()] -= 1;
+                if pending[s.child.index()] == 0 {
+                    ready.push_back(s.child);
+                }
+            }
+        }
+        (order.len() == self.nodes().count()).then_some(order)
     }
 }

@@ -1,7 +1,7 @@
 use std::sync::Arc;
 
 use super::*;
-use crate::{BlockError, IoFuture, IoVecs};
+use crate::{BlockError, IoFuture, IoVecs, Parent};
 
 /// A leaf that only knows its size.
 struct Leaf(u64);
@@ -58,6 +58,14 @@ impl BlockDriver for Filter {
     }
     fn flush<'a>(&'a self, _: &'a GraphView) -> IoFuture<'a> {
         IoFuture::ready(Ok(()))
+    }
+}
+
+fn export(name: &str, writable: bool) -> User {
+    User {
+        kind: crate::UserKind::Export,
+        name: name.into(),
+        perm: crate::SlotPerm::user(writable),
     }
 }
 
@@ -168,7 +176,7 @@ fn a_failed_open_leaves_the_graph_unchanged() {
 #[test]
 fn attaching_a_missing_node_fails() {
     let g = Graph::new();
-    let err = g.attach_export("vda", NodeId(7)).unwrap_err();
+    let err = g.attach_user(export("vda", false), NodeId(7)).unwrap_err();
     assert!(matches!(err, GraphError::NoSuchNode { id } if id == NodeId(7)));
 }
 
@@ -189,7 +197,7 @@ fn requests_resolve_children_at_call_time() {
     let g = Graph::new();
     let a = leaf(&g, "a", 512);
     let f = filter(&g, "f", a).unwrap();
-    g.attach_export("vda", f).unwrap();
+    g.attach_user(export("vda", false), f).unwrap();
     let v = g.view();
     check_invariants(&v);
     let mut buf = [0xffu8; 512];
