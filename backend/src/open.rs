@@ -45,6 +45,8 @@ pub fn open_image(graph: &Graph, path: &Path, opts: &ImageOptions) -> anyhow::Re
         filename: path.into(),
         direct: opts.direct,
         read_only: opts.read_only,
+        no_flush: false,
+        discard: true,
     };
     let file = graph.add_node("disk-file", |_| {
         FileNode::open(&file_opts).map(|n| Arc::new(n) as Arc<dyn BlockDriver>)

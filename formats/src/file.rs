@@ -24,6 +24,10 @@ pub struct FileOptions {
     pub direct: bool,
     /// Open without write access.
     pub read_only: bool,
+    /// `cache.no-flush`: flushes succeed without reaching the disk.
+    pub no_flush: bool,
+    /// `discard=unmap`: discards punch holes; otherwise they are ignored.
+    pub discard: bool,
 }
 
 /// Why a file could not be opened.
@@ -69,6 +73,8 @@ pub struct FileNode {
     file: File,
     direct: bool,
     read_only: bool,
+    no_flush: bool,
+    discard: bool,
     size: AtomicU64,
     /// O_DIRECT alignment of buffer addresses and lengths.
     mem_align: usize,
@@ -113,6 +119,8 @@ impl FileNode {
             file,
             direct: opts.direct,
             read_only: opts.read_only,
+            no_flush: opts.no_flush,
+            discard: opts.discard,
             size: AtomicU64::new(size),
             mem_align: mem_align as usize,
             offset_align,
@@ -282,6 +290,9 @@ impl BlockDriver for FileNode {
         if let Err(e) = self.check(IoOp::Discard, offset, len) {
             return IoFuture::ready(Err(e));
         }
+        if !self.discard {
+            return IoFuture::ready(Ok(()));
+        }
         IoFuture::new(async move {
             let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
             match self.fallocate(mode, offset, len).await {
@@ -294,7 +305,7 @@ impl BlockDriver for FileNode {
     }
 
     fn flush<'a>(&'a self, _g: &'a GraphView) -> IoFuture<'a> {
-        if self.read_only {
+        if self.read_only || self.no_flush {
             return IoFuture::ready(Ok(()));
         }
         IoFuture::new(async move {

@@ -7,11 +7,17 @@
 
 #![warn(missing_docs)]
 
+pub mod blkverify;
+pub mod blockdev;
+pub mod cor;
 pub mod file;
 pub mod image;
 pub mod null;
+pub mod options;
+pub mod quorum;
 pub mod raw;
 pub mod reactor;
+pub mod throttle;
 
 #[cfg(test)]
 mod tests;

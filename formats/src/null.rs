@@ -12,6 +12,8 @@ pub struct NullOptions {
     pub size: u64,
     /// Whether reads fill the buffer with zeroes.
     pub read_zeroes: bool,
+    /// How long every request takes (`latency-ns`).
+    pub latency: std::time::Duration,
 }
 
 /// An open null node.
@@ -25,8 +27,16 @@ impl NullNode {
         NullNode { opts }
     }
 
-    fn done(&self, op: IoOp, offset: u64, len: u64) -> IoFuture<'static> {
-        IoFuture::ready(BlockError::check_range(op, offset, len, self.opts.size))
+    fn done(&self, res: Result<(), BlockError>) -> IoFuture<'static> {
+        let latency = self.opts.latency;
+        if latency.is_zero() {
+            return IoFuture::ready(res);
+        }
+        IoFuture::new(async move {
+            // A failed timer only shortens the simulated latency.
+            let _ = crate::reactor::sleep(latency).await;
+            res
+        })
     }
 }
 
@@ -44,11 +54,16 @@ impl BlockDriver for NullNode {
         if res.is_ok() && self.opts.read_zeroes {
             buf.zero();
         }
-        IoFuture::ready(res)
+        self.done(res)
     }
 
     fn write<'a>(&'a self, _g: &'a GraphView, offset: u64, buf: &'a IoVecs<'a>) -> IoFuture<'a> {
-        self.done(IoOp::Write, offset, buf.len())
+        self.done(BlockError::check_range(
+            IoOp::Write,
+            offset,
+            buf.len(),
+            self.opts.size,
+        ))
     }
 
     fn write_zeroes<'a>(
@@ -58,15 +73,25 @@ impl BlockDriver for NullNode {
         len: u64,
         _: bool,
     ) -> IoFuture<'a> {
-        self.done(IoOp::WriteZeroes, offset, len)
+        self.done(BlockError::check_range(
+            IoOp::WriteZeroes,
+            offset,
+            len,
+            self.opts.size,
+        ))
     }
 
     fn discard<'a>(&'a self, _g: &'a GraphView, offset: u64, len: u64) -> IoFuture<'a> {
-        self.done(IoOp::Discard, offset, len)
+        self.done(BlockError::check_range(
+            IoOp::Discard,
+            offset,
+            len,
+            self.opts.size,
+        ))
     }
 
     fn flush<'a>(&'a self, _g: &'a GraphView) -> IoFuture<'a> {
-        IoFuture::ready(Ok(()))
+        self.done(Ok(()))
     }
 }
 
@@ -86,6 +111,7 @@ mod tests {
         let zeroes = NullNode::new(NullOptions {
             size: 1 << 20,
             read_zeroes: true,
+            latency: Default::default(),
         });
         let mut buf = [0xaau8; 4096];
         read(&zeroes, 4096, &mut buf).unwrap();
@@ -94,6 +120,7 @@ mod tests {
         let raw = NullNode::new(NullOptions {
             size: 1 << 20,
             read_zeroes: false,
+            latency: Default::default(),
         });
         let mut buf = [0xaau8; 4096];
         read(&raw, 4096, &mut buf).unwrap();
@@ -105,6 +132,7 @@ mod tests {
         let node = NullNode::new(NullOptions {
             size: 8192,
             read_zeroes: true,
+            latency: Default::default(),
         });
         let g = GraphView::default();
         let mut buf = [0u8; 4096];
@@ -126,5 +154,19 @@ mod tests {
         block_on(node.flush(&g)).unwrap().unwrap();
         assert!(block_on(node.discard(&g, 4096, 8192)).unwrap().is_err());
         assert_eq!(node.size(&g).unwrap(), 8192);
+    }
+
+    #[test]
+    fn latency_delays_completion() {
+        let node = NullNode::new(NullOptions {
+            size: 8192,
+            read_zeroes: true,
+            latency: std::time::Duration::from_millis(20),
+        });
+        let start = std::time::Instant::now();
+        block_on(node.flush(&GraphView::default()))
+            .unwrap()
+            .unwrap();
+        assert!(start.elapsed() >= std::time::Duration::from_millis(20));
     }
 }

@@ -192,9 +192,6 @@ impl BlockDriver for RawNode {
     }
 
     fn flush<'a>(&'a self, g: &'a GraphView) -> IoFuture<'a> {
-        match g.child(self.file) {
-            Ok(c) => c.flush(g),
-            Err(e) => IoFuture::ready(Err(e)),
-        }
+        g.via(self.file, |c| c.flush(g))
     }
 }

@@ -243,6 +243,21 @@ impl Drop for Op {
     }
 }
 
+/// Waits for `d`, on this thread's ring.
+pub async fn sleep(d: Duration) -> io::Result<()> {
+    let reactor = Reactor::current()?;
+    let ts = Box::new(io_uring::types::Timespec::from(d));
+    // SAFETY: the timespec is boxed and outlives the op, which is awaited
+    // (or dropped, which waits for the kernel) before `ts` is freed.
+    let res = unsafe { reactor.push(opcode::Timeout::new(&*ts).build()) }.await;
+    match res {
+        // Expiry is reported as ETIME.
+        0 => Ok(()),
+        e if -e == libc::ETIME => Ok(()),
+        e => Err(io::Error::from_raw_os_error(-e)),
+    }
+}
+
 struct ThreadWaker(Thread);
 
 impl Wake for ThreadWaker {
@@ -295,6 +310,17 @@ mod tests {
         let results = block_on(futures::future::join_all(ops)).unwrap();
         assert!(results.iter().all(|&res| res == 0));
         assert_eq!(r.in_flight(), 0);
+    }
+
+    #[test]
+    fn sleep_waits_about_as_long_as_asked() {
+        let start = std::time::Instant::now();
+        block_on(sleep(Duration::from_millis(30))).unwrap().unwrap();
+        let took = start.elapsed();
+        assert!(
+            took >= Duration::from_millis(30) && took < Duration::from_secs(5),
+            "{took:?}"
+        );
     }
 
     #[test]

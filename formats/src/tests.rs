@@ -14,6 +14,7 @@ fn graph_with_file(content: &[u8]) -> (tempfile::NamedTempFile, Graph, strata_gr
     let g = Graph::new();
     let opts = FileOptions {
         filename: tmp.path().into(),
+        discard: true,
         ..Default::default()
     };
     let file = g

@@ -47,6 +47,18 @@ impl<T> Future for IoFuture<'_, T> {
     }
 }
 
+/// The answer of [`BlockDriver::block_status`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlockStatus {
+    /// How many bytes the answer covers.
+    pub len: u64,
+    /// The node (or the storage below it) holds the data, rather than
+    /// passing reads on to a backing node.
+    pub allocated: bool,
+    /// The range reads as zeroes.
+    pub zero: bool,
+}
+
 /// A node's behaviour: a format (raw, qcow2), a protocol (file, null) or a
 /// filter. Offsets and lengths are in bytes of the node's own address space.
 ///
@@ -98,4 +110,20 @@ pub trait BlockDriver: Send + Sync + 'static {
 
     /// Makes every completed write durable.
     fn flush<'a>(&'a self, g: &'a GraphView) -> IoFuture<'a>;
+
+    /// Where the data of a range comes from, for the first run of bytes
+    /// from `offset` that share one answer (at most `len`). By default all
+    /// of it is data held by this node.
+    fn block_status<'a>(
+        &'a self,
+        _g: &'a GraphView,
+        _offset: u64,
+        len: u64,
+    ) -> IoFuture<'a, BlockStatus> {
+        IoFuture::ready(Ok(BlockStatus {
+            len,
+            allocated: true,
+            zero: false,
+        }))
+    }
 }

@@ -24,6 +24,7 @@ mod buffer;
 mod drain;
 mod driver;
 mod error;
+mod events;
 mod graph;
 mod ids;
 mod iovec;
@@ -34,8 +35,9 @@ mod view;
 
 pub use buffer::AlignedBuf;
 pub use drain::Quiesce;
-pub use driver::{BlockDriver, IoFuture};
+pub use driver::{BlockDriver, BlockStatus, IoFuture};
 pub use error::{BlockError, GraphError, IoOp};
+pub use events::{EventSink, NoEvents};
 pub use graph::{Graph, LocalView, LocalViews};
 pub use ids::{NodeId, SlotId};
 pub use iovec::{IoVecs, MAX_IOVECS};

@@ -75,6 +75,7 @@ impl<'g> Transaction<'g> {
         let mut b = NodeBuilder {
             next: &mut self.next,
             id,
+            name: name.clone(),
             previous: None,
             existing: Vec::new(),
         };
@@ -124,6 +125,7 @@ impl<'g> Transaction<'g> {
         let mut b = NodeBuilder {
             next: &mut self.next,
             id,
+            name: node.name.clone(),
             previous: Some(node.driver.clone()),
             existing,
         };
@@ -305,6 +307,7 @@ impl<'g> Transaction<'g> {
 pub struct NodeBuilder<'a> {
     next: &'a mut GraphView,
     id: NodeId,
+    name: Arc<str>,
     previous: Option<Arc<dyn BlockDriver>>,
     /// On reopen: the node's slots, by role, and whether re-attached.
     existing: Vec<(SlotId, Arc<str>, bool)>,
@@ -314,6 +317,11 @@ impl NodeBuilder<'_> {
     /// The id of the node being opened.
     pub fn id(&self) -> NodeId {
         self.id
+    }
+
+    /// The name of the node being opened.
+    pub fn name(&self) -> &str {
+        &self.name
     }
 
     /// Attaches `child` in the slot for `role`: a new slot, or on reopen

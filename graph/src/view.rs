@@ -3,7 +3,7 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use crate::{BlockDriver, BlockError, NodeId, Parent, Slot, SlotId};
+use crate::{BlockDriver, BlockError, IoFuture, NodeId, Parent, Slot, SlotId};
 
 /// A node: its name, its driver and the options it was opened with.
 #[derive(Clone)]
@@ -67,6 +67,18 @@ impl GraphView {
             .and_then(|s| self.node(s.child))
             .map(Node::driver)
             .ok_or(BlockError::EmptySlot { slot })
+    }
+
+    /// Starts `f` on the driver in `slot`: how filters pass requests down.
+    pub fn via<'a, T>(
+        &'a self,
+        slot: SlotId,
+        f: impl FnOnce(&'a dyn BlockDriver) -> IoFuture<'a, T>,
+    ) -> IoFuture<'a, T> {
+        match self.child(slot) {
+            Ok(c) => f(c),
+            Err(e) => IoFuture::ready(Err(e)),
+        }
     }
 
     /// The id of the node in `slot`.

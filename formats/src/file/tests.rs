@@ -15,6 +15,8 @@ fn node_with(content: &[u8], direct: bool, read_only: bool) -> (tempfile::NamedT
         filename: tmp.path().into(),
         direct,
         read_only,
+        discard: true,
+        ..Default::default()
     })
     .unwrap();
     (tmp, node)
@@ -189,4 +191,30 @@ fn open_errors_name_the_file() {
         ..Default::default()
     });
     assert!(matches!(dir.err().unwrap(), FileError::NotAFile { .. }));
+}
+
+#[test]
+fn discard_is_ignored_unless_enabled() {
+    let tmp = tempfile::NamedTempFile::new_in("/var/tmp").unwrap();
+    std::fs::write(tmp.path(), [7u8; 8192]).unwrap();
+    let node = FileNode::open(&FileOptions {
+        filename: tmp.path().into(),
+        ..Default::default()
+    })
+    .unwrap();
+    let g = view();
+    block_on(node.discard(&g, 0, 4096)).unwrap().unwrap();
+    assert_eq!(
+        read(&node, 0, 4096).unwrap(),
+        vec![7u8; 4096],
+        "discard=ignore keeps data"
+    );
+    block_on(node.write_zeroes(&g, 0, 4096, true))
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        read(&node, 0, 4096).unwrap(),
+        vec![0u8; 4096],
+        "write-zeroes still zeroes"
+    );
 }

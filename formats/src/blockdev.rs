@@ -1,0 +1,466 @@
+//! `blockdev-add` and `blockdev-reopen`: driver options, spelled as
+//! qemu-storage-daemon spells them, become graph nodes.
+//!
+//! Children may be given inline (created with the parent, and deleted with
+//! it) or by node name. Everything happens inside the caller's
+//! [`Transaction`], so a failure anywhere leaves the graph untouched.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use strata_graph::{BlockDriver, EventSink, GraphError, NodeBuilder, NodeId, Transaction};
+
+use crate::blkverify::BlkverifyNode;
+use crate::cor::CopyOnReadNode;
+use crate::file::{FileNode, FileOptions};
+use crate::null::{NullNode, NullOptions};
+use crate::options::{ChildOption, Options, OptionsError};
+use crate::quorum::{QuorumNode, QuorumOptions, ReadPattern};
+use crate::raw::{RawNode, RawOptions};
+use crate::throttle::group::ThrottleGroups;
+use crate::throttle::ThrottleNode;
+
+/// What opening nodes needs from the daemon.
+#[derive(Clone)]
+pub struct OpenContext {
+    /// Groups that throttle nodes name.
+    pub throttle_groups: ThrottleGroups,
+    /// Where drivers report events.
+    pub events: Arc<dyn EventSink>,
+}
+
+/// A refused blockdev-add or blockdev-reopen.
+#[derive(Debug, thiserror::Error)]
+pub enum BlockdevError {
+    /// A bad option.
+    #[error(transparent)]
+    Options(#[from] OptionsError),
+    /// The graph refused the change.
+    #[error(transparent)]
+    Graph(#[from] GraphError),
+    /// No such driver.
+    #[error("Parameter 'driver' does not accept value '{0}'")]
+    UnknownDriver(String),
+    /// A child named a node that does not exist.
+    #[error("Cannot find device='{0}' nor node-name='{0}'")]
+    NoSuchNode(String),
+    /// A driver or option Strata knows but does not implement yet.
+    #[error("{0} is not supported yet")]
+    NotSupported(String),
+    /// A node added by blockdev-add needs a name.
+    #[error("'node-name' must be specified for the root node")]
+    RootNeedsName,
+    /// Reopen cannot change this option.
+    #[error("Cannot change the option '{0}'")]
+    CannotChange(String),
+    /// A throttle group that does not exist.
+    #[error("Throttle group '{0}' does not exist")]
+    NoSuchGroup(String),
+    /// Only some drivers take this child.
+    #[error("Parameter '{0}' is only valid for {1}")]
+    NotAllowed(String, &'static str),
+}
+
+/// Options every node takes, and what inline children inherit.
+#[derive(Clone, Debug, Default)]
+struct Common {
+    read_only: bool,
+    direct: bool,
+    no_flush: bool,
+    discard: bool,
+}
+
+impl Common {
+    fn take(o: &mut Options, inherited: &Common) -> Result<Common, BlockdevError> {
+        let mut c = inherited.clone();
+        if let Some(ro) = o.take_bool("read-only")? {
+            c.read_only = ro;
+        }
+        // Strata opens what it is told to; the hint needs no action.
+        o.take_bool("auto-read-only")?;
+        if o.take_bool("force-share")? == Some(true) && !c.read_only {
+            return Err(OptionsError::Value {
+                param: o.param("force-share"),
+                expected: "read-only=on to be set too".into(),
+            }
+            .into());
+        }
+        if let Some(d) = o.take_enum("discard", &["ignore", "off", "unmap", "on"])? {
+            c.discard = d == "unmap" || d == "on";
+        }
+        if let Some(z) = o.take_enum("detect-zeroes", &["off", "on", "unmap"])? {
+            if z != "off" {
+                return Err(BlockdevError::NotSupported(format!("detect-zeroes={z}")));
+            }
+        }
+        if let Some(mut cache) = o.take_group("cache")? {
+            if let Some(d) = cache.take_bool("direct")? {
+                c.direct = d;
+            }
+            if let Some(n) = cache.take_bool("no-flush")? {
+                c.no_flush = n;
+            }
+            cache.finish()?;
+        }
+        Ok(c)
+    }
+}
+
+/// A driver with its options parsed and its children resolved: all that
+/// is left is to open it, as a new node or in place of an old one.
+enum Spec {
+    File(FileOptions),
+    Raw(NodeId, RawOptions),
+    Null(NullOptions),
+    Throttle(NodeId, String),
+    CopyOnRead(NodeId),
+    Quorum(Vec<(String, NodeId)>, QuorumOptions),
+    Blkverify(NodeId, NodeId),
+}
+
+/// Adds the node described by `opts` (and its inline children) as a
+/// monitor-owned node.
+pub fn add(
+    tx: &mut Transaction<'_>,
+    opts: Options,
+    ctx: &OpenContext,
+) -> Result<NodeId, BlockdevError> {
+    if !opts.has("node-name") {
+        return Err(BlockdevError::RootNeedsName);
+    }
+    open_node(tx, opts, true, &Common::default(), ctx)
+}
+
+fn open_node(
+    tx: &mut Transaction<'_>,
+    mut o: Options,
+    monitor_owned: bool,
+    inherited: &Common,
+    ctx: &OpenContext,
+) -> Result<NodeId, BlockdevError> {
+    let recorded = o.to_json();
+    let driver = o.take_str("driver")?;
+    let driver = o.required("driver", driver)?;
+    let name = o.take_str("node-name")?;
+    let common = Common::take(&mut o, inherited)?;
+    let spec = parse(tx, &driver, &mut o, &common, None, ctx)?;
+    o.finish()?;
+    let recorded = record(recorded, tx, &spec);
+    let ctx = ctx.clone();
+    Ok(
+        tx.add_node(name.as_deref(), recorded, monitor_owned, move |b| {
+            build(b, spec, &ctx)
+        })?,
+    )
+}
+
+/// Reopens the node named in `opts` with these options: options left out
+/// go back to their defaults, `driver` and `filename` cannot change, and a
+/// child given by name replaces the current one.
+pub fn reopen(
+    tx: &mut Transaction<'_>,
+    mut o: Options,
+    ctx: &OpenContext,
+) -> Result<NodeId, BlockdevError> {
+    let recorded = o.to_json();
+    let name = o.take_str("node-name")?;
+    let name = o.required("node-name", name)?;
+    let id = tx
+        .view()
+        .find(&name)
+        .ok_or_else(|| BlockdevError::NoSuchNode(name.clone()))?;
+    let old = tx.view().node(id).expect("found above").options().clone();
+    let driver = o.take_str("driver")?;
+    let driver = o.required("driver", driver)?;
+    if old
+        .get("driver")
+        .and_then(Value::as_str)
+        .is_some_and(|d| d != driver)
+    {
+        return Err(BlockdevError::CannotChange("driver".into()));
+    }
+    let common = Common::take(&mut o, &Common::default())?;
+    let spec = parse(tx, &driver, &mut o, &common, Some(id), ctx)?;
+    o.finish()?;
+    if let (Spec::File(f), Some(old_name)) = (&spec, old.get("filename").and_then(Value::as_str)) {
+        if f.filename != std::path::Path::new(old_name) {
+            return Err(BlockdevError::CannotChange("filename".into()));
+        }
+    }
+    let recorded = record(recorded, tx, &spec);
+    let ctx = ctx.clone();
+    tx.reopen_node(id, recorded, move |b| build(b, spec, &ctx))?;
+    Ok(id)
+}
+
+/// Adds (`add`) or removes (the child in role `remove`) a quorum child,
+/// as x-blockdev-change does. Other children keep their names.
+pub fn change_quorum(
+    tx: &mut Transaction<'_>,
+    parent: &str,
+    add: Option<&str>,
+    remove: Option<&str>,
+    ctx: &OpenContext,
+) -> Result<(), BlockdevError> {
+    let id = tx
+        .view()
+        .find(parent)
+        .ok_or_else(|| BlockdevError::NoSuchNode(parent.into()))?;
+    let node = tx.view().node(id).expect("found above");
+    if node.driver().driver_name() != "quorum" {
+        return Err(BlockdevError::NotSupported(format!(
+            "x-blockdev-change on a '{}' node",
+            node.driver().driver_name()
+        )));
+    }
+    let mut children: Vec<(String, NodeId)> = tx
+        .view()
+        .children(id)
+        .map(|(_, s)| (s.role().to_owned(), s.child()))
+        .collect();
+    let mut o = Options::from_json(node.options().clone())?;
+    if let Some(role) = remove {
+        let before = children.len();
+        children.retain(|(r, _)| r != role);
+        if children.len() == before {
+            return Err(BlockdevError::NoSuchNode(role.into()));
+        }
+    }
+    if let Some(child) = add {
+        let cid = tx
+            .view()
+            .find(child)
+            .ok_or_else(|| BlockdevError::NoSuchNode(child.into()))?;
+        let next = children
+            .iter()
+            .filter_map(|(r, _)| r.strip_prefix("children.")?.parse::<usize>().ok())
+            .max()
+            .map_or(0, |m| m + 1);
+        children.push((format!("children.{next}"), cid));
+    }
+    let qopts = quorum_options(&mut o)?;
+    let mut recorded = node.options().clone();
+    recorded["children"] = json!(children
+        .iter()
+        .map(|(_, c)| tx.view().name(*c))
+        .collect::<Vec<_>>());
+    let events = ctx.events.clone();
+    tx.reopen_node(id, recorded, move |b| {
+        QuorumNode::open(b, &children, qopts, events).map(|n| Arc::new(n) as Arc<dyn BlockDriver>)
+    })?;
+    Ok(())
+}
+
+/// The options as the node keeps them: as given, with inline children
+/// replaced by the names they were created under.
+fn record(mut given: Value, tx: &Transaction<'_>, spec: &Spec) -> Value {
+    let name = |id: NodeId| Value::String(tx.view().name(id).to_owned());
+    match spec {
+        Spec::Raw(f, _) | Spec::Throttle(f, _) | Spec::CopyOnRead(f) => given["file"] = name(*f),
+        Spec::Quorum(children, _) => {
+            given["children"] = Value::Array(children.iter().map(|c| name(c.1)).collect())
+        }
+        Spec::Blkverify(t, r) => {
+            given["test"] = name(*t);
+            given["raw"] = name(*r);
+        }
+        Spec::File(_) | Spec::Null(_) => {}
+    }
+    given
+}
+
+/// Resolves a child option: a reference, an inline node to create, or (on
+/// reopen) the child the node has now when the option is left out.
+fn child(
+    tx: &mut Transaction<'_>,
+    o: &mut Options,
+    key: &str,
+    common: &Common,
+    reopening: Option<NodeId>,
+    ctx: &OpenContext,
+) -> Result<NodeId, BlockdevError> {
+    let current = reopening
+        .and_then(|id| tx.view().child_slot(id, key))
+        .and_then(|s| tx.view().child_id(s));
+    match o.take_child(key)? {
+        Some(ChildOption::Reference(n)) => tx.view().find(&n).ok_or(BlockdevError::NoSuchNode(n)),
+        Some(ChildOption::Inline(inline)) => resolve_inline(tx, inline, common, current, ctx),
+        Some(ChildOption::Null) => Err(OptionsError::Type {
+            param: o.param(key),
+            expected: "node name or object",
+        }
+        .into()),
+        None => current.ok_or_else(|| {
+            OptionsError::Missing {
+                param: o.param(key),
+            }
+            .into()
+        }),
+    }
+}
+
+/// Inline options: a new child, or on reopen the current child reopened
+/// when they name it.
+fn resolve_inline(
+    tx: &mut Transaction<'_>,
+    inline: Options,
+    common: &Common,
+    current: Option<NodeId>,
+    ctx: &OpenContext,
+) -> Result<NodeId, BlockdevError> {
+    let names_current = |tx: &Transaction<'_>| {
+        let json = inline.to_json();
+        let n = json.get("node-name").and_then(Value::as_str)?;
+        current.filter(|&c| tx.view().name(c) == n)
+    };
+    match names_current(tx) {
+        Some(_) => reopen(tx, inline, ctx),
+        None => open_node(tx, inline, false, common, ctx),
+    }
+}
+
+fn parse(
+    tx: &mut Transaction<'_>,
+    driver: &str,
+    o: &mut Options,
+    common: &Common,
+    reopening: Option<NodeId>,
+    ctx: &OpenContext,
+) -> Result<Spec, BlockdevError> {
+    let child_common = common.clone();
+    Ok(match driver {
+        "file" | "host_device" => {
+            let filename = o.take_str("filename")?;
+            let filename = o.required("filename", filename)?;
+            // Every aio mode is served by io_uring.
+            o.take_enum("aio", &["threads", "native", "io_uring"])?;
+            o.take_u64("aio-max-batch")?;
+            o.take_enum("locking", &["auto", "on", "off"])?;
+            Spec::File(FileOptions {
+                filename: filename.into(),
+                direct: common.direct,
+                read_only: common.read_only,
+                no_flush: common.no_flush,
+                discard: common.discard,
+            })
+        }
+        "raw" => {
+            let file = child(tx, o, "file", &child_common, reopening, ctx)?;
+            let offset = o.take_size("offset")?.unwrap_or(0);
+            let size = o.take_size("size")?;
+            Spec::Raw(
+                file,
+                RawOptions {
+                    offset,
+                    size,
+                    guard_format: false,
+                },
+            )
+        }
+        "null-co" | "null-aio" => {
+            let size = o.take_size("size")?.unwrap_or(1 << 30);
+            let read_zeroes = o.take_bool("read-zeroes")?.unwrap_or(true);
+            let latency = Duration::from_nanos(o.take_u64("latency-ns")?.unwrap_or(0));
+            Spec::Null(NullOptions {
+                size,
+                read_zeroes,
+                latency,
+            })
+        }
+        "throttle" => {
+            let group = o.take_str("throttle-group")?;
+            let group = o.required("throttle-group", group)?;
+            ctx.throttle_groups
+                .get(&group)
+                .map_err(|_| BlockdevError::NoSuchGroup(group.clone()))?;
+            let file = child(tx, o, "file", &child_common, reopening, ctx)?;
+            Spec::Throttle(file, group)
+        }
+        "copy-on-read" => {
+            if o.has("bottom") {
+                return Err(BlockdevError::NotSupported(
+                    "copy-on-read's 'bottom' option".into(),
+                ));
+            }
+            let file = child(tx, o, "file", &child_common, reopening, ctx)?;
+            Spec::CopyOnRead(file)
+        }
+        "quorum" => {
+            let qopts = quorum_options(o)?;
+            let list = o.take_children("children")?;
+            let list = o.required("children", list)?;
+            let mut children = Vec::new();
+            for (i, c) in list.into_iter().enumerate() {
+                let id = match c {
+                    ChildOption::Reference(n) => {
+                        tx.view().find(&n).ok_or(BlockdevError::NoSuchNode(n))?
+                    }
+                    ChildOption::Inline(inline) => {
+                        open_node(tx, inline, false, &child_common, ctx)?
+                    }
+                    ChildOption::Null => {
+                        return Err(OptionsError::Type {
+                            param: format!("children.{i}"),
+                            expected: "node name or object",
+                        }
+                        .into())
+                    }
+                };
+                children.push((format!("children.{i}"), id));
+            }
+            Spec::Quorum(children, qopts)
+        }
+        "blkverify" => {
+            let test = child(tx, o, "test", &child_common, reopening, ctx)?;
+            let raw = child(tx, o, "raw", &child_common, reopening, ctx)?;
+            Spec::Blkverify(test, raw)
+        }
+        "qcow2" => return Err(BlockdevError::NotSupported("the qcow2 driver".into())),
+        other => return Err(BlockdevError::UnknownDriver(other.into())),
+    })
+}
+
+fn quorum_options(o: &mut Options) -> Result<QuorumOptions, BlockdevError> {
+    let threshold = o.take_u64("vote-threshold")?;
+    let threshold = o.required("vote-threshold", threshold)?;
+    if o.take_bool("blkverify")? == Some(true) {
+        return Err(BlockdevError::NotSupported(
+            "quorum's blkverify mode".into(),
+        ));
+    }
+    let pattern = match o.take_enum("read-pattern", &["quorum", "fifo"])?.as_deref() {
+        Some("fifo") => ReadPattern::Fifo,
+        _ => ReadPattern::Quorum,
+    };
+    Ok(QuorumOptions {
+        vote_threshold: threshold as usize,
+        read_pattern: pattern,
+        rewrite_corrupted: o.take_bool("rewrite-corrupted")?.unwrap_or(false),
+    })
+}
+
+/// Opens the driver for `spec`, attaching its children through `b`.
+fn build(
+    b: &mut NodeBuilder<'_>,
+    spec: Spec,
+    ctx: &OpenContext,
+) -> Result<Arc<dyn BlockDriver>, Box<dyn std::error::Error + Send + Sync>> {
+    Ok(match spec {
+        Spec::File(f) => Arc::new(FileNode::open(&f)?),
+        Spec::Raw(file, r) => Arc::new(RawNode::open(b, file, &r)?),
+        Spec::Null(n) => Arc::new(NullNode::new(n)),
+        Spec::Throttle(file, group) => {
+            let group = ctx.throttle_groups.get(&group)?;
+            Arc::new(ThrottleNode::open(b, file, group)?)
+        }
+        Spec::CopyOnRead(file) => Arc::new(CopyOnReadNode::open(b, file)?),
+        Spec::Quorum(children, q) => {
+            Arc::new(QuorumNode::open(b, &children, q, ctx.events.clone())?)
+        }
+        Spec::Blkverify(test, raw) => Arc::new(BlkverifyNode::open(b, test, raw)?),
+    })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,104 @@
+//! The `copy-on-read` filter: data read through it that the `file` child
+//! only has from further down its backing chain is written into the child,
+//! so the next read finds it there.
+
+use strata_graph::{
+    AlignedBuf, BlockDriver, BlockError, BlockStatus, GraphError, GraphView, IoFuture, IoVecs,
+    NodeBuilder, NodeId, Perm, SlotId, SlotPerm,
+};
+
+/// An open copy-on-read node.
+pub struct CopyOnReadNode {
+    file: SlotId,
+}
+
+impl CopyOnReadNode {
+    /// A copy-on-read node over `file`.
+    pub fn open(b: &mut NodeBuilder<'_>, file: NodeId) -> Result<Self, GraphError> {
+        Ok(CopyOnReadNode {
+            file: b.attach("file", file)?,
+        })
+    }
+
+    /// Writes back the parts of a read that came from below the child.
+    async fn copy_up(
+        &self,
+        g: &GraphView,
+        offset: u64,
+        buf: &IoVecs<'_>,
+    ) -> Result<(), BlockError> {
+        let child = g.child(self.file)?;
+        let mut at = 0;
+        while at < buf.len() {
+            let st = child.block_status(g, offset + at, buf.len() - at).await?;
+            let run = st.len.clamp(1, buf.len() - at);
+            if !st.allocated {
+                // Copy through a private buffer: the guest may change its
+                // own while we write.
+                let mut copy = AlignedBuf::zeroed(run as usize, 4096);
+                buf.copy_to_slice(at, copy.as_mut_slice());
+                child.write(g, offset + at, &copy.iovecs_mut()).await?;
+            }
+            at += run;
+        }
+        Ok(())
+    }
+}
+
+impl BlockDriver for CopyOnReadNode {
+    fn driver_name(&self) -> &'static str {
+        "copy-on-read"
+    }
+
+    fn child_perm(&self, role: &str, parents: SlotPerm) -> SlotPerm {
+        let mut p = strata_graph::default_child_perm(role, parents);
+        p.need |= Perm::WRITE_UNCHANGED;
+        p
+    }
+
+    fn size(&self, g: &GraphView) -> Result<u64, BlockError> {
+        g.child(self.file)?.size(g)
+    }
+
+    fn request_alignment(&self, g: &GraphView) -> u32 {
+        g.child(self.file).map_or(1, |c| c.request_alignment(g))
+    }
+
+    fn read<'a>(&'a self, g: &'a GraphView, offset: u64, buf: &'a IoVecs<'a>) -> IoFuture<'a> {
+        IoFuture::new(async move {
+            g.child(self.file)?.read(g, offset, buf).await?;
+            self.copy_up(g, offset, buf).await
+        })
+    }
+
+    fn write<'a>(&'a self, g: &'a GraphView, offset: u64, buf: &'a IoVecs<'a>) -> IoFuture<'a> {
+        g.via(self.file, |c| c.write(g, offset, buf))
+    }
+
+    fn write_zeroes<'a>(
+        &'a self,
+        g: &'a GraphView,
+        offset: u64,
+        len: u64,
+        unmap: bool,
+    ) -> IoFuture<'a> {
+        g.via(self.file, |c| c.write_zeroes(g, offset, len, unmap))
+    }
+
+    fn discard<'a>(&'a self, g: &'a GraphView, offset: u64, len: u64) -> IoFuture<'a> {
+        g.via(self.file, |c| c.discard(g, offset, len))
+    }
+
+    fn flush<'a>(&'a self, g: &'a GraphView) -> IoFuture<'a> {
+        g.via(self.file, |c| c.flush(g))
+    }
+
+    fn block_status<'a>(
+        &'a self,
+        g: &'a GraphView,
+        offset: u64,
+        len: u64,
+    ) -> IoFuture<'a, BlockStatus> {
+        g.via(self.file, |c| c.block_status(g, offset, len))
+    }
+}
