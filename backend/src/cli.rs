@@ -4,14 +4,77 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-/// Strata: a vhost-user-blk backend. It serves a disk image to a VM over a
-/// vhost-user unix socket that QEMU or cloud-hypervisor connects to.
+/// Strata: a vhost-user-blk backend. It serves disk images to VMs over
+/// vhost-user unix sockets that QEMU or cloud-hypervisor connect to.
+///
+/// Either use a subcommand (`strata serve disk.img --socket vm.sock`), or
+/// give qemu-storage-daemon's options (`strata --blockdev ... --export
+/// type=vhost-user-blk,... --chardev socket,... --monitor ...`).
 #[derive(Debug, Parser)]
-#[command(name = "strata", version, propagate_version = true)]
+#[command(
+    name = "strata",
+    version,
+    propagate_version = true,
+    args_conflicts_with_subcommands = true
+)]
 pub struct Cli {
     /// What to do.
     #[command(subcommand)]
-    pub command: Command,
+    pub command: Option<Command>,
+
+    /// qemu-storage-daemon options.
+    #[command(flatten)]
+    pub qsd: QsdArgs,
+}
+
+/// qemu-storage-daemon's options. Each takes QEMU's dotted key=value form
+/// (`driver=file,node-name=f,filename=x`) or, for --blockdev, --export and
+/// --object, a JSON object.
+#[derive(Debug, Default, Args)]
+pub struct QsdArgs {
+    /// Adds a block node (blockdev-add options).
+    #[arg(long, value_name = "OPTIONS")]
+    pub blockdev: Vec<String>,
+
+    /// Adds an export: type=vhost-user-blk,id=ID,node-name=NODE,
+    /// addr.type=unix,addr.path=PATH[,writable=on][,num-queues=N]
+    /// [,logical-block-size=N][,writethrough=on].
+    #[arg(long, value_name = "OPTIONS")]
+    pub export: Vec<String>,
+
+    /// Defines a socket for a monitor: socket,id=ID,path=PATH,server=on,wait=off.
+    #[arg(long, value_name = "OPTIONS")]
+    pub chardev: Vec<String>,
+
+    /// Runs a QMP monitor on a chardev: chardev=ID[,pretty=on].
+    #[arg(long, value_name = "OPTIONS")]
+    pub monitor: Vec<String>,
+
+    /// Adds an object: throttle-group,id=ID,limits.iops-total=N,...
+    #[arg(long, value_name = "OPTIONS")]
+    pub object: Vec<String>,
+
+    /// Writes the daemon's pid to this file (removed at exit).
+    #[arg(long, value_name = "FILE")]
+    pub pidfile: Option<PathBuf>,
+
+    /// Forks into the background once everything is set up; the command
+    /// returns then, with an error if set-up failed.
+    #[arg(long)]
+    pub daemonize: bool,
+}
+
+impl QsdArgs {
+    /// True when no qemu-storage-daemon option was given.
+    pub fn is_empty(&self) -> bool {
+        self.blockdev.is_empty()
+            && self.export.is_empty()
+            && self.chardev.is_empty()
+            && self.monitor.is_empty()
+            && self.object.is_empty()
+            && self.pidfile.is_none()
+            && !self.daemonize
+    }
 }
 
 /// The subcommands.
@@ -94,25 +157,9 @@ pub struct ServeArgs {
 /// Parses a size: bytes, or a number with a K, M, G, T or P suffix
 /// (powers of 1024), as qemu-img takes.
 pub fn parse_size(s: &str) -> Result<u64, String> {
-    let bad =
-        || format!("invalid size '{s}': use bytes, or a number with a K, M, G, T or P suffix");
-    let (digits, shift) = match s.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let shift = match c.to_ascii_uppercase() {
-                'K' => 10,
-                'M' => 20,
-                'G' => 30,
-                'T' => 40,
-                'P' => 50,
-                _ => return Err(bad()),
-            };
-            (&s[..i], shift)
-        }
-        _ => (s, 0),
-    };
-    let n: u64 = digits.parse().map_err(|_| bad())?;
-    n.checked_mul(1 << shift)
-        .ok_or_else(|| format!("size '{s}' is too large"))
+    strata_formats::options::parse_size(s).ok_or_else(|| {
+        format!("invalid size '{s}': use bytes, or a number with a K, M, G, T or P suffix")
+    })
 }
 
 #[cfg(test)]
@@ -129,7 +176,9 @@ mod tests {
         assert!(parse_size("").is_err());
         assert!(parse_size("G").is_err());
         assert!(parse_size("-1G").is_err());
-        assert!(parse_size("99999999P").unwrap_err().contains("too large"));
+        assert!(parse_size("99999999P")
+            .unwrap_err()
+            .contains("invalid size"));
     }
 
     #[test]

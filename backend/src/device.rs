@@ -13,7 +13,7 @@
 
 use std::io;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -45,6 +45,12 @@ pub type Vring = VringMutex<GuestMemoryAtomic<GuestMemoryMmap<()>>>;
 pub struct QueueShared {
     /// Signalled by the queue's io_uring on completions.
     pub(crate) ring_event: EventFd,
+    /// Signalled to make the worker look at its virtqueue again (after a
+    /// drain ends).
+    pub(crate) wake: EventFd,
+    /// Set while the worker takes requests from the avail ring: a drain
+    /// waits for it to clear (see `Export::paused`).
+    pub(crate) busy: AtomicBool,
     /// Requests taken from the avail ring and not yet on the used ring.
     pub(crate) in_flight: AtomicUsize,
     /// Requests completed since the frontend connected.
@@ -75,6 +81,8 @@ impl BlkDevice {
             .map(|_| {
                 Ok(QueueShared {
                     ring_event: EventFd::new(EFD_NONBLOCK)?,
+                    wake: EventFd::new(EFD_NONBLOCK)?,
+                    busy: AtomicBool::new(false),
                     in_flight: AtomicUsize::new(0),
                     completed: AtomicU64::new(0),
                 })
@@ -95,12 +103,24 @@ impl BlkDevice {
         self.inner.queues.len() as u64 + 1
     }
 
-    /// Registers each worker's io_uring eventfd in that worker's epoll.
+    /// The epoll token of a worker's wake eventfd.
+    fn wake_token(&self) -> u64 {
+        self.ring_token() + 1
+    }
+
+    /// Registers each worker's io_uring and wake eventfds in that worker's
+    /// epoll.
     pub fn register_listeners(&self, handlers: &[Arc<VringEpollHandler<Self>>]) -> io::Result<()> {
         for (q, h) in self.inner.queues.iter().zip(handlers) {
             h.register_listener(q.ring_event.as_raw_fd(), EventSet::IN, self.ring_token())?;
+            h.register_listener(q.wake.as_raw_fd(), EventSet::IN, self.wake_token())?;
         }
         Ok(())
+    }
+
+    /// The device as the export tracks it, for draining.
+    pub(crate) fn inner(&self) -> &Arc<DeviceInner> {
+        &self.inner
     }
 
     /// Completed requests per queue since the frontend connected.
@@ -113,20 +133,43 @@ impl BlkDevice {
     }
 
     fn wait_idle(&self, queues: impl Iterator<Item = usize>) -> io::Result<()> {
-        let deadline = Instant::now() + STOP_TIMEOUT;
+        self.inner.wait_idle(queues, STOP_TIMEOUT)
+    }
+}
+
+impl DeviceInner {
+    /// Waits until the given queues have nothing in flight and are not
+    /// taking requests.
+    fn wait_idle(&self, queues: impl Iterator<Item = usize>, timeout: Duration) -> io::Result<()> {
+        let deadline = Instant::now() + timeout;
         for i in queues {
-            let q = &self.inner.queues[i];
-            while q.in_flight.load(Ordering::Acquire) > 0 {
+            let q = &self.queues[i];
+            while q.busy.load(Ordering::SeqCst) || q.in_flight.load(Ordering::Acquire) > 0 {
                 if Instant::now() > deadline {
                     return Err(io::Error::new(
                         io::ErrorKind::TimedOut,
-                        format!("queue {i}: requests still in flight after {STOP_TIMEOUT:?}"),
+                        format!("queue {i}: requests still in flight after {timeout:?}"),
                     ));
                 }
                 thread::sleep(Duration::from_micros(200));
             }
         }
         Ok(())
+    }
+
+    /// Waits until no queue has a request in flight. Callers have paused
+    /// the export, so none starts meanwhile.
+    pub(crate) fn wait_quiescent(&self, timeout: Duration) -> io::Result<()> {
+        self.wait_idle(0..self.queues.len(), timeout)
+    }
+
+    /// Makes every worker look at its virtqueue again.
+    pub(crate) fn wake_all(&self) {
+        for q in &self.queues {
+            if let Err(e) = q.wake.write(1) {
+                tracing::error!("cannot wake a queue worker: {e}");
+            }
+        }
     }
 }
 
@@ -230,10 +273,10 @@ impl VhostUserBackend for BlkDevice {
     ) -> io::Result<()> {
         // An error here would end the worker thread, so every failure is
         // handled (and logged) inside.
-        let event = if u64::from(device_event) == self.ring_token() {
-            worker::Event::Completions
-        } else {
-            worker::Event::Kick
+        let event = match u64::from(device_event) {
+            t if t == self.ring_token() => worker::Event::Completions,
+            t if t == self.wake_token() => worker::Event::Wake,
+            _ => worker::Event::Kick,
         };
         if let Some(vring) = vrings.first() {
             worker::handle(&self.inner, thread_id, event, vring);

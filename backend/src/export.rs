@@ -1,17 +1,27 @@
 //! An export: the node a vhost-user-blk device serves, and how the device
 //! presents it (size, block size, read-only, serial, cache mode).
+//!
+//! The export is a user of the graph: it owns the slot that holds its node
+//! and can be quiesced, so a graph edit below it first waits for its
+//! requests in flight while new ones stay in the virtqueues.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
 
 use strata_formats::reactor::block_on;
-use strata_graph::{BlockError, Graph, GraphError, NodeId, SlotId, SlotPerm, User, UserKind};
+use strata_graph::{
+    BlockError, Graph, GraphError, NodeId, Quiesce, SlotId, SlotPerm, User, UserKind,
+};
 
+use crate::device::DeviceInner;
 use crate::virtio::config::BlkConfig;
 use crate::virtio::request::Limits;
 
 /// Bytes GET_ID returns (virtio's `VIRTIO_BLK_ID_BYTES`).
 pub const SERIAL_LEN: usize = 20;
+/// How long a graph edit waits for an export's requests in flight.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How to present the node.
 #[derive(Clone, Debug)]
@@ -26,6 +36,24 @@ pub struct ExportOptions {
     pub serial: Option<String>,
     /// Start in write-back mode (the driver may change it via CONFIG_WCE).
     pub writeback: bool,
+    /// The logical block size the guest sees (raised to what the node
+    /// needs, if that is more).
+    pub logical_block_size: u32,
+}
+
+impl ExportOptions {
+    /// Defaults for export `id`: one queue, writable, write-back, 512-byte
+    /// blocks, no serial.
+    pub fn new(id: &str) -> Self {
+        ExportOptions {
+            id: id.into(),
+            num_queues: 1,
+            read_only: false,
+            serial: None,
+            writeback: true,
+            logical_block_size: 512,
+        }
+    }
 }
 
 /// Why an export could not be set up.
@@ -42,6 +70,12 @@ pub enum ExportError {
     BadQueueCount {
         /// The count given.
         num_queues: u16,
+    },
+    /// Not a power of two between 512 and 32768.
+    #[error("logical-block-size must be a power of 2 between 512 and 32768, not {size}")]
+    BadBlockSize {
+        /// The size given.
+        size: u32,
     },
     /// The node is smaller than one sector.
     #[error("node '{node}' is {size} bytes: a disk needs at least one 512-byte sector")]
@@ -74,11 +108,15 @@ pub struct Export {
     block_size: u32,
     capacity: AtomicU64,
     writeback: AtomicBool,
+    /// Quiesce depth: while non-zero, workers take no new requests.
+    paused: AtomicU32,
+    /// The connected frontend's device, if any.
+    device: Mutex<Option<Arc<DeviceInner>>>,
 }
 
 impl Export {
-    /// Exports `node` of `graph`, attaching it to a new slot owned by the
-    /// export.
+    /// Exports `node` of `graph`: attaches it to a new slot owned by the
+    /// export and makes the export one of the graph's drainable users.
     pub fn new(
         graph: &Graph,
         node: NodeId,
@@ -88,6 +126,10 @@ impl Export {
             return Err(ExportError::BadQueueCount {
                 num_queues: opts.num_queues,
             });
+        }
+        let lbs = opts.logical_block_size;
+        if !lbs.is_power_of_two() || !(512..=32768).contains(&lbs) {
+            return Err(ExportError::BadBlockSize { size: lbs });
         }
         let serial = match &opts.serial {
             Some(s) if s.len() > SERIAL_LEN => {
@@ -117,7 +159,7 @@ impl Export {
         let block_size = n
             .driver()
             .request_alignment(&view)
-            .clamp(512, 4096)
+            .clamp(lbs, 32768)
             .next_power_of_two();
         let user = User {
             kind: UserKind::Export,
@@ -125,7 +167,7 @@ impl Export {
             perm: SlotPerm::user(!opts.read_only),
         };
         let root = graph.attach_user(user, node)?;
-        Ok(Arc::new(Export {
+        let export = Arc::new(Export {
             writeback: AtomicBool::new(opts.writeback),
             opts,
             graph: graph.clone(),
@@ -133,7 +175,22 @@ impl Export {
             serial,
             block_size,
             capacity: AtomicU64::new(size / 512),
-        }))
+            paused: AtomicU32::new(0),
+            device: Mutex::new(None),
+        });
+        graph.register_quiesce(
+            &export.opts.id,
+            Arc::new(Drainable(Arc::downgrade(&export))),
+        );
+        Ok(export)
+    }
+
+    /// Detaches the export from the graph: its node loses this user.
+    pub fn detach(&self) -> Result<(), GraphError> {
+        self.graph.unregister_quiesce(&self.opts.id);
+        let mut tx = self.graph.transaction();
+        tx.detach(self.root)?;
+        tx.commit()
     }
 
     /// The options the export was made with.
@@ -151,6 +208,13 @@ impl Export {
         self.root
     }
 
+    /// The name of the node the export serves now.
+    pub fn node_name(&self) -> String {
+        let v = self.graph.view();
+        v.child_id(self.root)
+            .map_or_else(String::new, |id| v.name(id).to_owned())
+    }
+
     /// The 20 bytes GET_ID returns, if a serial was set.
     pub fn serial(&self) -> Option<&[u8; SERIAL_LEN]> {
         self.serial.as_ref()
@@ -165,6 +229,27 @@ impl Export {
     /// Switches the cache mode (CONFIG_WCE).
     pub fn set_writeback(&self, on: bool) {
         self.writeback.store(on, Ordering::Relaxed)
+    }
+
+    /// True while a graph edit holds the export's requests.
+    pub fn paused(&self) -> bool {
+        self.paused.load(Ordering::SeqCst) > 0
+    }
+
+    /// True while a frontend is connected.
+    pub fn connected(&self) -> bool {
+        self.device().is_some()
+    }
+
+    fn device(&self) -> Option<Arc<DeviceInner>> {
+        self.device
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub(crate) fn set_device(&self, dev: Option<Arc<DeviceInner>>) {
+        *self.device.lock().unwrap_or_else(|e| e.into_inner()) = dev;
     }
 
     /// What request validation checks against.
@@ -194,5 +279,36 @@ impl Export {
             node.flush(&view).await
         });
         res.map_err(|e| BlockError::io(strata_graph::IoOp::Flush, 0, e))?
+    }
+}
+
+/// The export as the graph sees it when draining. Weak: the graph must not
+/// keep a deleted export alive.
+struct Drainable(Weak<Export>);
+
+impl Quiesce for Drainable {
+    fn quiesce(&self) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        let Some(export) = self.0.upgrade() else {
+            return Ok(());
+        };
+        export.paused.fetch_add(1, Ordering::SeqCst);
+        if let Some(dev) = export.device() {
+            if let Err(e) = dev.wait_quiescent(DRAIN_TIMEOUT) {
+                self.resume();
+                return Err(e.into());
+            }
+        }
+        Ok(())
+    }
+
+    fn resume(&self) {
+        let Some(export) = self.0.upgrade() else {
+            return;
+        };
+        if export.paused.fetch_sub(1, Ordering::SeqCst) == 1 {
+            if let Some(dev) = export.device() {
+                dev.wake_all();
+            }
+        }
     }
 }

@@ -1,10 +1,17 @@
-//! The Strata daemon: a vhost-user-blk device in front of a block graph.
+//! The Strata daemon: vhost-user-blk devices in front of a block graph,
+//! a QMP monitor, and the command line.
 
 pub mod cli;
+pub mod daemon;
 pub mod device;
+pub mod events;
 pub mod export;
+pub mod keyval;
 pub mod open;
+pub mod qmp;
+pub mod qsd;
 mod ratelimit;
 pub mod serve;
+pub mod signals;
 pub mod virtio;
 mod worker;

@@ -7,16 +7,13 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context as _};
 use clap::Parser;
-use signal_hook::consts::{SIGINT, SIGTERM};
-use signal_hook::iterator::Signals;
 use strata_backend::cli::{
     CacheArg, Cli, Command, FormatArg, ServeArgs, DEFAULT_IMAGE, DEFAULT_SIZE,
 };
-use strata_backend::export::{Export, ExportOptions};
+use strata_backend::daemon::{Daemon, ExportSpec};
+use strata_backend::export::ExportOptions;
 use strata_backend::open::{open_image, ImageOptions};
-use strata_backend::serve::{serve, StopHandle};
 use strata_formats::image::{self, ImageFormat};
-use strata_graph::Graph;
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
@@ -29,7 +26,8 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let res = match cli.command {
-        Command::Serve(args) => run_serve(args),
+        Some(Command::Serve(args)) => run_serve(args),
+        None => strata_backend::qsd::run(cli.qsd),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,
@@ -72,9 +70,9 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         );
     }
 
-    let graph = Graph::new();
-    let node = open_image(
-        &graph,
+    let daemon = Daemon::new();
+    open_image(
+        daemon.graph(),
         &image,
         &ImageOptions {
             // A freshly created image is known to be raw.
@@ -83,38 +81,29 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
             read_only: args.read_only,
         },
     )?;
-    let export = Export::new(
-        &graph,
-        node,
-        ExportOptions {
-            id: "vhost-user-blk0".into(),
-            num_queues: args.num_queues,
-            read_only: args.read_only,
-            serial: args.serial,
-            writeback: !args.writethrough,
-        },
-    )?;
-    let cfg = export.config();
-    tracing::info!(
-        "serving '{}': {} bytes, {}-byte blocks, {} queue(s){}",
-        image.display(),
-        cfg.capacity * 512,
-        cfg.blk_size,
-        cfg.num_queues,
-        if args.read_only { ", read-only" } else { "" }
-    );
-
-    let stop = StopHandle::default();
-    let mut signals = Signals::new([SIGINT, SIGTERM]).context("cannot install signal handlers")?;
-    let on_signal = stop.clone();
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            if let Some(sig) = signals.forever().next() {
-                tracing::info!("signal {sig}: stopping");
-                on_signal.stop();
-            }
+    let opts = ExportOptions {
+        num_queues: args.num_queues,
+        read_only: args.read_only,
+        serial: args.serial,
+        writeback: !args.writethrough,
+        ..ExportOptions::new("vhost-user-blk0")
+    };
+    daemon
+        .export_add(ExportSpec {
+            node: "disk".into(),
+            path: args.socket.clone(),
+            opts,
         })
-        .context("cannot start the signal thread")?;
-    serve(Arc::clone(&export), &args.socket, &stop)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    tracing::info!(
+        "serving '{}' on {}{}",
+        image.display(),
+        args.socket.display(),
+        if args.read_only { " (read-only)" } else { "" }
+    );
+    strata_backend::signals::quit_on_signals(Arc::clone(&daemon))?;
+    daemon.wait_quit();
+    daemon.shutdown();
+    tracing::info!("stopped");
+    Ok(())
 }

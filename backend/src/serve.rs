@@ -1,10 +1,11 @@
-//! The serving loop: accept a frontend, serve it until it leaves, accept
-//! the next (a VM reboot or restart); stop cleanly when asked.
+//! Serving an export on its vhost-user socket: accept a frontend, serve it
+//! until it leaves, accept the next (a VM reboot or restart), until stopped.
 
 use std::os::fd::AsRawFd;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 
 use anyhow::Context as _;
 use vhost::vhost_user::{Error as VhostUserError, Listener};
@@ -14,17 +15,16 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use crate::device::BlkDevice;
 use crate::export::Export;
 
-/// Asks a running [`serve`] to finish: the current frontend is
-/// disconnected, in-flight requests complete, the export is flushed.
+/// Asks a serving loop to finish: the current frontend is disconnected and
+/// its in-flight requests complete.
 #[derive(Clone, Default)]
-pub struct StopHandle {
+struct StopHandle {
     stop: Arc<AtomicBool>,
     conn: Arc<Mutex<Option<ShutdownHandle>>>,
 }
 
 impl StopHandle {
-    /// Requests the stop. Safe from any thread, any number of times.
-    pub fn stop(&self) {
+    fn stop(&self) {
         self.stop.store(true, Ordering::SeqCst);
         if let Some(conn) = self.conn.lock().unwrap_or_else(|e| e.into_inner()).take() {
             conn.shutdown();
@@ -44,49 +44,133 @@ impl StopHandle {
     }
 }
 
-/// Serves `export` on the vhost-user socket `path` until `stop` is used.
-pub fn serve(export: Arc<Export>, path: &Path, stop: &StopHandle) -> anyhow::Result<()> {
-    let mut listener = Listener::new(path, true)
-        .with_context(|| format!("cannot listen on '{}'", path.display()))?;
-    tracing::info!("listening on {}", path.display());
-    while !stop.requested() {
-        if !readable(listener.as_raw_fd())? {
-            continue;
-        }
-        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-        let dev =
-            BlkDevice::new(Arc::clone(&export), mem.clone()).context("cannot set up the device")?;
-        let mut daemon = VhostUserDaemon::new("strata-vhost-user".into(), dev.clone(), mem)
-            .map_err(|e| anyhow::anyhow!("cannot start the device's workers: {e}"))?;
-        dev.register_listeners(&daemon.get_epoll_handlers())
-            .context("cannot register the io_uring eventfds")?;
-        if let Err(e) = daemon.start(&mut listener) {
-            tracing::warn!("frontend connection failed: {e}");
-            continue;
-        }
-        stop.set_connection(daemon.shutdown_handle());
-        tracing::info!("frontend connected");
-        let res = daemon.wait();
-        stop.set_connection(None);
-        // Joins the workers, which first let their in-flight I/O finish.
-        drop(daemon);
-        match res {
-            Ok(())
-            | Err(vhost_user_backend::Error::HandleRequest(
-                VhostUserError::Disconnected | VhostUserError::PartialMessage,
-            )) => tracing::info!("frontend disconnected"),
-            Err(e) => tracing::warn!("frontend connection ended: {e}"),
-        }
+/// An export being served by its own thread.
+pub struct RunningExport {
+    export: Arc<Export>,
+    path: PathBuf,
+    stop: StopHandle,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl RunningExport {
+    /// Listens on `path` (replacing a stale socket file) and serves
+    /// `export` there from a new thread.
+    pub fn start(export: Arc<Export>, path: &Path) -> anyhow::Result<RunningExport> {
+        let listener = Listener::new(path, true)
+            .with_context(|| format!("cannot listen on '{}'", path.display()))?;
         tracing::info!(
-            "requests completed per queue: {:?}",
-            dev.completed_per_queue()
+            "export '{}': listening on {}",
+            export.options().id,
+            path.display()
         );
-        if let Err(e) = export.flush_blocking() {
-            tracing::error!("flush after disconnect failed: {e}");
+        let stop = StopHandle::default();
+        let thread = std::thread::Builder::new()
+            .name(format!("export-{}", export.options().id))
+            .spawn({
+                let (export, stop) = (Arc::clone(&export), stop.clone());
+                move || serve(listener, &export, &stop)
+            })
+            .context("cannot start the export's thread")?;
+        Ok(RunningExport {
+            export,
+            path: path.into(),
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// The export.
+    pub fn export(&self) -> &Arc<Export> {
+        &self.export
+    }
+
+    /// The socket path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Disconnects any frontend, waits for its requests, and stops
+    /// listening.
+    pub fn stop(mut self) {
+        self.halt();
+    }
+
+    fn halt(&mut self) {
+        self.stop.stop();
+        if let Some(t) = self.thread.take() {
+            if t.join().is_err() {
+                tracing::error!(
+                    "export '{}': serving thread panicked",
+                    self.export.options().id
+                );
+            }
         }
     }
-    export.flush_blocking().context("final flush failed")?;
-    tracing::info!("stopped");
+}
+
+impl Drop for RunningExport {
+    fn drop(&mut self) {
+        self.halt();
+    }
+}
+
+fn serve(mut listener: Listener, export: &Arc<Export>, stop: &StopHandle) {
+    let id = export.options().id.clone();
+    while !stop.requested() {
+        match readable(listener.as_raw_fd()) {
+            Ok(true) => {}
+            Ok(false) => continue,
+            Err(e) => {
+                tracing::error!("export '{id}': {e:#}");
+                return;
+            }
+        }
+        if let Err(e) = serve_one(&mut listener, export, stop) {
+            tracing::warn!("export '{id}': {e:#}");
+        }
+    }
+    tracing::info!("export '{id}': stopped");
+}
+
+/// Serves one frontend connection until it ends.
+fn serve_one(
+    listener: &mut Listener,
+    export: &Arc<Export>,
+    stop: &StopHandle,
+) -> anyhow::Result<()> {
+    let id = &export.options().id;
+    let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+    let dev =
+        BlkDevice::new(Arc::clone(export), mem.clone()).context("cannot set up the device")?;
+    let mut daemon = VhostUserDaemon::new(format!("strata-{id}"), dev.clone(), mem)
+        .map_err(|e| anyhow::anyhow!("cannot start the device's workers: {e}"))?;
+    dev.register_listeners(&daemon.get_epoll_handlers())
+        .context("cannot register the device's eventfds")?;
+    daemon
+        .start(listener)
+        .map_err(|e| anyhow::anyhow!("frontend connection failed: {e}"))?;
+    export.set_device(Some(Arc::clone(dev.inner())));
+    stop.set_connection(daemon.shutdown_handle());
+    tracing::info!("export '{id}': frontend connected");
+    let res = daemon.wait();
+    stop.set_connection(None);
+    // Joins the workers, which first let their in-flight I/O finish.
+    drop(daemon);
+    export.set_device(None);
+    match res {
+        Ok(())
+        | Err(vhost_user_backend::Error::HandleRequest(
+            VhostUserError::Disconnected | VhostUserError::PartialMessage,
+        )) => tracing::info!("export '{id}': frontend disconnected"),
+        Err(e) => tracing::warn!("export '{id}': frontend connection ended: {e}"),
+    }
+    tracing::info!(
+        "export '{id}': requests completed per queue: {:?}",
+        dev.completed_per_queue()
+    );
+    if let Err(e) = export.flush_blocking() {
+        tracing::error!("export '{id}': flush after disconnect failed: {e}");
+    }
     Ok(())
 }
 

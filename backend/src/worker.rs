@@ -33,6 +33,8 @@ pub(crate) enum Event {
     Kick,
     /// The io_uring posted completions.
     Completions,
+    /// A drain ended: look at the virtqueue again.
+    Wake,
 }
 
 thread_local! {
@@ -56,6 +58,10 @@ pub(crate) fn handle(dev: &Arc<DeviceInner>, queue: usize, event: Event, vring: 
         match event {
             Event::Kick => w.take_requests(vring),
             Event::Completions => w.on_completions(),
+            Event::Wake => {
+                let _ = dev.queues[queue].wake.read();
+                w.take_requests(vring);
+            }
         }
         w.run(vring);
     });
@@ -138,6 +144,18 @@ impl Worker {
     }
 
     fn take_requests(&mut self, vring: &Vring) {
+        // A drain sets `paused` and then waits for `busy` to clear: with
+        // both SeqCst, either we see the pause or the drain sees us busy.
+        let ctx = Rc::clone(&self.ctx);
+        let shared = &ctx.dev.queues[ctx.queue];
+        shared.busy.store(true, Ordering::SeqCst);
+        if !ctx.export().paused() {
+            self.take_available(vring);
+        }
+        shared.busy.store(false, Ordering::SeqCst);
+    }
+
+    fn take_available(&mut self, vring: &Vring) {
         let mut state = vring.get_mut();
         if !state.get_queue().ready() || !state.is_enabled() {
             return;

@@ -12,13 +12,15 @@ pub struct NodeId(pub(crate) u32);
 pub struct SlotId(pub(crate) u32);
 
 impl NodeId {
-    pub(crate) fn index(self) -> usize {
+    /// The node's position in the arena (stable for the node's life).
+    pub fn index(self) -> usize {
         self.0 as usize
     }
 }
 
 impl SlotId {
-    pub(crate) fn index(self) -> usize {
+    /// The slot's position in the table (stable for the slot's life).
+    pub fn index(self) -> usize {
         self.0 as usize
     }
 }

@@ -60,16 +60,20 @@ impl SlotPerm {
         share: Perm::all(),
     };
 
-    /// A user that reads, and writes too when `writable`; it lets others
-    /// read, but not change the data or the size underneath it.
+    /// A user that reads, and writes too when `writable`. A writer lets
+    /// others read but not write underneath it; a reader minds nothing (as
+    /// qemu-storage-daemon's read-only exports).
     pub fn user(writable: bool) -> SlotPerm {
-        let mut need = Perm::CONSISTENT_READ;
         if writable {
-            need |= Perm::WRITE;
-        }
-        SlotPerm {
-            need,
-            share: Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED,
+            SlotPerm {
+                need: Perm::CONSISTENT_READ | Perm::WRITE,
+                share: Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED,
+            }
+        } else {
+            SlotPerm {
+                need: Perm::CONSISTENT_READ,
+                share: Perm::all(),
+            }
         }
     }
 }
@@ -135,7 +139,8 @@ pub(crate) fn check(v: &GraphView, order: &[NodeId]) -> Result<(), GraphError> {
             .parents(n)
             .map(|(sid, _)| (sid, perms[sid.index()].unwrap_or(SlotPerm::UNUSED)))
             .collect();
-        for &(a, pa) in &parents {
+        // Newest edges first: a conflict is blamed on the newcomer.
+        for &(a, pa) in parents.iter().rev() {
             if node.driver().is_read_only() && pa.need.contains(Perm::WRITE) {
                 return Err(GraphError::ReadOnlyNode {
                     node: node.name().into(),

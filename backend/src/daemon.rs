@@ -1,0 +1,314 @@
+//! The daemon's state: one block graph, its exports, throttle groups and
+//! the event bus, with the operations QMP and the command line perform.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Condvar, Mutex};
+
+use serde_json::{json, Value};
+use strata_formats::blockdev::{self, OpenContext};
+use strata_formats::options::Options;
+use strata_formats::reactor::block_on;
+use strata_formats::throttle::group::{Limits, ThrottleGroups};
+use strata_graph::{EventSink, Graph, NodeId};
+
+use crate::events::EventBus;
+use crate::export::{Export, ExportOptions};
+use crate::qmp::error::QmpError;
+use crate::serve::RunningExport;
+
+/// A running Strata daemon.
+pub struct Daemon {
+    graph: Graph,
+    ctx: OpenContext,
+    events: Arc<EventBus>,
+    exports: Mutex<BTreeMap<String, RunningExport>>,
+    quit: (Mutex<bool>, Condvar),
+}
+
+/// An export to add: where to serve which node, and how.
+pub struct ExportSpec {
+    /// The node's name.
+    pub node: String,
+    /// The vhost-user socket.
+    pub path: PathBuf,
+    /// How to present the node.
+    pub opts: ExportOptions,
+}
+
+impl Daemon {
+    /// A daemon with an empty graph.
+    pub fn new() -> Arc<Daemon> {
+        let events = Arc::new(EventBus::default());
+        Arc::new(Daemon {
+            graph: Graph::new(),
+            ctx: OpenContext {
+                throttle_groups: ThrottleGroups::default(),
+                events: events.clone(),
+            },
+            events,
+            exports: Mutex::new(BTreeMap::new()),
+            quit: (Mutex::new(false), Condvar::new()),
+        })
+    }
+
+    /// The block graph.
+    pub fn graph(&self) -> &Graph {
+        &self.graph
+    }
+
+    /// The event bus.
+    pub fn events(&self) -> &Arc<EventBus> {
+        &self.events
+    }
+
+    fn exports(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, RunningExport>> {
+        self.exports.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// blockdev-add.
+    pub fn blockdev_add(&self, opts: Options) -> Result<NodeId, QmpError> {
+        let mut tx = self.graph.transaction();
+        let id = blockdev::add(&mut tx, opts, &self.ctx)?;
+        tx.commit()?;
+        Ok(id)
+    }
+
+    /// blockdev-del: deletes a node added by blockdev-add that nothing uses,
+    /// with the children created inline for it.
+    pub fn blockdev_del(&self, name: &str) -> Result<(), QmpError> {
+        let mut tx = self.graph.transaction();
+        let id = tx.view().find(name).ok_or_else(|| {
+            QmpError::device_not_found(format!("Failed to find node with node-name='{name}'"))
+        })?;
+        if !tx.view().node(id).expect("found above").monitor_owned() {
+            return Err(QmpError::generic(format!(
+                "Node {name} is not owned by the monitor"
+            )));
+        }
+        tx.delete_node(id)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// blockdev-reopen: all of `list` in one transaction.
+    pub fn blockdev_reopen(&self, list: Vec<Options>) -> Result<(), QmpError> {
+        let mut tx = self.graph.transaction();
+        for opts in list {
+            blockdev::reopen(&mut tx, opts, &self.ctx)?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// x-blockdev-change: adds `node` to quorum `parent`, or removes its
+    /// child in role `child`.
+    pub fn blockdev_change(
+        &self,
+        parent: &str,
+        child: Option<&str>,
+        node: Option<&str>,
+    ) -> Result<(), QmpError> {
+        if child.is_some() == node.is_some() {
+            return Err(QmpError::generic(
+                "Exactly one of 'child' and 'node' must be given",
+            ));
+        }
+        let mut tx = self.graph.transaction();
+        blockdev::change_quorum(&mut tx, parent, node, child, &self.ctx)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Parses block-export-add / --export options.
+    pub fn export_spec(o: &mut Options) -> Result<ExportSpec, QmpError> {
+        let ty = o.take_str("type")?;
+        let ty = o.required("type", ty)?;
+        if ty != "vhost-user-blk" {
+            return Err(QmpError::generic(format!(
+                "export type '{ty}' is not supported: Strata serves vhost-user-blk"
+            )));
+        }
+        let id = o.take_str("id")?;
+        let id = o.required("id", id)?;
+        let node = o.take_str("node-name")?;
+        let node = o.required("node-name", node)?;
+        let writable = o.take_bool("writable")?.unwrap_or(false);
+        let writethrough = o.take_bool("writethrough")?.unwrap_or(false);
+        let addr = o.take_group("addr")?;
+        let mut addr = o.required("addr", addr)?;
+        let kind = addr.take_str("type")?;
+        let kind = addr.required("type", kind)?;
+        if kind != "unix" {
+            return Err(QmpError::generic(format!(
+                "addr.type '{kind}' is not supported: vhost-user-blk needs a unix socket"
+            )));
+        }
+        let path = addr.take_str("path")?;
+        let path = addr.required("path", path)?;
+        // QEMU's abstract-namespace flags: only the default is supported.
+        if addr.take_bool("abstract")? == Some(true) {
+            return Err(QmpError::generic("abstract unix sockets are not supported"));
+        }
+        addr.take_bool("tight")?;
+        addr.finish()?;
+        let num_queues = o.take_u64("num-queues")?.unwrap_or(1);
+        let logical_block_size = o.take_size("logical-block-size")?.unwrap_or(512);
+        // Strata runs one thread per queue; iothreads have no meaning here.
+        if let Some(t) = o.take_str("iothread")? {
+            tracing::info!("export '{id}': iothread '{t}' ignored (each queue has its own thread)");
+        }
+        o.take_bool("fixed-iothread")?;
+        let serial = o.take_str("serial")?;
+        Ok(ExportSpec {
+            node,
+            path: path.into(),
+            opts: ExportOptions {
+                id,
+                num_queues: u16::try_from(num_queues).unwrap_or(u16::MAX),
+                read_only: !writable,
+                serial,
+                writeback: !writethrough,
+                logical_block_size: u32::try_from(logical_block_size).unwrap_or(u32::MAX),
+            },
+        })
+    }
+
+    /// block-export-add.
+    pub fn export_add(&self, spec: ExportSpec) -> Result<(), QmpError> {
+        let mut exports = self.exports();
+        if exports.contains_key(&spec.opts.id) {
+            return Err(QmpError::generic(format!(
+                "Block export id '{}' is already in use",
+                spec.opts.id
+            )));
+        }
+        let node = self.graph.view().find(&spec.node).ok_or_else(|| {
+            QmpError::device_not_found(format!(
+                "Cannot find device='{0}' nor node-name='{0}'",
+                spec.node
+            ))
+        })?;
+        let id = spec.opts.id.clone();
+        let export = Export::new(&self.graph, node, spec.opts)?;
+        match RunningExport::start(Arc::clone(&export), &spec.path) {
+            Ok(running) => {
+                exports.insert(id, running);
+                Ok(())
+            }
+            Err(e) => {
+                if let Err(d) = export.detach() {
+                    tracing::error!("export '{id}': cannot detach after a failed start: {d}");
+                }
+                Err(QmpError::generic(format!("{e:#}")))
+            }
+        }
+    }
+
+    /// block-export-del. A connected frontend makes it fail unless `hard`,
+    /// which disconnects it.
+    pub fn export_del(&self, id: &str, hard: bool) -> Result<(), QmpError> {
+        let running = {
+            let mut exports = self.exports();
+            let running = exports
+                .get(id)
+                .ok_or_else(|| QmpError::generic(format!("Export '{id}' is not found")))?;
+            if running.export().connected() && !hard {
+                return Err(QmpError::generic(format!(
+                    "export '{id}' still in use (use mode=hard to disconnect its client)"
+                )));
+            }
+            exports.remove(id).expect("present above")
+        };
+        let export = Arc::clone(running.export());
+        running.stop();
+        export.detach()?;
+        self.events.emit("BLOCK_EXPORT_DELETED", json!({"id": id}));
+        Ok(())
+    }
+
+    /// query-block-exports.
+    pub fn exports_info(&self) -> Value {
+        let list: Vec<Value> = self
+            .exports()
+            .values()
+            .map(|r| {
+                json!({
+                    "type": "vhost-user-blk",
+                    "id": r.export().options().id,
+                    "node-name": r.export().node_name(),
+                    "shutting-down": false,
+                })
+            })
+            .collect();
+        Value::Array(list)
+    }
+
+    /// object-add / --object: throttle groups (and iothreads, which have
+    /// nothing to do here).
+    pub fn object_add(&self, o: &mut Options) -> Result<(), QmpError> {
+        let ty = o.take_str("qom-type")?;
+        let ty = o.required("qom-type", ty)?;
+        let id = o.take_str("id")?;
+        let id = o.required("id", id)?;
+        match ty.as_str() {
+            "throttle-group" => {
+                let limits = Limits::from_options(o)?;
+                self.ctx
+                    .throttle_groups
+                    .add(&id, limits)
+                    .map_err(QmpError::generic)?;
+            }
+            "iothread" => {
+                for key in ["poll-max-ns", "poll-grow", "poll-shrink", "aio-max-batch"] {
+                    o.take_u64(key)?;
+                }
+                tracing::info!("iothread '{id}' ignored (each queue has its own thread)");
+            }
+            other => {
+                return Err(QmpError::generic(format!(
+                    "object type '{other}' is not supported (throttle-group and iothread are)"
+                )))
+            }
+        }
+        Ok(())
+    }
+
+    /// object-del.
+    pub fn object_del(&self, id: &str) -> Result<(), QmpError> {
+        self.ctx
+            .throttle_groups
+            .remove(id)
+            .map_err(QmpError::generic)
+    }
+
+    /// Asks the daemon to exit (QMP quit, SIGTERM).
+    pub fn request_quit(&self) {
+        *self.quit.0.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        self.quit.1.notify_all();
+    }
+
+    /// Blocks until [`Daemon::request_quit`].
+    pub fn wait_quit(&self) {
+        let mut q = self.quit.0.lock().unwrap_or_else(|e| e.into_inner());
+        while !*q {
+            q = self.quit.1.wait(q).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Stops every export and flushes every node.
+    pub fn shutdown(&self) {
+        let exports = std::mem::take(&mut *self.exports());
+        for (_, running) in exports {
+            running.stop();
+        }
+        let view = self.graph.view();
+        for (_, node) in view.nodes() {
+            match block_on(node.driver().flush(&view)) {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::error!("flushing '{}' failed: {e}", node.name()),
+                Err(e) => tracing::error!("flushing '{}' failed: {e}", node.name()),
+            }
+        }
+    }
+}

@@ -1,0 +1,135 @@
+//! The QMP commands and their arguments.
+
+use serde_json::{json, Map, Value};
+use strata_formats::options::Options;
+
+use crate::daemon::Daemon;
+use crate::qmp::error::QmpError;
+use crate::qmp::info;
+
+/// Every command, for query-commands.
+pub const COMMANDS: &[&str] = &[
+    "qmp_capabilities",
+    "query-version",
+    "query-commands",
+    "quit",
+    "blockdev-add",
+    "blockdev-del",
+    "blockdev-reopen",
+    "query-named-block-nodes",
+    "x-debug-query-block-graph",
+    "x-blockdev-change",
+    "block-export-add",
+    "block-export-del",
+    "query-block-exports",
+    "object-add",
+    "object-del",
+];
+
+/// Runs command `name` with `args`. (`qmp_capabilities` is the session's.)
+pub fn execute(daemon: &Daemon, name: &str, args: Map<String, Value>) -> Result<Value, QmpError> {
+    let mut a = Options::from_json(Value::Object(args))?;
+    let out = match name {
+        "query-version" => {
+            a.finish()?;
+            json!({
+                "qemu": {"major": 7, "minor": 2, "micro": 0},
+                "package": format!("strata {}", env!("CARGO_PKG_VERSION")),
+            })
+        }
+        "query-commands" => {
+            a.finish()?;
+            Value::Array(COMMANDS.iter().map(|c| json!({"name": c})).collect())
+        }
+        "quit" => {
+            a.finish()?;
+            daemon.request_quit();
+            json!({})
+        }
+        "blockdev-add" => {
+            daemon.blockdev_add(a)?;
+            json!({})
+        }
+        "blockdev-del" => {
+            let node = a.take_str("node-name")?;
+            let node = a.required("node-name", node)?;
+            a.finish()?;
+            daemon.blockdev_del(&node)?;
+            json!({})
+        }
+        "blockdev-reopen" => {
+            let list = match a.take("options") {
+                Some(Value::Array(list)) => list,
+                Some(_) => {
+                    return Err(QmpError::generic(
+                        "Invalid parameter type for 'options', expected: array",
+                    ))
+                }
+                None => return Err(QmpError::generic("Parameter 'options' is missing")),
+            };
+            a.finish()?;
+            let list = list
+                .into_iter()
+                .map(Options::from_json)
+                .collect::<Result<Vec<_>, _>>()?;
+            daemon.blockdev_reopen(list)?;
+            json!({})
+        }
+        "query-named-block-nodes" => {
+            a.take_bool("flat")?;
+            a.finish()?;
+            info::named_block_nodes(&daemon.graph().view())
+        }
+        "x-debug-query-block-graph" => {
+            a.finish()?;
+            info::block_graph(&daemon.graph().view())
+        }
+        "x-blockdev-change" => {
+            let parent = a.take_str("parent")?;
+            let parent = a.required("parent", parent)?;
+            let child = a.take_str("child")?;
+            let node = a.take_str("node")?;
+            a.finish()?;
+            daemon.blockdev_change(&parent, child.as_deref(), node.as_deref())?;
+            json!({})
+        }
+        "block-export-add" => {
+            let spec = Daemon::export_spec(&mut a)?;
+            a.finish()?;
+            daemon.export_add(spec)?;
+            json!({})
+        }
+        "block-export-del" => {
+            let id = a.take_str("id")?;
+            let id = a.required("id", id)?;
+            let hard = a
+                .take_enum("mode", &["safe", "hard"])?
+                .is_some_and(|m| m == "hard");
+            a.finish()?;
+            daemon.export_del(&id, hard)?;
+            json!({})
+        }
+        "query-block-exports" => {
+            a.finish()?;
+            daemon.exports_info()
+        }
+        "object-add" => {
+            daemon.object_add(&mut a)?;
+            a.finish()?;
+            json!({})
+        }
+        "object-del" => {
+            let id = a.take_str("id")?;
+            let id = a.required("id", id)?;
+            a.finish()?;
+            daemon.object_del(&id)?;
+            json!({})
+        }
+        other => {
+            return Err(QmpError::command_not_found(format!(
+                "The command {other} has not been found"
+            )))
+        }
+    };
+    Ok(out)
+}

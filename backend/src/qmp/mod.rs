@@ -1,0 +1,6 @@
+//! The QMP monitor.
+
+pub mod commands;
+pub mod error;
+pub mod info;
+pub mod server;

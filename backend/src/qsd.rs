@@ -1,0 +1,235 @@
+//! The qemu-storage-daemon command line: `--blockdev`, `--export`,
+//! `--chardev`, `--monitor`, `--object`, `--pidfile`, `--daemonize`.
+//! Every option is checked before anything is opened, and any error names
+//! the option it came from.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::FromRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{anyhow, bail, Context as _};
+use strata_formats::options::Options;
+
+use crate::cli::QsdArgs;
+use crate::daemon::Daemon;
+use crate::keyval;
+use crate::qmp::server::start_monitor;
+
+/// An option parsed into [`Options`]: JSON keeps its types, the dotted form
+/// gives strings.
+fn options(flag: &str, arg: &str, implied: Option<&str>) -> anyhow::Result<Options> {
+    let value = keyval::parse(arg, implied).map_err(|e| anyhow!("{flag} {arg}: {e}"))?;
+    let parsed = if arg.trim_start().starts_with('{') {
+        Options::from_json(value)
+    } else {
+        Options::from_keyval(value)
+    };
+    parsed.map_err(|e| anyhow!("{flag} {arg}: {e}"))
+}
+
+struct Monitor {
+    path: PathBuf,
+    pretty: bool,
+}
+
+/// Parses `--chardev` and `--monitor` into monitors on unix sockets.
+fn monitors(args: &QsdArgs) -> anyhow::Result<Vec<Monitor>> {
+    let mut chardevs = BTreeMap::new();
+    for arg in &args.chardev {
+        let ctx = |e: &dyn std::fmt::Display| anyhow!("--chardev {arg}: {e}");
+        let mut o = options("--chardev", arg, Some("backend"))?;
+        let backend = o.take_str("backend").map_err(|e| ctx(&e))?;
+        let backend = o.required("backend", backend).map_err(|e| ctx(&e))?;
+        if backend != "socket" {
+            bail!("--chardev {arg}: chardev backend '{backend}' is not supported (use socket)");
+        }
+        let id = o.take_str("id").map_err(|e| ctx(&e))?;
+        let id = o.required("id", id).map_err(|e| ctx(&e))?;
+        let path = o.take_str("path").map_err(|e| ctx(&e))?;
+        let path = o.required("path", path).map_err(|e| ctx(&e))?;
+        if o.take_bool("server").map_err(|e| ctx(&e))? != Some(true) {
+            bail!("--chardev {arg}: only server=on is supported");
+        }
+        if o.take_bool("wait").map_err(|e| ctx(&e))? != Some(false) {
+            bail!("--chardev {arg}: only wait=off is supported");
+        }
+        o.finish().map_err(|e| ctx(&e))?;
+        if chardevs.insert(id.clone(), PathBuf::from(path)).is_some() {
+            bail!("--chardev {arg}: duplicate chardev id '{id}'");
+        }
+    }
+    let mut out = Vec::new();
+    for arg in &args.monitor {
+        let ctx = |e: &dyn std::fmt::Display| anyhow!("--monitor {arg}: {e}");
+        let mut o = options("--monitor", arg, Some("chardev"))?;
+        let chardev = o.take_str("chardev").map_err(|e| ctx(&e))?;
+        let chardev = o.required("chardev", chardev).map_err(|e| ctx(&e))?;
+        if o.take_enum("mode", &["control", "readline"])
+            .map_err(|e| ctx(&e))?
+            .is_some_and(|m| m != "control")
+        {
+            bail!("--monitor {arg}: only mode=control (QMP) is supported");
+        }
+        let pretty = o.take_bool("pretty").map_err(|e| ctx(&e))?.unwrap_or(false);
+        o.take_str("id").map_err(|e| ctx(&e))?;
+        o.finish().map_err(|e| ctx(&e))?;
+        let path = chardevs.remove(&chardev).ok_or_else(|| {
+            anyhow!("--monitor {arg}: chardev '{chardev}' is not defined (or already used)")
+        })?;
+        out.push(Monitor { path, pretty });
+    }
+    if let Some(id) = chardevs.keys().next() {
+        tracing::warn!("chardev '{id}' is not used by any monitor");
+    }
+    Ok(out)
+}
+
+/// Runs the daemon the options describe until SIGINT, SIGTERM or QMP quit.
+pub fn run(args: QsdArgs) -> anyhow::Result<()> {
+    if args.is_empty() {
+        bail!("nothing to do: give --blockdev/--export/--monitor options or a subcommand (see --help)");
+    }
+    // Parse what can be parsed up front, so mistakes stop us before any
+    // side effect.
+    let mut objects = Vec::new();
+    for arg in &args.object {
+        objects.push((arg, options("--object", arg, Some("qom-type"))?));
+    }
+    let mut blockdevs = Vec::new();
+    for arg in &args.blockdev {
+        blockdevs.push((arg, options("--blockdev", arg, None)?));
+    }
+    let mut exports = Vec::new();
+    for arg in &args.export {
+        let mut o = options("--export", arg, None)?;
+        let spec = Daemon::export_spec(&mut o).map_err(|e| anyhow!("--export {arg}: {e}"))?;
+        o.finish().map_err(|e| anyhow!("--export {arg}: {e}"))?;
+        exports.push((arg, spec));
+    }
+    let monitors = monitors(&args)?;
+
+    let ready = if args.daemonize {
+        Some(daemonize()?)
+    } else {
+        None
+    };
+    let daemon = Daemon::new();
+    let setup = || -> anyhow::Result<()> {
+        for (arg, mut o) in objects {
+            daemon
+                .object_add(&mut o)
+                .map_err(|e| anyhow!("--object {arg}: {e}"))?;
+            o.finish().map_err(|e| anyhow!("--object {arg}: {e}"))?;
+        }
+        for (arg, o) in blockdevs {
+            daemon
+                .blockdev_add(o)
+                .map_err(|e| anyhow!("--blockdev {arg}: {e}"))?;
+        }
+        for (arg, spec) in exports {
+            daemon
+                .export_add(spec)
+                .map_err(|e| anyhow!("--export {arg}: {e}"))?;
+        }
+        for m in monitors {
+            start_monitor(Arc::clone(&daemon), &m.path, m.pretty)?;
+        }
+        if let Some(p) = &args.pidfile {
+            std::fs::write(p, format!("{}\n", std::process::id()))
+                .with_context(|| format!("cannot write the pid file '{}'", p.display()))?;
+        }
+        Ok(())
+    };
+    if let Err(e) = setup() {
+        daemon.shutdown();
+        return match ready {
+            Some(r) => {
+                r.fail(&format!("{e:#}"));
+                std::process::exit(1);
+            }
+            None => Err(e),
+        };
+    }
+    if let Some(r) = ready {
+        r.ready();
+    }
+    crate::signals::quit_on_signals(Arc::clone(&daemon))?;
+    daemon.wait_quit();
+    tracing::info!("shutting down");
+    daemon.shutdown();
+    if let Some(p) = &args.pidfile {
+        let _ = std::fs::remove_file(p);
+    }
+    Ok(())
+}
+
+/// The child's end of `--daemonize`: tells the waiting parent whether the
+/// daemon came up.
+struct Ready(File);
+
+impl Ready {
+    fn ready(mut self) {
+        let _ = self.0.write_all(b"ok");
+        detach_stdio();
+    }
+
+    fn fail(mut self, msg: &str) {
+        let _ = self.0.write_all(msg.as_bytes());
+    }
+}
+
+/// Forks. The parent waits until the child reports, then exits with the
+/// child's verdict; the child returns, in a new session.
+fn daemonize() -> anyhow::Result<Ready> {
+    let mut fds = [0i32; 2];
+    // SAFETY: `fds` is a valid array of two ints for pipe2 to fill.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("--daemonize: pipe");
+    }
+    // SAFETY: pipe2 returned two fresh descriptors that we now own.
+    let (mut rd, wr) = unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) };
+    // SAFETY: no other thread exists yet (we fork before starting any), so
+    // the child's copy of the process is consistent.
+    match unsafe { libc::fork() } {
+        -1 => Err(std::io::Error::last_os_error()).context("--daemonize: fork"),
+        0 => {
+            drop(rd);
+            // SAFETY: setsid has no memory effects.
+            unsafe { libc::setsid() };
+            Ok(Ready(wr))
+        }
+        _child => {
+            drop(wr);
+            let mut msg = String::new();
+            let _ = rd.read_to_string(&mut msg);
+            if msg == "ok" {
+                std::process::exit(0);
+            }
+            if msg.is_empty() {
+                msg = "the daemon exited during start-up".into();
+            }
+            eprintln!("strata: {msg}");
+            std::process::exit(1);
+        }
+    }
+}
+
+/// A daemon's stdio goes to /dev/null once it is up, as qsd's does.
+fn detach_stdio() {
+    let Ok(null) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+    else {
+        return;
+    };
+    use std::os::fd::AsRawFd;
+    for fd in 0..3 {
+        // SAFETY: dup2 onto the standard descriptors of our own process.
+        unsafe { libc::dup2(null.as_raw_fd(), fd) };
+    }
+    let _ = std::env::set_current_dir(Path::new("/"));
+}
