@@ -17,7 +17,7 @@ pub enum OptionsError {
         param: String,
     },
     /// A parameter nobody takes.
-    #[error("Invalid parameter '{param}'")]
+    #[error("Parameter '{param}' is unexpected")]
     Unknown {
         /// Its full name.
         param: String,
@@ -315,7 +315,7 @@ mod tests {
         );
         assert_eq!(
             f.finish().unwrap_err().to_string(),
-            "Invalid parameter 'file.oops'"
+            "Parameter 'file.oops' is unexpected"
         );
     }
 

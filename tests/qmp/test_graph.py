@@ -34,7 +34,7 @@ class Blockdev(DaemonTest):
     def test_option_errors_name_the_option(self):
         self.assertError("blockdev-add", "Parameter 'file.filename' is missing",
                          driver="raw", node_name="d", file={"driver": "file"})
-        self.assertError("blockdev-add", "Invalid parameter 'file.bogus'",
+        self.assertError("blockdev-add", "Parameter 'file.bogus' is unexpected",
                          driver="raw", node_name="d",
                          file={"driver": "file", "filename": self.image("a.img"), "bogus": 1})
         self.assertError("blockdev-add", "Parameter 'driver' does not accept value 'vmdk'",

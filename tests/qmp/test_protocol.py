@@ -28,7 +28,7 @@ class Protocol(DaemonTest):
         self.assertError("blockdev-del", "Parameter 'node-name' is missing")
         self.assertError("blockdev-del", "Invalid parameter type for 'node-name', expected: string",
                          node_name=3)
-        self.assertError("query-version", "Invalid parameter 'extra'", extra=1)
+        self.assertError("query-version", "Parameter 'extra' is unexpected", extra=1)
         self.assertError("qmp_capabilities",
                          "Capabilities negotiation is already complete, command ignored",
                          cls="CommandNotFound")

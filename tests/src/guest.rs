@@ -51,6 +51,17 @@ impl GuestRun {
 /// Boots the guest with a vhost-user-blk disk on `socket` and runs
 /// `tests` (comma-separated names from ci/guest/init).
 pub fn boot(socket: &Path, num_queues: u16, tests: &str, timeout: Duration) -> GuestRun {
+    boot_watching(socket, num_queues, tests, timeout, &mut |_| {})
+}
+
+/// [`boot`], calling `on_line` with each "STRATA ..." line as it arrives.
+pub fn boot_watching(
+    socket: &Path,
+    num_queues: u16,
+    tests: &str,
+    timeout: Duration,
+    on_line: &mut dyn FnMut(&str),
+) -> GuestRun {
     let dir = guest_dir();
     let (kernel, initrd) = (dir.join("vmlinuz"), dir.join("initrd.gz"));
     assert!(
@@ -114,7 +125,9 @@ pub fn boot(socket: &Path, num_queues: u16, tests: &str, timeout: Duration) -> G
                 if line.contains("STRATA-DONE") {
                     run.done = true;
                 } else if let Some(at) = line.find("STRATA ") {
-                    run.lines.push(line[at..].trim_end().to_owned());
+                    let l = line[at..].trim_end().to_owned();
+                    on_line(&l);
+                    run.lines.push(l);
                 }
             }
             Err(_) => break,

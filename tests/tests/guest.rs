@@ -5,8 +5,12 @@
 
 use std::time::Duration;
 
-use strata_tests::daemon::Daemon;
-use strata_tests::guest::{boot, GuestRun};
+use std::process::{Command, Stdio};
+
+use serde_json::json;
+use strata_tests::daemon::{strata_bin, Daemon};
+use strata_tests::guest::{boot, boot_watching, GuestRun};
+use strata_tests::qmp::Qmp;
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
 
@@ -172,4 +176,125 @@ fn a_read_only_export_reads_and_refuses_writes() {
         pattern,
         "the image is untouched"
     );
+}
+
+#[test]
+#[ignore = "boots a QEMU guest; ci/test runs it"]
+fn rewiring_the_graph_under_fio_verify() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.img");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(128 << 20)
+        .unwrap();
+    // The copy shares the original's blocks (a hard link): at the moment of
+    // the swap it holds every write made so far, as a copy must.
+    let copy = dir.path().join("copy.img");
+    std::fs::hard_link(&image, &copy).unwrap();
+    let (qmp_sock, vhost_sock) = (dir.path().join("qmp.sock"), dir.path().join("vm.sock"));
+    let log_path = dir.path().join("strata.log");
+    let mut child = Command::new(strata_bin())
+        .args(["--object", "throttle-group,id=tg0,limits.iops-total=4000,limits.iops-total-max=8000"])
+        .args(["--blockdev", &format!("driver=file,node-name=f0,filename={},discard=unmap", image.display())])
+        .args(["--blockdev", "driver=raw,node-name=disk,file=f0"])
+        .args([
+            "--export",
+            &format!(
+                "type=vhost-user-blk,id=vda,node-name=disk,writable=on,num-queues=2,addr.type=unix,addr.path={}",
+                vhost_sock.display()
+            ),
+        ])
+        .args(["--chardev", &format!("socket,id=m0,path={},server=on,wait=off", qmp_sock.display())])
+        .args(["--monitor", "chardev=m0"])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .unwrap();
+    let mut qmp = Qmp::connect(&qmp_sock);
+    let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+
+    let mut rewire = None;
+    let copy_path = copy.display().to_string();
+    let run = boot_watching(&vhost_sock, 2, "fio-long", BOOT_TIMEOUT, &mut |line| {
+        if line.starts_with("STRATA fio-running") && rewire.is_none() {
+            let qmp_sock = qmp_sock.clone();
+            let copy_path = copy_path.clone();
+            rewire = Some(std::thread::spawn(move || {
+                let mut q = Qmp::connect(&qmp_sock);
+                let pause = || std::thread::sleep(Duration::from_secs(3));
+                let mut step = |what: &str, cmd: &str, args: serde_json::Value| {
+                    q.execute(cmd, args)
+                        .unwrap_or_else(|e| panic!("{what}: {e}"));
+                    println!("rewired: {what}");
+                };
+                pause();
+                step(
+                    "add a throttle filter",
+                    "blockdev-add",
+                    json!({"driver": "throttle", "node-name": "thr", "throttle-group": "tg0", "file": "f0"}),
+                );
+                step(
+                    "insert it",
+                    "blockdev-reopen",
+                    json!({"options": [{"driver": "raw", "node-name": "disk", "file": "thr"}]}),
+                );
+                pause();
+                step(
+                    "open the copy",
+                    "blockdev-add",
+                    json!({"driver": "file", "node-name": "f1", "filename": copy_path, "discard": "unmap"}),
+                );
+                step(
+                    "swap the file under the filter",
+                    "blockdev-reopen",
+                    json!({"options": [{"driver": "throttle", "node-name": "thr", "throttle-group": "tg0", "file": "f1"}]}),
+                );
+                pause();
+                step(
+                    "remove the filter",
+                    "blockdev-reopen",
+                    json!({"options": [{"driver": "raw", "node-name": "disk", "file": "f1"}]}),
+                );
+                step(
+                    "delete the filter",
+                    "blockdev-del",
+                    json!({"node-name": "thr"}),
+                );
+                step(
+                    "delete the original",
+                    "blockdev-del",
+                    json!({"node-name": "f0"}),
+                );
+            }));
+        }
+    });
+    show(&run);
+    let rewired = rewire.expect("fio started").join();
+    check_done(&run, &log());
+    assert!(rewired.is_ok(), "every rewiring step succeeded:\n{}", log());
+    let job_results: Vec<&String> = run
+        .lines
+        .iter()
+        .filter(|l| l.contains("(groupid="))
+        .collect();
+    assert_eq!(job_results.len(), 2, "{job_results:?}");
+    assert!(
+        job_results.iter().all(|l| l.contains("err= 0")),
+        "{job_results:?}"
+    );
+    assert_eq!(run.value("STRATA fio", "rc").as_deref(), Some("0"));
+    let nodes = qmp.execute("query-named-block-nodes", json!({})).unwrap();
+    let names: Vec<&str> = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["node-name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        ["disk", "f1"],
+        "the filter and the original are gone"
+    );
+    qmp.execute("quit", json!({})).unwrap();
+    assert!(child.wait().unwrap().success(), "{}", log());
 }

@@ -115,7 +115,7 @@ fn errors_name_the_option() {
     let c = ctx();
     let cases = [
         (json!({"driver": "raw", "node-name": "d", "file": {"driver": "file"}}), "Parameter 'file.filename' is missing"),
-        (json!({"driver": "raw", "node-name": "d", "file": {"driver": "file", "filename": "/x", "oops": 1}}), "Invalid parameter 'file.oops'"),
+        (json!({"driver": "raw", "node-name": "d", "file": {"driver": "file", "filename": "/x", "oops": 1}}), "Parameter 'file.oops' is unexpected"),
         (json!({"driver": "nope", "node-name": "d"}), "Parameter 'driver' does not accept value 'nope'"),
         (json!({"driver": "null-co"}), "'node-name' must be specified for the root node"),
         (json!({"node-name": "d"}), "Parameter 'driver' is missing"),

@@ -355,7 +355,7 @@ mod tests {
             limits(json!({"limits": {"iops": 1}}))
                 .unwrap_err()
                 .to_string(),
-            "Invalid parameter 'limits.iops'"
+            "Parameter 'limits.iops' is unexpected"
         );
     }
 

@@ -1,0 +1,191 @@
+//! Drain under load: while libblkio reads at random and checks every byte,
+//! a raw node's `file` is swapped between two identical copies 1000 times.
+//! No request may fail, and no read may return anything but the data.
+
+use std::mem::MaybeUninit;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use blkio::{Blkio, Completion, ReqFlags};
+use serde_json::json;
+use strata_tests::daemon::strata_bin;
+use strata_tests::qmp::Qmp;
+
+const DISK: usize = 16 << 20;
+const BLOCK: usize = 4096;
+
+/// Block `i` holds its index in every 8-byte word, so a read of the wrong
+/// block (or a torn one) is caught.
+fn block(i: usize) -> Vec<u8> {
+    (0..BLOCK / 8)
+        .flat_map(|_| (i as u64).to_le_bytes())
+        .collect()
+}
+
+struct Kill(Child);
+
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn swapping_file_1000_times_under_random_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    let content: Vec<u8> = (0..DISK / BLOCK).flat_map(block).collect();
+    let (a, b) = (dir.path().join("a.img"), dir.path().join("b.img"));
+    std::fs::write(&a, &content).unwrap();
+    std::fs::write(&b, &content).unwrap();
+    let qmp_sock = dir.path().join("qmp.sock");
+    let vhost_sock = dir.path().join("vhost.sock");
+    let log = std::fs::File::create(dir.path().join("strata.log")).unwrap();
+    let child = Command::new(strata_bin())
+        .args([
+            "--blockdev",
+            &format!("driver=file,node-name=fa,filename={}", a.display()),
+        ])
+        .args([
+            "--blockdev",
+            &format!("driver=file,node-name=fb,filename={}", b.display()),
+        ])
+        .args(["--blockdev", "driver=raw,node-name=disk,file=fa"])
+        .args([
+            "--export",
+            &format!(
+                "type=vhost-user-blk,id=e0,node-name=disk,addr.type=unix,addr.path={},num-queues=2",
+                vhost_sock.display()
+            ),
+        ])
+        .args([
+            "--chardev",
+            &format!(
+                "socket,id=m0,path={},server=on,wait=off",
+                qmp_sock.display()
+            ),
+        ])
+        .args(["--monitor", "chardev=m0"])
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let _child = Kill(child);
+    let mut qmp = Qmp::connect(&qmp_sock);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let reads = Arc::new(AtomicU64::new(0));
+    let reader = {
+        let (stop, reads, sock) = (stop.clone(), reads.clone(), vhost_sock.clone());
+        std::thread::spawn(move || {
+            let mut b = Blkio::new("virtio-blk-vhost-user").unwrap();
+            b.set_str("path", sock.to_str().unwrap()).unwrap();
+            b.set_bool("read-only", true).unwrap();
+            b.connect().unwrap();
+            b.set_i32("num-queues", 2).unwrap();
+            let mut out = b.start().unwrap();
+            const QD: usize = 16;
+            let region = b.alloc_mem_region(QD * BLOCK * 2).unwrap();
+            b.map_mem_region(&region).unwrap();
+            let mut x: u64 = 0x1234_5678;
+            let mut next = move || {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x as usize) % (DISK / BLOCK)
+            };
+            let mut comps: Vec<MaybeUninit<Completion>> =
+                (0..QD).map(|_| MaybeUninit::uninit()).collect();
+            // Queue q uses buffers [q*QD, q*QD+QD); user_data = slot | block << 8.
+            let mut slots: Vec<Vec<usize>> = vec![vec![0; QD]; 2];
+            for (qi, q) in out.queues.iter_mut().enumerate() {
+                for s in 0..QD {
+                    let blk = next();
+                    slots[qi][s] = blk;
+                    let addr = region.addr + (qi * QD + s) * BLOCK;
+                    q.read(
+                        (blk * BLOCK) as u64,
+                        addr as *mut u8,
+                        BLOCK,
+                        s,
+                        ReqFlags::empty(),
+                    );
+                }
+            }
+            while !stop.load(Ordering::Relaxed) {
+                for (qi, q) in out.queues.iter_mut().enumerate() {
+                    let got = q.do_io(&mut comps, 1, None, None).unwrap();
+                    for c in &comps[..got] {
+                        // SAFETY: do_io initialised the first `got` entries.
+                        let c = unsafe { c.assume_init_ref() };
+                        assert_eq!(c.ret, 0, "a read failed during the swaps");
+                        let s = c.user_data;
+                        let addr = region.addr + (qi * QD + s) * BLOCK;
+                        // SAFETY: the request on this buffer has completed.
+                        let data = unsafe { std::slice::from_raw_parts(addr as *const u8, BLOCK) };
+                        assert!(
+                            data == &block(slots[qi][s])[..],
+                            "torn or wrong read of block {}",
+                            slots[qi][s]
+                        );
+                        reads.fetch_add(1, Ordering::Relaxed);
+                        let blk = next();
+                        slots[qi][s] = blk;
+                        q.read(
+                            (blk * BLOCK) as u64,
+                            addr as *mut u8,
+                            BLOCK,
+                            s,
+                            ReqFlags::empty(),
+                        );
+                    }
+                }
+            }
+        })
+    };
+
+    // Let reads get going, then swap.
+    let start = Instant::now();
+    while reads.load(Ordering::Relaxed) < 1000 {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "reads did not start"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let before = reads.load(Ordering::Relaxed);
+    for i in 0..1000 {
+        let file = if i % 2 == 0 { "fb" } else { "fa" };
+        qmp.execute(
+            "blockdev-reopen",
+            json!({"options": [{"driver": "raw", "node-name": "disk", "file": file}]}),
+        )
+        .unwrap_or_else(|e| panic!("swap {i}: {e}"));
+    }
+    let swapped = start.elapsed();
+    let during = reads.load(Ordering::Relaxed) - before;
+    stop.store(true, Ordering::Relaxed);
+    reader
+        .join()
+        .expect("no read failed and every read was right");
+    println!("1000 swaps in {swapped:?}, {during} verified reads meanwhile");
+    assert!(
+        during > 1000,
+        "reads kept flowing during the swaps: {during}"
+    );
+    let nodes = qmp.execute("query-named-block-nodes", json!({})).unwrap();
+    let disk = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node-name"] == "disk")
+        .unwrap();
+    assert_eq!(
+        disk["children"],
+        json!([{"child": "file", "node-name": "fa"}]),
+        "1000 swaps end on fa"
+    );
+    qmp.execute("quit", json!({})).unwrap();
+}
