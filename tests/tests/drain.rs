@@ -101,9 +101,9 @@ fn swapping_file_1000_times_under_random_reads() {
             // Queue q uses buffers [q*QD, q*QD+QD); user_data = slot | block << 8.
             let mut slots: Vec<Vec<usize>> = vec![vec![0; QD]; 2];
             for (qi, q) in out.queues.iter_mut().enumerate() {
-                for s in 0..QD {
+                for (s, slot) in slots[qi].iter_mut().enumerate() {
                     let blk = next();
-                    slots[qi][s] = blk;
+                    *slot = blk;
                     let addr = region.addr + (qi * QD + s) * BLOCK;
                     q.read(
                         (blk * BLOCK) as u64,
