@@ -12,8 +12,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::executor::{LocalPool, LocalSpawner};
-use futures::task::LocalSpawnExt;
+use strata_formats::executor::Executor;
 use strata_formats::reactor::Reactor;
 use strata_graph::{BlockError, GraphView, LocalView, LocalViews};
 use vhost_user_backend::VringT;
@@ -102,8 +101,7 @@ impl QueueCtx {
 struct Worker {
     ctx: Rc<QueueCtx>,
     reactor: Rc<Reactor>,
-    pool: LocalPool,
-    spawner: LocalSpawner,
+    executor: Executor,
     views: LocalViews,
     mem: Option<MemHandle>,
     /// Reused buffer for publishing completions.
@@ -114,8 +112,12 @@ impl Worker {
     fn new(dev: &Arc<DeviceInner>, queue: usize) -> std::io::Result<Worker> {
         let reactor = Reactor::current()?;
         reactor.register_eventfd(dev.queues[queue].ring_event.as_raw_fd())?;
-        let pool = LocalPool::new();
-        let spawner = pool.spawner();
+        // Requests woken from other threads (a lock another queue held)
+        // poke this worker through its wake eventfd.
+        let poke = Arc::clone(dev);
+        let executor = Executor::new(move || {
+            let _ = poke.queues[queue].wake.write(1);
+        });
         Ok(Worker {
             ctx: Rc::new(QueueCtx {
                 dev: Arc::clone(dev),
@@ -125,8 +127,7 @@ impl Worker {
                 errors: RefCell::new(RateLimit::new(10, Duration::from_secs(5))),
             }),
             reactor,
-            pool,
-            spawner,
+            executor,
             views: dev.export.graph().local_views(),
             mem: None,
             publishing: Vec::new(),
@@ -211,11 +212,7 @@ impl Worker {
             .fetch_add(1, Ordering::Relaxed);
         match request::parse(chain, mem, limits) {
             Ok(req) => {
-                let fut = execute(Rc::clone(&self.ctx), Rc::clone(view), req);
-                if let Err(e) = self.spawner.spawn_local(fut) {
-                    // Only when the pool is shutting down, which it never is here.
-                    tracing::error!("queue {}: cannot start a request: {e}", self.ctx.queue);
-                }
+                self.executor.spawn(execute(Rc::clone(&self.ctx), Rc::clone(view), req));
             }
             Err(rej) => {
                 self.ctx.warn(format_args!("{rej:?}"));
@@ -235,7 +232,7 @@ impl Worker {
     /// while the kernel completes some inline. Then publishes.
     fn run(&mut self, vring: &Vring) {
         loop {
-            self.pool.run_until_stalled();
+            self.executor.run_until_stalled();
             if let Err(e) = self.reactor.submit() {
                 self.ctx.warn(format_args!("io_uring submit failed: {e}"));
             }

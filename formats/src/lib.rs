@@ -9,6 +9,7 @@
 
 pub mod blkverify;
 pub mod blockdev;
+pub mod executor;
 pub mod cor;
 pub mod file;
 pub mod image;
