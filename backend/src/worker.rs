@@ -212,7 +212,8 @@ impl Worker {
             .fetch_add(1, Ordering::Relaxed);
         match request::parse(chain, mem, limits) {
             Ok(req) => {
-                self.executor.spawn(execute(Rc::clone(&self.ctx), Rc::clone(view), req));
+                self.executor
+                    .spawn(execute(Rc::clone(&self.ctx), Rc::clone(view), req));
             }
             Err(rej) => {
                 self.ctx.warn(format_args!("{rej:?}"));

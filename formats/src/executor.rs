@@ -38,7 +38,11 @@ impl Wake for TaskWaker {
     }
 
     fn wake_by_ref(self: &Arc<Self>) {
-        self.ready.ids.lock().unwrap_or_else(|e| e.into_inner()).push(self.task);
+        self.ready
+            .ids
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(self.task);
         if OWNED.get() != self.ready.executor {
             (self.ready.notify)();
         }
@@ -88,7 +92,11 @@ impl Executor {
             fut: Some(Box::pin(fut)),
             waker,
         });
-        self.ready.ids.lock().unwrap_or_else(|e| e.into_inner()).push(task);
+        self.ready
+            .ids
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(task);
     }
 
     /// Polls woken tasks until none is ready. Returns how many polls ran.
@@ -96,19 +104,29 @@ impl Executor {
         let mut polls = 0;
         loop {
             let mut batch = self.polling.take();
-            std::mem::swap(&mut *self.ready.ids.lock().unwrap_or_else(|e| e.into_inner()), &mut batch);
+            std::mem::swap(
+                &mut *self.ready.ids.lock().unwrap_or_else(|e| e.into_inner()),
+                &mut batch,
+            );
             if batch.is_empty() {
                 *self.polling.borrow_mut() = batch;
                 return polls;
             }
             for &id in &batch {
                 // Take the future out so it can spawn or wake others freely.
-                let taken = self.tasks.borrow_mut().get_mut(id).and_then(|t| Some((t.fut.take()?, t.waker.clone())));
+                let taken = self
+                    .tasks
+                    .borrow_mut()
+                    .get_mut(id)
+                    .and_then(|t| Some((t.fut.take()?, t.waker.clone())));
                 let Some((mut fut, waker)) = taken else {
                     continue; // finished already: a stale wake
                 };
                 polls += 1;
-                let done = fut.as_mut().poll(&mut Context::from_waker(&waker)).is_ready();
+                let done = fut
+                    .as_mut()
+                    .poll(&mut Context::from_waker(&waker))
+                    .is_ready();
                 let mut tasks = self.tasks.borrow_mut();
                 if done {
                     tasks.remove(id);
@@ -163,7 +181,9 @@ mod tests {
         ex.spawn(async move { g.set(rx.await.unwrap()) });
         ex.run_until_stalled();
         assert_eq!(got.get(), 0, "waiting");
-        std::thread::spawn(move || tx.send(7).unwrap()).join().unwrap();
+        std::thread::spawn(move || tx.send(7).unwrap())
+            .join()
+            .unwrap();
         assert!(notified.load(Ordering::SeqCst), "the owner was poked");
         ex.run_until_stalled();
         assert_eq!(got.get(), 7);

@@ -11,7 +11,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use io_uring::{opcode, types};
-use strata_graph::{AlignedBuf, BlockDriver, BlockError, GraphView, IoFuture, IoOp, IoVecs};
+use strata_graph::{
+    AlignedBuf, BlockDriver, BlockError, BlockStatus, GraphView, IoFuture, IoOp, IoVecs,
+};
 
 use crate::reactor::Reactor;
 
@@ -213,17 +215,34 @@ impl FileNode {
         if let Err(e) = self.check(op, offset, buf.len()) {
             return IoFuture::ready(Err(e));
         }
-        if self.direct && !buf.is_aligned(self.mem_align) {
-            return IoFuture::new(self.rw_bounced(op, offset, buf));
-        }
-        IoFuture::new(self.rw(op, offset, buf))
+        IoFuture::new(async move {
+            if self.direct && !buf.is_aligned(self.mem_align) {
+                self.rw_bounced(op, offset, buf).await?;
+            } else {
+                self.rw(op, offset, buf).await?;
+            }
+            if op == IoOp::Write {
+                self.extended_to(offset + buf.len());
+            }
+            Ok(())
+        })
     }
 
+    /// Reads must lie inside the file; writes may extend it, as a format
+    /// driver allocating at the end of its image does.
     fn check(&self, op: IoOp, offset: u64, len: u64) -> Result<(), BlockError> {
         if self.read_only && op != IoOp::Read {
             return Err(BlockError::ReadOnly { op });
         }
-        BlockError::check_range(op, offset, len, self.size.load(Ordering::Relaxed))
+        if op == IoOp::Read {
+            return BlockError::check_range(op, offset, len, self.size.load(Ordering::Relaxed));
+        }
+        BlockError::check_range(op, offset, len, u64::MAX)
+    }
+
+    /// Records that a write reached `end`.
+    fn extended_to(&self, end: u64) {
+        self.size.fetch_max(end, Ordering::Relaxed);
     }
 }
 
@@ -304,6 +323,29 @@ impl BlockDriver for FileNode {
         })
     }
 
+    fn block_status<'a>(
+        &'a self,
+        _g: &'a GraphView,
+        offset: u64,
+        len: u64,
+    ) -> IoFuture<'a, BlockStatus> {
+        IoFuture::ready(Ok(self.seek_status(offset, len)))
+    }
+
+    fn resize<'a>(&'a self, _g: &'a GraphView, size: u64) -> IoFuture<'a> {
+        if self.read_only {
+            return IoFuture::ready(Err(BlockError::ReadOnly { op: IoOp::Resize }));
+        }
+        let res = self
+            .file
+            .set_len(size)
+            .map_err(|e| BlockError::io(IoOp::Resize, size, e));
+        if res.is_ok() {
+            self.size.store(size, Ordering::Relaxed);
+        }
+        IoFuture::ready(res)
+    }
+
     fn flush<'a>(&'a self, _g: &'a GraphView) -> IoFuture<'a> {
         if self.read_only || self.no_flush {
             return IoFuture::ready(Ok(()));
@@ -319,6 +361,45 @@ impl BlockDriver for FileNode {
                 e => Err(BlockError::errno(IoOp::Flush, 0, -e)),
             }
         })
+    }
+}
+
+impl FileNode {
+    /// Data or hole at `offset`, from SEEK_DATA/SEEK_HOLE: a hole reads as
+    /// zeroes. Filesystems without them report everything as data.
+    fn seek_status(&self, offset: u64, len: u64) -> BlockStatus {
+        let fd = self.file.as_raw_fd();
+        let data = |whence| {
+            // SAFETY: lseek on our own descriptor has no memory effects.
+            let r = unsafe { libc::lseek(fd, offset as libc::off_t, whence) };
+            (r >= 0).then_some(r as u64)
+        };
+        let all_data = BlockStatus {
+            len,
+            allocated: true,
+            zero: false,
+            offset: Some(offset),
+        };
+        match data(libc::SEEK_DATA) {
+            Some(d) if d == offset => {
+                let hole = data(libc::SEEK_HOLE).unwrap_or(offset + len);
+                BlockStatus {
+                    len: (hole - offset).clamp(1, len),
+                    ..all_data
+                }
+            }
+            Some(d) => BlockStatus {
+                len: (d - offset).clamp(1, len),
+                zero: true,
+                ..all_data
+            },
+            // ENXIO: no data after offset, so all hole to the end.
+            None if offset < self.size.load(Ordering::Relaxed) => BlockStatus {
+                zero: true,
+                ..all_data
+            },
+            None => all_data,
+        }
     }
 }
 

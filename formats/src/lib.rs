@@ -9,12 +9,13 @@
 
 pub mod blkverify;
 pub mod blockdev;
-pub mod executor;
 pub mod cor;
+pub mod executor;
 pub mod file;
 pub mod image;
 pub mod null;
 pub mod options;
+pub mod qcow2;
 pub mod quorum;
 pub mod raw;
 pub mod reactor;

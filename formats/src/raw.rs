@@ -3,8 +3,8 @@
 
 use crate::image::{format_of, ImageFormat, PROBE_LEN};
 use strata_graph::{
-    BlockDriver, BlockError, GraphError, GraphView, IoFuture, IoOp, IoVecs, NodeBuilder, NodeId,
-    SlotId,
+    BlockDriver, BlockError, BlockStatus, GraphError, GraphView, IoFuture, IoOp, IoVecs,
+    NodeBuilder, NodeId, SlotId,
 };
 
 /// Options of a `raw` node.
@@ -189,6 +189,37 @@ impl BlockDriver for RawNode {
     fn discard<'a>(&'a self, g: &'a GraphView, offset: u64, len: u64) -> IoFuture<'a> {
         forward!(self, g, IoOp::Discard, offset, len, |c, at| c
             .discard(g, at, len))
+    }
+
+    fn block_status<'a>(
+        &'a self,
+        g: &'a GraphView,
+        offset: u64,
+        len: u64,
+    ) -> IoFuture<'a, BlockStatus> {
+        let child = match self.route(g, IoOp::Read, offset, len) {
+            Ok(c) => c,
+            Err(e) => return IoFuture::ready(Err(e)),
+        };
+        let shift = self.offset;
+        IoFuture::new(async move {
+            let st = child.block_status(g, offset + shift, len).await?;
+            Ok(BlockStatus {
+                len: st.len.min(len),
+                ..st
+            })
+        })
+    }
+
+    fn resize<'a>(&'a self, g: &'a GraphView, size: u64) -> IoFuture<'a> {
+        if self.size.is_some() {
+            return IoFuture::ready(Err(BlockError::Unsupported {
+                op: IoOp::Resize,
+                driver: "raw with an explicit size",
+            }));
+        }
+        let shift = self.offset;
+        g.via(self.file, |c| c.resize(g, size + shift))
     }
 
     fn flush<'a>(&'a self, g: &'a GraphView) -> IoFuture<'a> {

@@ -57,6 +57,9 @@ pub struct BlockStatus {
     pub allocated: bool,
     /// The range reads as zeroes.
     pub zero: bool,
+    /// Where the data is in the file below, when it is in one piece there
+    /// (what `qemu-img map` calls the offset).
+    pub offset: Option<u64>,
 }
 
 /// A node's behaviour: a format (raw, qcow2), a protocol (file, null) or a
@@ -124,6 +127,15 @@ pub trait BlockDriver: Send + Sync + 'static {
             len,
             allocated: true,
             zero: false,
+            offset: None,
+        }))
+    }
+
+    /// Changes the node's size.
+    fn resize<'a>(&'a self, _g: &'a GraphView, _size: u64) -> IoFuture<'a> {
+        IoFuture::ready(Err(BlockError::Unsupported {
+            op: crate::IoOp::Resize,
+            driver: self.driver_name(),
         }))
     }
 }

@@ -18,6 +18,8 @@ pub enum IoOp {
     Discard,
     /// A write of zeroes.
     WriteZeroes,
+    /// A change of size.
+    Resize,
 }
 
 impl fmt::Display for IoOp {
@@ -28,6 +30,7 @@ impl fmt::Display for IoOp {
             IoOp::Flush => "flush",
             IoOp::Discard => "discard",
             IoOp::WriteZeroes => "write-zeroes",
+            IoOp::Resize => "resize",
         })
     }
 }

@@ -1,0 +1,242 @@
+//! The metadata behind the image's lock: the authoritative L1 table, the
+//! refcounts, clusters waiting to be freed, and guest clusters being
+//! allocated. L2 slices are loaded, changed and evicted only from here.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use futures::channel::oneshot;
+use strata_graph::AlignedBuf;
+
+use super::cache::{L2Cache, L2Slice};
+use super::entry::L2Entry;
+use super::error::Qcow2Error;
+use super::header::Header;
+use super::io::FileIo;
+use super::refcount::Refcounts;
+use super::types::{Geometry, COMPRESSED, COPIED, OFFSET_MASK};
+
+/// State that only the holder of the metadata lock touches.
+pub struct Meta {
+    /// The header as last read or written.
+    pub header: Header,
+    /// The first bytes of the file (min(cluster, 4 KiB)), for rewriting
+    /// header fields in place.
+    pub head_block: AlignedBuf,
+    /// The L1 table.
+    pub l1: Vec<u64>,
+    /// Where the L1 table is.
+    pub l1_offset: u64,
+    /// The L1 table differs from the disk.
+    pub l1_dirty: bool,
+    /// Refcounts.
+    pub refs: Refcounts,
+    /// Host clusters to decrement once the L2 change that dropped them is
+    /// on disk.
+    pub pending_free: Vec<u64>,
+    /// Guest clusters with an allocating write in flight, and who waits.
+    pub busy: HashMap<u64, Vec<oneshot::Sender<()>>>,
+}
+
+impl Meta {
+    /// The L2 slice and index that map guest cluster `ci`, loading the
+    /// slice if needed; `None` when the L1 entry is empty.
+    pub async fn slice(
+        &mut self,
+        io: FileIo<'_>,
+        l2: &L2Cache,
+        g: &Geometry,
+        ci: u64,
+    ) -> Result<Option<(Arc<L2Slice>, usize)>, Qcow2Error> {
+        let l1i = ci / g.l2_entries();
+        let l2i = ci % g.l2_entries();
+        let l1e = self.l1.get(l1i as usize).copied().unwrap_or(0);
+        let table = l1e & OFFSET_MASK;
+        if table == 0 {
+            return Ok(None);
+        }
+        if table % g.cluster_size() != 0 || l1e & !(OFFSET_MASK | COPIED) != 0 {
+            return Err(Qcow2Error::BadEntry {
+                what: "L1",
+                entry: l1e,
+                guest: ci * g.cluster_size(),
+            });
+        }
+        let per_slice = l2.slice_bytes() / g.l2_entry_bytes();
+        let offset = table + (l2i / per_slice) * l2.slice_bytes();
+        let idx = (l2i % per_slice) as usize;
+        if let Some(s) = l2.get(offset) {
+            return Ok(Some((s, idx)));
+        }
+        let file_size = io.size()?;
+        if table == 0 || offset + l2.slice_bytes() > file_size {
+            return Err(Qcow2Error::BadEntry {
+                what: "L1",
+                entry: l1e,
+                guest: ci * g.cluster_size(),
+            });
+        }
+        let mut buf = AlignedBuf::zeroed(l2.slice_bytes() as usize, 4096);
+        io.read("read an L2 table", offset, buf.as_mut_slice())
+            .await?;
+        let slice = Arc::new(L2Slice::from_bytes(offset, buf.as_slice()));
+        if let Err(slice) = l2.insert(Arc::clone(&slice)) {
+            // Every cached slice is dirty: write them out (with the
+            // ordering a flush has) and try again.
+            self.write_back(io, l2, g).await?;
+            if l2.insert(slice).is_err() {
+                unreachable!("a flushed cache has clean slices to evict");
+            }
+        }
+        let s = l2.get(offset).expect("just inserted");
+        Ok(Some((s, idx)))
+    }
+
+    /// The L2 entry of guest cluster `ci`.
+    pub async fn entry(
+        &mut self,
+        io: FileIo<'_>,
+        l2: &L2Cache,
+        g: &Geometry,
+        ci: u64,
+    ) -> Result<L2Entry, Qcow2Error> {
+        Ok(match self.slice(io, l2, g, ci).await? {
+            Some((s, i)) => s.entry(g, i),
+            None => L2Entry::default(),
+        })
+    }
+
+    /// Sets the L2 entry of guest cluster `ci`, first giving it an L2
+    /// table if it has none.
+    pub async fn set_entry(
+        &mut self,
+        io: FileIo<'_>,
+        l2: &L2Cache,
+        g: &Geometry,
+        ci: u64,
+        e: L2Entry,
+    ) -> Result<(), Qcow2Error> {
+        let l1i = (ci / g.l2_entries()) as usize;
+        if l1i >= self.l1.len() {
+            return Err(Qcow2Error::BadEntry {
+                what: "L1 index",
+                entry: l1i as u64,
+                guest: ci * g.cluster_size(),
+            });
+        }
+        if self.l1[l1i] & OFFSET_MASK == 0 {
+            // A new L2 table must be zeroes on disk before L1 points at it.
+            let table = self.refs.alloc(io, 1).await?;
+            let mut zero = AlignedBuf::zeroed(g.cluster_size() as usize, 4096);
+            io.write("write a new L2 table", table, zero.as_mut_slice())
+                .await?;
+            self.l1[l1i] = table | COPIED;
+            self.l1_dirty = true;
+            l2.set_l1(&self.l1);
+        } else if self.l1[l1i] & COPIED == 0 {
+            // Shared with an internal snapshot: opening writable refused this.
+            return Err(Qcow2Error::BadEntry {
+                what: "L1 (shared L2 table)",
+                entry: self.l1[l1i],
+                guest: ci * g.cluster_size(),
+            });
+        }
+        let (slice, i) = self
+            .slice(io, l2, g, ci)
+            .await?
+            .expect("the table exists now");
+        slice.set(g, i, e);
+        Ok(())
+    }
+
+    /// Queues the host clusters `e` holds to be freed once the change that
+    /// dropped them is on disk.
+    pub fn release(&mut self, g: &Geometry, e: &L2Entry) {
+        if e.word & COMPRESSED != 0 {
+            let (host, len) = e.compressed_span(g);
+            let first = host / g.cluster_size();
+            let last = (host + len - 1) / g.cluster_size();
+            self.pending_free.extend(first..=last);
+        } else if e.host() != 0 {
+            self.pending_free.push(e.host() / g.cluster_size());
+        }
+    }
+
+    /// Writes all metadata in crash-safe order: data, then refcounts, then
+    /// L2 and L1, each step durable before the next; then applies the frees
+    /// the written L2 changes allow.
+    pub async fn write_back(
+        &mut self,
+        io: FileIo<'_>,
+        l2: &L2Cache,
+        g: &Geometry,
+    ) -> Result<(), Qcow2Error> {
+        let dirty = l2.dirty();
+        let refs_dirty = self.refs.table_dirty || self.refs.moved_from.is_some();
+        if dirty.is_empty() && !self.l1_dirty && self.pending_free.is_empty() && !refs_dirty {
+            self.refs.write_blocks(io).await?;
+            return io.flush().await;
+        }
+        // 1. Data that new L2 entries will point at.
+        io.flush().await?;
+        // 2. Refcounts (blocks, then the table, then the header if the
+        //    table moved).
+        self.refs.write_blocks(io).await?;
+        self.refs.write_table(io).await?;
+        if let Some((old, clusters)) = self.refs.moved_from {
+            io.flush().await?;
+            self.set_header_u64(48, self.refs.table_offset);
+            self.set_header_u32(56, self.refs.table_clusters as u32);
+            self.write_header(io).await?;
+            io.flush().await?;
+            self.refs.moved_from = None;
+            self.pending_free
+                .extend(old / g.cluster_size()..old / g.cluster_size() + clusters);
+        }
+        io.flush().await?;
+        // 3. L2 tables and L1.
+        let mut buf = AlignedBuf::zeroed(l2.slice_bytes() as usize, 4096);
+        for s in dirty {
+            s.to_bytes(buf.as_mut_slice());
+            io.write("write an L2 table", s.offset, buf.as_mut_slice())
+                .await?;
+            s.mark_clean();
+        }
+        if self.l1_dirty {
+            let bytes = (self.l1.len() * 8).div_ceil(512) * 512;
+            let mut l1 = AlignedBuf::zeroed(bytes.max(512), 4096);
+            for (chunk, e) in l1.as_mut_slice().chunks_exact_mut(8).zip(&self.l1) {
+                chunk.copy_from_slice(&e.to_be_bytes());
+            }
+            io.write(
+                "write the L1 table",
+                self.l1_offset,
+                &mut l1.as_mut_slice()[..bytes],
+            )
+            .await?;
+            self.l1_dirty = false;
+        }
+        io.flush().await?;
+        // 4. Nothing on disk refers to the released clusters any more.
+        for c in std::mem::take(&mut self.pending_free) {
+            self.refs.adjust(io, c, -1).await?;
+        }
+        Ok(())
+    }
+
+    /// Sets a big-endian u64 header field.
+    pub fn set_header_u64(&mut self, at: usize, v: u64) {
+        self.head_block.as_mut_slice()[at..at + 8].copy_from_slice(&v.to_be_bytes());
+    }
+
+    /// Sets a big-endian u32 header field.
+    pub fn set_header_u32(&mut self, at: usize, v: u32) {
+        self.head_block.as_mut_slice()[at..at + 4].copy_from_slice(&v.to_be_bytes());
+    }
+
+    /// Writes the header block back.
+    pub async fn write_header(&mut self, io: FileIo<'_>) -> Result<(), Qcow2Error> {
+        io.write("write the header", 0, self.head_block.as_mut_slice())
+            .await
+    }
+}
