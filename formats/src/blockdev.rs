@@ -5,6 +5,7 @@
 //! it) or by node name. Everything happens inside the caller's
 //! [`Transaction`], so a failure anywhere leaves the graph untouched.
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,6 +15,9 @@ use strata_graph::{BlockDriver, EventSink, GraphError, NodeBuilder, NodeId, Tran
 use crate::blkverify::BlkverifyNode;
 use crate::cor::CopyOnReadNode;
 use crate::file::{FileNode, FileOptions};
+use crate::image;
+use crate::qcow2::{Qcow2Node, Qcow2Options};
+use crate::reactor::block_on;
 use crate::null::{NullNode, NullOptions};
 use crate::options::{ChildOption, Options, OptionsError};
 use crate::quorum::{QuorumNode, QuorumOptions, ReadPattern};
@@ -57,9 +61,20 @@ pub enum BlockdevError {
     /// A throttle group that does not exist.
     #[error("Throttle group '{0}' does not exist")]
     NoSuchGroup(String),
-    /// Only some drivers take this child.
-    #[error("Parameter '{0}' is only valid for {1}")]
-    NotAllowed(String, &'static str),
+    /// A backing file that cannot be opened.
+    #[error("Could not open backing file '{name}': {reason}")]
+    Backing {
+        /// The name in the header.
+        name: String,
+        /// Why.
+        reason: String,
+    },
+    /// A backing chain that comes back to an image already in it.
+    #[error("Backing chain loops: {0}")]
+    BackingLoop(String),
+    /// Reopen must say what becomes of an existing backing child.
+    #[error("backing is missing for '{0}'")]
+    BackingRequired(String),
 }
 
 /// Options every node takes, and what inline children inherit.
@@ -69,6 +84,8 @@ struct Common {
     direct: bool,
     no_flush: bool,
     discard: bool,
+    /// Images above this one in an implicitly opened backing chain.
+    chain: Vec<PathBuf>,
 }
 
 impl Common {
@@ -117,6 +134,7 @@ enum Spec {
     CopyOnRead(NodeId),
     Quorum(Vec<(String, NodeId)>, QuorumOptions),
     Blkverify(NodeId, NodeId),
+    Qcow2(NodeId, Option<NodeId>, Qcow2Options),
 }
 
 /// Adds the node described by `opts` (and its inline children) as a
@@ -264,6 +282,10 @@ fn record(mut given: Value, tx: &Transaction<'_>, spec: &Spec) -> Value {
         Spec::Blkverify(t, r) => {
             given["test"] = name(*t);
             given["raw"] = name(*r);
+        }
+        Spec::Qcow2(f, backing, _) => {
+            given["file"] = name(*f);
+            given["backing"] = backing.map_or(Value::Null, name);
         }
         Spec::File(_) | Spec::Null(_) => {}
     }
@@ -416,10 +438,122 @@ fn parse(
             let raw = child(tx, o, "raw", &child_common, reopening, ctx)?;
             Spec::Blkverify(test, raw)
         }
-        "qcow2" => return Err(BlockdevError::NotSupported("the qcow2 driver".into())),
+        "qcow2" => {
+            let file = child(tx, o, "file", &child_common, reopening, ctx)?;
+            for k in ["lazy-refcounts", "pass-discard-request", "pass-discard-snapshot", "pass-discard-other"] {
+                o.take_bool(k)?;
+            }
+            o.take_size("l2-cache-entry-size")?;
+            o.take_u64("cache-clean-interval")?;
+            // Strata checks every metadata offset it uses; the option only
+            // tunes QEMU's extra checks.
+            o.take("overlap-check");
+            for unsupported in ["data-file", "encrypt"] {
+                if o.has(unsupported) {
+                    return Err(BlockdevError::NotSupported(format!("qcow2's '{unsupported}' option")));
+                }
+            }
+            let total = o.take_size("cache-size")?;
+            let l2 = o.take_size("l2-cache-size")?.or(total.map(|t| t / 4 * 3));
+            let rc = o.take_size("refcount-cache-size")?.or(total.map(|t| t / 4));
+            let backing = match o.take_child("backing")? {
+                Some(ChildOption::Reference(n)) => Some(tx.view().find(&n).ok_or(BlockdevError::NoSuchNode(n))?),
+                Some(ChildOption::Inline(inline)) => {
+                    let current = reopening.and_then(|id| tx.view().child_slot(id, "backing")).and_then(|s| tx.view().child_id(s));
+                    let mut ro = child_common.clone();
+                    ro.read_only = true;
+                    Some(resolve_inline(tx, inline, &ro, current, ctx)?)
+                }
+                Some(ChildOption::Null) => None,
+                None => match reopening {
+                    Some(id) if tx.view().child_slot(id, "backing").is_some() => {
+                        return Err(BlockdevError::BackingRequired(tx.view().name(id).to_owned()));
+                    }
+                    Some(_) => None,
+                    None => implicit_backing(tx, file, common, ctx)?,
+                },
+            };
+            Spec::Qcow2(
+                file,
+                backing,
+                Qcow2Options {
+                    read_only: common.read_only,
+                    l2_cache_size: l2,
+                    refcount_cache_size: rc,
+                    discard: common.discard,
+                },
+            )
+        }
         other => return Err(BlockdevError::UnknownDriver(other.into())),
     })
 }
+
+/// The host file an image node sits on, following `file` children.
+fn filename_of(tx: &Transaction<'_>, id: NodeId) -> Option<PathBuf> {
+    let v = tx.view();
+    let node = v.node(id)?;
+    if let Some(f) = node.options().get("filename").and_then(Value::as_str) {
+        return Some(PathBuf::from(f));
+    }
+    filename_of(tx, v.child_id(v.child_slot(id, "file")?)?)
+}
+
+/// Opens the backing chain a qcow2 header names, as inline, read-only
+/// nodes: the backing file's own `file` node and its format node.
+fn implicit_backing(tx: &mut Transaction<'_>, file: NodeId, common: &Common, ctx: &OpenContext) -> Result<Option<NodeId>, BlockdevError> {
+    let view = tx.view();
+    let driver = view.node(file).expect("resolved above").driver();
+    let info = block_on(Qcow2Node::backing_info(view, driver))
+        .map_err(|e| BlockdevError::NotSupported(format!("I/O without a reactor ({e})")))?;
+    let info = match info {
+        Ok(i) => i,
+        // Not a qcow2 image: the qcow2 driver itself will say so.
+        Err(_) => return Ok(None),
+    };
+    let Some(name) = info.file else { return Ok(None) };
+    let fail = |reason: String| BlockdevError::Backing { name: name.clone(), reason };
+    if name.starts_with("json:") || name.contains("://") {
+        return Err(fail("only plain file names are supported".into()));
+    }
+    let image = filename_of(tx, file).ok_or_else(|| fail("the image has no file name to resolve it against".into()))?;
+    let path = match Path::new(&name) {
+        p if p.is_absolute() => p.to_path_buf(),
+        p => image.parent().unwrap_or(Path::new(".")).join(p),
+    };
+    let canonical = |p: &Path| std::fs::canonicalize(p).map_err(|e| fail(format!("{}: {e}", p.display())));
+    let this = canonical(&image)?;
+    let target = canonical(&path)?;
+    let mut chain = common.chain.clone();
+    chain.push(this);
+    if chain.contains(&target) {
+        let names: Vec<String> = chain.iter().chain([&target]).map(|p| p.display().to_string()).collect();
+        return Err(BlockdevError::BackingLoop(names.join(" -> ")));
+    }
+    if chain.len() >= MAX_CHAIN {
+        return Err(fail(format!("the backing chain is deeper than {MAX_CHAIN} images")));
+    }
+    let format = match info.format {
+        Some(f) => f,
+        None => image::probe(&path).map_err(|e| fail(e.to_string()))?.name().to_owned(),
+    };
+    if format != "raw" && format != "qcow2" {
+        return Err(fail(format!("backing format '{format}' is not supported")));
+    }
+    let opts = json!({
+        "driver": format,
+        "read-only": true,
+        "file": {"driver": "file", "filename": path.to_string_lossy(), "read-only": true},
+    });
+    let inherited = Common {
+        read_only: true,
+        chain,
+        ..common.clone()
+    };
+    open_node(tx, Options::from_json(opts)?, false, &inherited, ctx).map(Some)
+}
+
+/// Backing chains deeper than this are refused.
+const MAX_CHAIN: usize = 64;
 
 fn quorum_options(o: &mut Options) -> Result<QuorumOptions, BlockdevError> {
     let threshold = o.take_u64("vote-threshold")?;
@@ -459,6 +593,10 @@ fn build(
             Arc::new(QuorumNode::open(b, &children, q, ctx.events.clone())?)
         }
         Spec::Blkverify(test, raw) => Arc::new(BlkverifyNode::open(b, test, raw)?),
+        Spec::Qcow2(file, backing, q) => match b.previous().and_then(|p| p.reopen_state()) {
+            Some(state) => Arc::new(Qcow2Node::reopen(b, state, file, backing, &q)?),
+            None => Arc::new(Qcow2Node::open(b, file, backing, &q)?),
+        },
     })
 }
 

@@ -131,6 +131,12 @@ pub trait BlockDriver: Send + Sync + 'static {
         }))
     }
 
+    /// State a reopen of this node should carry over to its replacement
+    /// (caches that must not go stale), if the driver has any.
+    fn reopen_state(&self) -> Option<std::sync::Arc<dyn std::any::Any + Send + Sync>> {
+        None
+    }
+
     /// Changes the node's size.
     fn resize<'a>(&'a self, _g: &'a GraphView, _size: u64) -> IoFuture<'a> {
         IoFuture::ready(Err(BlockError::Unsupported {

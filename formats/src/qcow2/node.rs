@@ -11,7 +11,9 @@
 //! lock once the slice is cached. Allocation takes it only to choose
 //! clusters and to link them; the data itself is written without it.
 
+use std::any::Any;
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use strata_graph::{
@@ -53,14 +55,29 @@ const DEFAULT_REFCOUNT_CACHE: u64 = 1 << 20;
 pub struct Qcow2Node {
     pub(super) file: SlotId,
     pub(super) backing: Option<SlotId>,
+    pub(super) read_only: bool,
+    pub(super) discard: bool,
+    /// The image's state, which a reopen carries over to the new node.
+    inner: Arc<Image>,
+}
+
+/// What an open image knows, shared by a node and the node that replaces
+/// it on reopen.
+pub struct Image {
     pub(super) g: Geometry,
     pub(super) version: u32,
     pub(super) compression: Compression,
-    pub(super) read_only: bool,
-    pub(super) discard: bool,
     pub(super) size: AtomicU64,
     pub(super) l2: L2Cache,
     pub(super) meta: futures::lock::Mutex<Meta>,
+}
+
+impl std::ops::Deref for Qcow2Node {
+    type Target = Image;
+
+    fn deref(&self) -> &Image {
+        &self.inner
+    }
 }
 
 /// What a header says about backing, for opening the chain.
@@ -74,27 +91,56 @@ pub struct BackingInfo {
 
 impl Qcow2Node {
     /// Reads the header of the image behind `file` in `g`.
-    pub async fn read_header(
-        g: &GraphView,
-        file: SlotId,
-    ) -> Result<(Header, AlignedBuf), Qcow2Error> {
-        let io = FileIo { g, slot: file };
-        let size = io.size()?;
+    pub async fn read_header(g: &GraphView, file: SlotId) -> Result<(Header, AlignedBuf), Qcow2Error> {
+        let driver = g.child(file).map_err(|source| Qcow2Error::Io { what: "read the header", source })?;
+        Self::read_header_from(g, driver).await
+    }
+
+    /// Reads the header of the image in `file`.
+    pub async fn read_header_from(g: &GraphView, file: &dyn BlockDriver) -> Result<(Header, AlignedBuf), Qcow2Error> {
+        let err = |source| Qcow2Error::Io { what: "read the header", source };
+        let size = file.size(g).map_err(err)?;
         if size < 72 {
             return Err(Qcow2Error::Truncated { len: size });
         }
         let mut head = AlignedBuf::zeroed(size.min(65536) as usize, 4096);
-        io.read("read the header", 0, head.as_mut_slice()).await?;
+        file.read(g, 0, &head.iovecs_mut()).await.map_err(err)?;
         let bits = u32::from_be_bytes(head.as_slice()[20..24].try_into().expect("4 bytes"));
-        if (9..=21).contains(&bits)
-            && (1u64 << bits) > head.len() as u64
-            && size > head.len() as u64
-        {
+        if (9..=21).contains(&bits) && (1u64 << bits) > head.len() as u64 && size > head.len() as u64 {
             head = AlignedBuf::zeroed(size.min(1 << bits) as usize, 4096);
-            io.read("read the header", 0, head.as_mut_slice()).await?;
+            file.read(g, 0, &head.iovecs_mut()).await.map_err(err)?;
         }
         let header = Header::parse(head.as_slice(), size)?;
         Ok((header, head))
+    }
+
+    /// Reopens `previous` (the node's current driver, if it is a qcow2
+    /// node) with new options and children, keeping its caches and
+    /// metadata state: nothing is re-read, so nothing can go stale.
+    pub fn reopen(
+        b: &mut NodeBuilder<'_>,
+        previous: Arc<dyn Any + Send + Sync>,
+        file: NodeId,
+        backing: Option<NodeId>,
+        opts: &Qcow2Options,
+    ) -> Result<Self, Qcow2Error> {
+        let inner = previous.downcast::<Image>().map_err(|_| Qcow2Error::Io {
+            what: "reopen",
+            source: BlockError::Unsupported { op: IoOp::Read, driver: "qcow2 (reopen of another driver)" },
+        })?;
+        let node = Qcow2Node {
+            file: b.attach("file", file)?,
+            backing: backing.map(|n| b.attach("backing", n)).transpose()?,
+            read_only: opts.read_only,
+            discard: opts.discard,
+            inner,
+        };
+        if !opts.read_only {
+            let g = b.view();
+            block_on(node.prepare_for_writing(node.io(g)))
+                .map_err(|e| Qcow2Error::Io { what: "set up I/O", source: BlockError::io(IoOp::Read, 0, e) })??;
+        }
+        Ok(node)
     }
 
     /// Opens the image behind node `file`, with node `backing` (if any) as
@@ -185,11 +231,12 @@ impl Qcow2Node {
         let node = Qcow2Node {
             file,
             backing,
+            read_only: opts.read_only,
+            discard: opts.discard,
+            inner: Arc::new(Image {
             g: geo,
             version: header.version,
             compression: header.compression,
-            read_only: opts.read_only,
-            discard: opts.discard,
             size: AtomicU64::new(header.size),
             l2,
             meta: futures::lock::Mutex::new(Meta {
@@ -201,6 +248,7 @@ impl Qcow2Node {
                 refs,
                 pending_free: Vec::new(),
                 busy: HashMap::new(),
+            }),
             }),
         };
         if !opts.read_only {
@@ -438,9 +486,10 @@ impl Qcow2Node {
         }))
     }
 
-    /// The header's backing file name and format.
-    pub async fn backing_info(g: &GraphView, file: SlotId) -> Result<BackingInfo, Qcow2Error> {
-        let (h, _) = Self::read_header(g, file).await?;
+    /// The backing file name and format the header of the image in `file`
+    /// names.
+    pub async fn backing_info(g: &GraphView, file: &dyn BlockDriver) -> Result<BackingInfo, Qcow2Error> {
+        let (h, _) = Self::read_header_from(g, file).await?;
         Ok(BackingInfo {
             file: h.backing_file,
             format: h.backing_format,
@@ -524,11 +573,14 @@ impl BlockDriver for Qcow2Node {
         IoFuture::new(self.zero_impl(g, offset, len, super::write::Zeroing::Discard))
     }
 
+    fn reopen_state(&self) -> Option<Arc<dyn Any + Send + Sync>> {
+        Some(Arc::clone(&self.inner) as Arc<dyn Any + Send + Sync>)
+    }
+
     fn flush<'a>(&'a self, g: &'a GraphView) -> IoFuture<'a> {
         IoFuture::new(async move {
-            if self.read_only {
-                return Ok(());
-            }
+            // A node reopened read-only may still hold metadata its
+            // writable predecessor changed: write it even then.
             let mut meta = self.meta.lock().await;
             meta.write_back(self.io(g), &self.l2, &self.g)
                 .await
