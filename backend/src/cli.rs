@@ -83,6 +83,93 @@ pub enum Command {
     /// Serve a disk image over a vhost-user-blk socket until SIGINT or
     /// SIGTERM. A frontend that disconnects can reconnect.
     Serve(ServeArgs),
+    /// Create a disk image (as `qemu-img create`).
+    Create(CreateArgs),
+    /// Show facts about an image (as `qemu-img info`).
+    Info(InfoArgs),
+    /// Show where an image's data is (as `qemu-img map`).
+    Map(MapArgs),
+    /// Check an image's metadata, and repair it (as `qemu-img check`).
+    /// Exit codes: 0 clean, 2 corrupt, 3 leaked clusters only, 1 error.
+    Check(CheckArgs),
+}
+
+/// How the image tools print.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    /// For people.
+    Human,
+    /// For scripts, as qemu-img's JSON.
+    Json,
+}
+
+/// Options of `strata create`.
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    /// Image format: qcow2 or raw.
+    #[arg(short = 'f', value_name = "FMT", default_value = "raw")]
+    pub format: String,
+    /// Backing file (qcow2), resolved relative to the new image's directory.
+    #[arg(short = 'b', value_name = "BACKING")]
+    pub backing: Option<String>,
+    /// Backing file format.
+    #[arg(short = 'F', value_name = "FMT")]
+    pub backing_format: Option<String>,
+    /// Format options: cluster_size, refcount_bits, extended_l2=on|off,
+    /// compat=0.10|1.1, lazy_refcounts=on|off, compression_type=zlib|zstd,
+    /// backing_file, backing_fmt.
+    #[arg(short = 'o', value_name = "OPTIONS")]
+    pub options: Vec<String>,
+    /// The image to create.
+    pub file: PathBuf,
+    /// Its size (bytes or with a K, M, G, T suffix); defaults to the
+    /// backing file's.
+    pub size: Option<String>,
+}
+
+/// Options of `strata info`.
+#[derive(Debug, Args)]
+pub struct InfoArgs {
+    /// Show the whole backing chain.
+    #[arg(long)]
+    pub backing_chain: bool,
+    /// Image format (probed if not given).
+    #[arg(short = 'f', value_name = "FMT")]
+    pub format: Option<String>,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = OutputFormat::Human)]
+    pub output: OutputFormat,
+    /// The image.
+    pub file: PathBuf,
+}
+
+/// Options of `strata map`.
+#[derive(Debug, Args)]
+pub struct MapArgs {
+    /// Image format (probed if not given).
+    #[arg(short = 'f', value_name = "FMT")]
+    pub format: Option<String>,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = OutputFormat::Human)]
+    pub output: OutputFormat,
+    /// The image.
+    pub file: PathBuf,
+}
+
+/// Options of `strata check`.
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// Repair: leaks (leaked clusters) or all (also corruptions).
+    #[arg(short = 'r', value_name = "leaks|all")]
+    pub repair: Option<String>,
+    /// Image format (probed if not given).
+    #[arg(short = 'f', value_name = "FMT")]
+    pub format: Option<String>,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = OutputFormat::Human)]
+    pub output: OutputFormat,
+    /// The image.
+    pub file: PathBuf,
 }
 
 /// The image formats `serve` accepts.

@@ -6,6 +6,7 @@ pub mod daemon;
 pub mod device;
 pub mod events;
 pub mod export;
+pub mod img;
 pub mod keyval;
 pub mod open;
 pub mod qmp;

@@ -12,8 +12,10 @@ use strata_backend::cli::{
 };
 use strata_backend::daemon::{Daemon, ExportSpec};
 use strata_backend::export::ExportOptions;
+use strata_backend::img;
 use strata_backend::open::{open_image, ImageOptions};
 use strata_formats::image::{self, ImageFormat};
+use strata_formats::qcow2::create::{create as create_qcow2, CreateOptions};
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
@@ -27,6 +29,13 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let res = match cli.command {
         Some(Command::Serve(args)) => run_serve(args),
+        Some(Command::Create(args)) => img::create(args),
+        Some(Command::Info(args)) => img::info(args),
+        Some(Command::Map(args)) => img::map(args),
+        Some(Command::Check(args)) => match img::check_image(args) {
+            Ok(code) => return ExitCode::from(code as u8),
+            Err(e) => Err(e),
+        },
         None => strata_backend::qsd::run(cli.qsd),
     };
     match res {
@@ -57,11 +66,20 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
             tracing::info!("'{}' exists; serving it as it is", image.display());
         } else {
             if format == Some(ImageFormat::Qcow2) {
-                bail!("--create makes raw images; qcow2 is not supported yet");
+                let opts = CreateOptions {
+                    size,
+                    ..Default::default()
+                };
+                create_qcow2(&image, &opts).context("cannot create the image")?;
+            } else {
+                image::create_raw(&image, size).context("cannot create the image")?;
             }
-            image::create_raw(&image, size).context("cannot create the image")?;
             created = true;
-            tracing::info!("created '{}' ({size} bytes, raw)", image.display());
+            tracing::info!(
+                "created '{}' ({size} bytes, {})",
+                image.display(),
+                format.unwrap_or(ImageFormat::Raw).name()
+            );
         }
     } else if !image.exists() {
         bail!(
@@ -72,10 +90,10 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
 
     let daemon = Daemon::new();
     open_image(
-        daemon.graph(),
+        &daemon,
         &image,
         &ImageOptions {
-            // A freshly created image is known to be raw.
+            // A freshly created image's format is known.
             format: format.or(created.then_some(ImageFormat::Raw)),
             direct: args.cache == CacheArg::None,
             read_only: args.read_only,

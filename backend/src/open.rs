@@ -3,11 +3,15 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use anyhow::{bail, Context as _};
+use anyhow::Context as _;
+use serde_json::json;
 use strata_formats::file::{FileNode, FileOptions};
 use strata_formats::image::{self, ImageFormat};
+use strata_formats::options::Options;
 use strata_formats::raw::{RawNode, RawOptions};
-use strata_graph::{BlockDriver, Graph, NodeId};
+use strata_graph::{BlockDriver, NodeId};
+
+use crate::daemon::Daemon;
 
 /// How `serve` opens its image.
 #[derive(Clone, Debug)]
@@ -20,19 +24,33 @@ pub struct ImageOptions {
     pub read_only: bool,
 }
 
-/// Adds the nodes for `path` to `graph` and returns the top one.
-pub fn open_image(graph: &Graph, path: &Path, opts: &ImageOptions) -> anyhow::Result<NodeId> {
+/// Adds the nodes for `path` to the daemon's graph and returns the top one.
+pub fn open_image(daemon: &Daemon, path: &Path, opts: &ImageOptions) -> anyhow::Result<NodeId> {
+    let graph = daemon.graph();
     let probed = opts.format.is_none();
     let format = match opts.format {
         Some(f) => f,
         None => image::probe(path).context("cannot probe the image format")?,
     };
     if format == ImageFormat::Qcow2 {
-        bail!(
-            "'{}' is a qcow2 image, and qcow2 is not supported yet; \
-             convert it with `qemu-img convert -O raw`",
-            path.display()
-        );
+        // The backing chain the header names is opened with it.
+        let opts = json!({
+            "driver": "qcow2",
+            "node-name": "disk",
+            "read-only": opts.read_only,
+            "discard": "unmap",
+            "file": {
+                "driver": "file",
+                "node-name": "disk-file",
+                "filename": path.to_string_lossy(),
+                "read-only": opts.read_only,
+                "discard": "unmap",
+                "cache": {"direct": opts.direct},
+            },
+        });
+        return daemon
+            .blockdev_add(Options::from_json(opts)?)
+            .map_err(|e| anyhow::anyhow!("cannot open '{}': {e}", path.display()));
     }
     if probed {
         tracing::warn!(

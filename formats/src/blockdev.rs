@@ -16,12 +16,12 @@ use crate::blkverify::BlkverifyNode;
 use crate::cor::CopyOnReadNode;
 use crate::file::{FileNode, FileOptions};
 use crate::image;
-use crate::qcow2::{Qcow2Node, Qcow2Options};
-use crate::reactor::block_on;
 use crate::null::{NullNode, NullOptions};
 use crate::options::{ChildOption, Options, OptionsError};
+use crate::qcow2::{Qcow2Node, Qcow2Options};
 use crate::quorum::{QuorumNode, QuorumOptions, ReadPattern};
 use crate::raw::{RawNode, RawOptions};
+use crate::reactor::block_on;
 use crate::throttle::group::ThrottleGroups;
 use crate::throttle::ThrottleNode;
 
@@ -440,7 +440,12 @@ fn parse(
         }
         "qcow2" => {
             let file = child(tx, o, "file", &child_common, reopening, ctx)?;
-            for k in ["lazy-refcounts", "pass-discard-request", "pass-discard-snapshot", "pass-discard-other"] {
+            for k in [
+                "lazy-refcounts",
+                "pass-discard-request",
+                "pass-discard-snapshot",
+                "pass-discard-other",
+            ] {
                 o.take_bool(k)?;
             }
             o.take_size("l2-cache-entry-size")?;
@@ -450,16 +455,22 @@ fn parse(
             o.take("overlap-check");
             for unsupported in ["data-file", "encrypt"] {
                 if o.has(unsupported) {
-                    return Err(BlockdevError::NotSupported(format!("qcow2's '{unsupported}' option")));
+                    return Err(BlockdevError::NotSupported(format!(
+                        "qcow2's '{unsupported}' option"
+                    )));
                 }
             }
             let total = o.take_size("cache-size")?;
             let l2 = o.take_size("l2-cache-size")?.or(total.map(|t| t / 4 * 3));
             let rc = o.take_size("refcount-cache-size")?.or(total.map(|t| t / 4));
             let backing = match o.take_child("backing")? {
-                Some(ChildOption::Reference(n)) => Some(tx.view().find(&n).ok_or(BlockdevError::NoSuchNode(n))?),
+                Some(ChildOption::Reference(n)) => {
+                    Some(tx.view().find(&n).ok_or(BlockdevError::NoSuchNode(n))?)
+                }
                 Some(ChildOption::Inline(inline)) => {
-                    let current = reopening.and_then(|id| tx.view().child_slot(id, "backing")).and_then(|s| tx.view().child_id(s));
+                    let current = reopening
+                        .and_then(|id| tx.view().child_slot(id, "backing"))
+                        .and_then(|s| tx.view().child_id(s));
                     let mut ro = child_common.clone();
                     ro.read_only = true;
                     Some(resolve_inline(tx, inline, &ro, current, ctx)?)
@@ -467,7 +478,9 @@ fn parse(
                 Some(ChildOption::Null) => None,
                 None => match reopening {
                     Some(id) if tx.view().child_slot(id, "backing").is_some() => {
-                        return Err(BlockdevError::BackingRequired(tx.view().name(id).to_owned()));
+                        return Err(BlockdevError::BackingRequired(
+                            tx.view().name(id).to_owned(),
+                        ));
                     }
                     Some(_) => None,
                     None => implicit_backing(tx, file, common, ctx)?,
@@ -500,7 +513,12 @@ fn filename_of(tx: &Transaction<'_>, id: NodeId) -> Option<PathBuf> {
 
 /// Opens the backing chain a qcow2 header names, as inline, read-only
 /// nodes: the backing file's own `file` node and its format node.
-fn implicit_backing(tx: &mut Transaction<'_>, file: NodeId, common: &Common, ctx: &OpenContext) -> Result<Option<NodeId>, BlockdevError> {
+fn implicit_backing(
+    tx: &mut Transaction<'_>,
+    file: NodeId,
+    common: &Common,
+    ctx: &OpenContext,
+) -> Result<Option<NodeId>, BlockdevError> {
     let view = tx.view();
     let driver = view.node(file).expect("resolved above").driver();
     let info = block_on(Qcow2Node::backing_info(view, driver))
@@ -510,31 +528,47 @@ fn implicit_backing(tx: &mut Transaction<'_>, file: NodeId, common: &Common, ctx
         // Not a qcow2 image: the qcow2 driver itself will say so.
         Err(_) => return Ok(None),
     };
-    let Some(name) = info.file else { return Ok(None) };
-    let fail = |reason: String| BlockdevError::Backing { name: name.clone(), reason };
+    let Some(name) = info.file else {
+        return Ok(None);
+    };
+    let fail = |reason: String| BlockdevError::Backing {
+        name: name.clone(),
+        reason,
+    };
     if name.starts_with("json:") || name.contains("://") {
         return Err(fail("only plain file names are supported".into()));
     }
-    let image = filename_of(tx, file).ok_or_else(|| fail("the image has no file name to resolve it against".into()))?;
+    let image = filename_of(tx, file)
+        .ok_or_else(|| fail("the image has no file name to resolve it against".into()))?;
     let path = match Path::new(&name) {
         p if p.is_absolute() => p.to_path_buf(),
         p => image.parent().unwrap_or(Path::new(".")).join(p),
     };
-    let canonical = |p: &Path| std::fs::canonicalize(p).map_err(|e| fail(format!("{}: {e}", p.display())));
+    let canonical =
+        |p: &Path| std::fs::canonicalize(p).map_err(|e| fail(format!("{}: {e}", p.display())));
     let this = canonical(&image)?;
     let target = canonical(&path)?;
     let mut chain = common.chain.clone();
     chain.push(this);
     if chain.contains(&target) {
-        let names: Vec<String> = chain.iter().chain([&target]).map(|p| p.display().to_string()).collect();
+        let names: Vec<String> = chain
+            .iter()
+            .chain([&target])
+            .map(|p| p.display().to_string())
+            .collect();
         return Err(BlockdevError::BackingLoop(names.join(" -> ")));
     }
     if chain.len() >= MAX_CHAIN {
-        return Err(fail(format!("the backing chain is deeper than {MAX_CHAIN} images")));
+        return Err(fail(format!(
+            "the backing chain is deeper than {MAX_CHAIN} images"
+        )));
     }
     let format = match info.format {
         Some(f) => f,
-        None => image::probe(&path).map_err(|e| fail(e.to_string()))?.name().to_owned(),
+        None => image::probe(&path)
+            .map_err(|e| fail(e.to_string()))?
+            .name()
+            .to_owned(),
     };
     if format != "raw" && format != "qcow2" {
         return Err(fail(format!("backing format '{format}' is not supported")));

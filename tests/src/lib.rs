@@ -1,7 +1,9 @@
 //! Helpers for Strata's workspace-level tests: run the real `strata`
 //! binary, drive it with a frontend, boot a guest against it.
 
+pub mod client;
 pub mod daemon;
 pub mod frontend;
 pub mod guest;
+pub mod qemu;
 pub mod qmp;

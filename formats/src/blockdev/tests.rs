@@ -434,13 +434,27 @@ fn throttle_and_copy_on_read_pass_data_through() {
 }
 
 fn qemu_img(args: &[&str]) {
-    let out = std::process::Command::new("qemu-img").args(args).output().unwrap();
-    assert!(out.status.success(), "qemu-img {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    let out = std::process::Command::new("qemu-img")
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "qemu-img {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 fn qemu_io(path: &str, cmd: &str) {
-    let out = std::process::Command::new("qemu-io").args(["-c", cmd, path]).output().unwrap();
-    assert!(out.status.success(), "qemu-io {cmd}: {}", String::from_utf8_lossy(&out.stderr));
+    let out = std::process::Command::new("qemu-io")
+        .args(["-c", cmd, path])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "qemu-io {cmd}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
@@ -449,25 +463,66 @@ fn qcow2_opens_its_backing_chain_from_the_header() {
     image(&dir, "base.raw", 0x11, 4 << 20);
     let mid = dir.path().join("mid.qcow2");
     let top = dir.path().join("top.qcow2");
-    qemu_img(&["create", "-f", "qcow2", "-b", "base.raw", "-F", "raw", mid.to_str().unwrap(), "4M"]);
-    qemu_img(&["create", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2", top.to_str().unwrap(), "4M"]);
+    qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.raw",
+        "-F",
+        "raw",
+        mid.to_str().unwrap(),
+        "4M",
+    ]);
+    qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-b",
+        "mid.qcow2",
+        "-F",
+        "qcow2",
+        top.to_str().unwrap(),
+        "4M",
+    ]);
     qemu_io(mid.to_str().unwrap(), "write -P 0x22 1M 64k");
     qemu_io(top.to_str().unwrap(), "write -P 0x33 2M 64k");
     let g = Graph::new();
     let c = ctx();
     add_json(&g, &c, json!({"driver": "qcow2", "node-name": "top", "file": {"driver": "file", "filename": top.to_str().unwrap()}})).unwrap();
-    assert_eq!(read(&g, "top", 0, 512).unwrap(), vec![0x11; 512], "from the raw base");
-    assert_eq!(read(&g, "top", 1 << 20, 512).unwrap(), vec![0x22; 512], "from mid");
-    assert_eq!(read(&g, "top", 2 << 20, 512).unwrap(), vec![0x33; 512], "from top");
+    assert_eq!(
+        read(&g, "top", 0, 512).unwrap(),
+        vec![0x11; 512],
+        "from the raw base"
+    );
+    assert_eq!(
+        read(&g, "top", 1 << 20, 512).unwrap(),
+        vec![0x22; 512],
+        "from mid"
+    );
+    assert_eq!(
+        read(&g, "top", 2 << 20, 512).unwrap(),
+        vec![0x33; 512],
+        "from top"
+    );
     let v = g.view();
     let top_id = v.find("top").unwrap();
-    let mid_id = v.child_id(v.child_slot(top_id, "backing").unwrap()).unwrap();
+    let mid_id = v
+        .child_id(v.child_slot(top_id, "backing").unwrap())
+        .unwrap();
     assert_eq!(v.node(mid_id).unwrap().driver().driver_name(), "qcow2");
-    let base_id = v.child_id(v.child_slot(mid_id, "backing").unwrap()).unwrap();
+    let base_id = v
+        .child_id(v.child_slot(mid_id, "backing").unwrap())
+        .unwrap();
     assert_eq!(v.node(base_id).unwrap().driver().driver_name(), "raw");
     // With "backing": null, unallocated clusters read as zeroes.
-    add_json(&g, &c, json!({"driver": "qcow2", "node-name": "alone", "backing": null, "read-only": true,
-        "file": {"driver": "file", "filename": top.to_str().unwrap(), "read-only": true}})).unwrap();
+    add_json(
+        &g,
+        &c,
+        json!({"driver": "qcow2", "node-name": "alone", "backing": null, "read-only": true,
+        "file": {"driver": "file", "filename": top.to_str().unwrap(), "read-only": true}}),
+    )
+    .unwrap();
     assert_eq!(read(&g, "alone", 0, 512).unwrap(), vec![0; 512]);
     // Reopen must say what becomes of the backing child.
     let err = reopen_json(&g, &c, json!({"driver": "qcow2", "node-name": "top", "file": g.view().name(v.child_id(v.child_slot(top_id, "file").unwrap()).unwrap())})).unwrap_err();
@@ -480,7 +535,17 @@ fn a_backing_chain_that_loops_is_refused() {
     let a = dir.path().join("a.qcow2");
     let b = dir.path().join("b.qcow2");
     qemu_img(&["create", "-f", "qcow2", a.to_str().unwrap(), "1M"]);
-    qemu_img(&["create", "-f", "qcow2", "-b", "a.qcow2", "-F", "qcow2", b.to_str().unwrap(), "1M"]);
+    qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-b",
+        "a.qcow2",
+        "-F",
+        "qcow2",
+        b.to_str().unwrap(),
+        "1M",
+    ]);
     // Point a at b by rewriting its header: offset 1024, length of "b.qcow2".
     let mut bytes = std::fs::read(&a).unwrap();
     bytes[8..16].copy_from_slice(&1024u64.to_be_bytes());
@@ -488,9 +553,17 @@ fn a_backing_chain_that_loops_is_refused() {
     bytes[1024..1031].copy_from_slice(b"b.qcow2");
     std::fs::write(&a, &bytes).unwrap();
     let g = Graph::new();
-    let err = add_json(&g, &ctx(), json!({"driver": "qcow2", "node-name": "b", "read-only": true,
-        "file": {"driver": "file", "filename": b.to_str().unwrap(), "read-only": true}})).unwrap_err();
-    assert!(err.to_string().starts_with("Backing chain loops: "), "{err}");
+    let err = add_json(
+        &g,
+        &ctx(),
+        json!({"driver": "qcow2", "node-name": "b", "read-only": true,
+        "file": {"driver": "file", "filename": b.to_str().unwrap(), "read-only": true}}),
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string().starts_with("Backing chain loops: "),
+        "{err}"
+    );
     assert_eq!(g.view().nodes().count(), 0, "nothing left behind");
 }
 
@@ -501,14 +574,33 @@ fn reopen_carries_qcow2_state_over() {
     qemu_img(&["create", "-f", "qcow2", p.to_str().unwrap(), "4M"]);
     let g = Graph::new();
     let c = ctx();
-    add_json(&g, &c, json!({"driver": "file", "node-name": "f", "filename": p.to_str().unwrap()})).unwrap();
-    add_json(&g, &c, json!({"driver": "qcow2", "node-name": "q", "file": "f"})).unwrap();
+    add_json(
+        &g,
+        &c,
+        json!({"driver": "file", "node-name": "f", "filename": p.to_str().unwrap()}),
+    )
+    .unwrap();
+    add_json(
+        &g,
+        &c,
+        json!({"driver": "qcow2", "node-name": "q", "file": "f"}),
+    )
+    .unwrap();
     write(&g, "q", 65536, &[9; 4096]).unwrap();
     // The write's metadata is still only in the cache; a reopen must not lose it.
     reopen_json(&g, &c, json!({"driver": "qcow2", "node-name": "q", "file": "f", "backing": null, "l2-cache-size": 65536})).unwrap();
     assert_eq!(read(&g, "q", 65536, 4096).unwrap(), vec![9; 4096]);
     let v = g.view();
-    block_on(v.node(v.find("q").unwrap()).unwrap().driver().flush(&v)).unwrap().unwrap();
-    let out = std::process::Command::new("qemu-img").args(["check", p.to_str().unwrap()]).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    block_on(v.node(v.find("q").unwrap()).unwrap().driver().flush(&v))
+        .unwrap()
+        .unwrap();
+    let out = std::process::Command::new("qemu-img")
+        .args(["check", p.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 }

@@ -3,7 +3,7 @@
 //! check the COPIED flags. Repair rebuilds the refcount structures at the
 //! end of the file and points the header at them.
 
-use strata_graph::AlignedBuf;
+use strata_graph::{AlignedBuf, GraphView, SlotId};
 
 use super::entry::L2Entry;
 use super::error::Qcow2Error;
@@ -232,9 +232,24 @@ async fn snapshots(io: FileIo<'_>, h: &Header) -> Result<(Vec<(u64, u64)>, u64),
     Ok((out, at as u64))
 }
 
+/// Checks (and repairs as asked) the image behind `slot`: a node's `file`
+/// slot, or a user's slot holding the file node.
+pub async fn check_slot(
+    g: &GraphView,
+    slot: SlotId,
+    repair: Repair,
+) -> Result<CheckReport, Qcow2Error> {
+    let (h, _) = Qcow2Node::read_header(g, slot).await?;
+    check(FileIo { g, slot }, &h, repair).await
+}
+
 /// Counts references, compares them with the refcounts, and repairs as
 /// asked. The header must be current.
-pub async fn check(io: FileIo<'_>, h: &Header, repair: Repair) -> Result<CheckReport, Qcow2Error> {
+pub(super) async fn check(
+    io: FileIo<'_>,
+    h: &Header,
+    repair: Repair,
+) -> Result<CheckReport, Qcow2Error> {
     let g = h.geometry;
     let cs = g.cluster_size();
     let file_clusters = io.size()?.div_ceil(cs);

@@ -217,9 +217,15 @@ impl Meta {
             self.l1_dirty = false;
         }
         io.flush().await?;
-        // 4. Nothing on disk refers to the released clusters any more.
-        for c in std::mem::take(&mut self.pending_free) {
-            self.refs.adjust(io, c, -1).await?;
+        // 4. Nothing on disk refers to the released clusters any more:
+        //    free them, durably, so a clean close leaks nothing.
+        let freed = std::mem::take(&mut self.pending_free);
+        if !freed.is_empty() {
+            for c in freed {
+                self.refs.adjust(io, c, -1).await?;
+            }
+            self.refs.write_blocks(io).await?;
+            io.flush().await?;
         }
         Ok(())
     }

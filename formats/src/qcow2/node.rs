@@ -13,8 +13,8 @@
 
 use std::any::Any;
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use strata_graph::{
     AlignedBuf, BlockDriver, BlockError, BlockStatus, GraphError, GraphView, IoFuture, IoOp,
@@ -91,14 +91,26 @@ pub struct BackingInfo {
 
 impl Qcow2Node {
     /// Reads the header of the image behind `file` in `g`.
-    pub async fn read_header(g: &GraphView, file: SlotId) -> Result<(Header, AlignedBuf), Qcow2Error> {
-        let driver = g.child(file).map_err(|source| Qcow2Error::Io { what: "read the header", source })?;
+    pub async fn read_header(
+        g: &GraphView,
+        file: SlotId,
+    ) -> Result<(Header, AlignedBuf), Qcow2Error> {
+        let driver = g.child(file).map_err(|source| Qcow2Error::Io {
+            what: "read the header",
+            source,
+        })?;
         Self::read_header_from(g, driver).await
     }
 
     /// Reads the header of the image in `file`.
-    pub async fn read_header_from(g: &GraphView, file: &dyn BlockDriver) -> Result<(Header, AlignedBuf), Qcow2Error> {
-        let err = |source| Qcow2Error::Io { what: "read the header", source };
+    pub async fn read_header_from(
+        g: &GraphView,
+        file: &dyn BlockDriver,
+    ) -> Result<(Header, AlignedBuf), Qcow2Error> {
+        let err = |source| Qcow2Error::Io {
+            what: "read the header",
+            source,
+        };
         let size = file.size(g).map_err(err)?;
         if size < 72 {
             return Err(Qcow2Error::Truncated { len: size });
@@ -106,7 +118,10 @@ impl Qcow2Node {
         let mut head = AlignedBuf::zeroed(size.min(65536) as usize, 4096);
         file.read(g, 0, &head.iovecs_mut()).await.map_err(err)?;
         let bits = u32::from_be_bytes(head.as_slice()[20..24].try_into().expect("4 bytes"));
-        if (9..=21).contains(&bits) && (1u64 << bits) > head.len() as u64 && size > head.len() as u64 {
+        if (9..=21).contains(&bits)
+            && (1u64 << bits) > head.len() as u64
+            && size > head.len() as u64
+        {
             head = AlignedBuf::zeroed(size.min(1 << bits) as usize, 4096);
             file.read(g, 0, &head.iovecs_mut()).await.map_err(err)?;
         }
@@ -126,7 +141,10 @@ impl Qcow2Node {
     ) -> Result<Self, Qcow2Error> {
         let inner = previous.downcast::<Image>().map_err(|_| Qcow2Error::Io {
             what: "reopen",
-            source: BlockError::Unsupported { op: IoOp::Read, driver: "qcow2 (reopen of another driver)" },
+            source: BlockError::Unsupported {
+                op: IoOp::Read,
+                driver: "qcow2 (reopen of another driver)",
+            },
         })?;
         let node = Qcow2Node {
             file: b.attach("file", file)?,
@@ -137,8 +155,10 @@ impl Qcow2Node {
         };
         if !opts.read_only {
             let g = b.view();
-            block_on(node.prepare_for_writing(node.io(g)))
-                .map_err(|e| Qcow2Error::Io { what: "set up I/O", source: BlockError::io(IoOp::Read, 0, e) })??;
+            block_on(node.prepare_for_writing(node.io(g))).map_err(|e| Qcow2Error::Io {
+                what: "set up I/O",
+                source: BlockError::io(IoOp::Read, 0, e),
+            })??;
         }
         Ok(node)
     }
@@ -234,21 +254,21 @@ impl Qcow2Node {
             read_only: opts.read_only,
             discard: opts.discard,
             inner: Arc::new(Image {
-            g: geo,
-            version: header.version,
-            compression: header.compression,
-            size: AtomicU64::new(header.size),
-            l2,
-            meta: futures::lock::Mutex::new(Meta {
-                l1_offset: header.l1_table_offset,
-                header,
-                head_block: head_block(&head, cs),
-                l1,
-                l1_dirty: false,
-                refs,
-                pending_free: Vec::new(),
-                busy: HashMap::new(),
-            }),
+                g: geo,
+                version: header.version,
+                compression: header.compression,
+                size: AtomicU64::new(header.size),
+                l2,
+                meta: futures::lock::Mutex::new(Meta {
+                    l1_offset: header.l1_table_offset,
+                    header,
+                    head_block: head_block(&head, cs),
+                    l1,
+                    l1_dirty: false,
+                    refs,
+                    pending_free: Vec::new(),
+                    busy: HashMap::new(),
+                }),
             }),
         };
         if !opts.read_only {
@@ -488,7 +508,10 @@ impl Qcow2Node {
 
     /// The backing file name and format the header of the image in `file`
     /// names.
-    pub async fn backing_info(g: &GraphView, file: &dyn BlockDriver) -> Result<BackingInfo, Qcow2Error> {
+    pub async fn backing_info(
+        g: &GraphView,
+        file: &dyn BlockDriver,
+    ) -> Result<BackingInfo, Qcow2Error> {
         let (h, _) = Self::read_header_from(g, file).await?;
         Ok(BackingInfo {
             file: h.backing_file,

@@ -1,0 +1,127 @@
+//! A synchronous libblkio client for correctness tests: one request at a
+//! time, each checked, through a 4 MiB bounce region.
+
+use std::mem::MaybeUninit;
+use std::path::Path;
+
+use blkio::{Blkio, Blkioq, Completion, MemoryRegion, ReqFlags};
+
+const REGION: usize = 4 << 20;
+
+/// A connected client on queue 0.
+pub struct SyncClient {
+    _blkio: Blkio,
+    q: Blkioq,
+    region: MemoryRegion,
+    /// The disk's size in bytes.
+    pub capacity: u64,
+}
+
+impl SyncClient {
+    /// Connects to `socket`.
+    pub fn connect(socket: &Path, read_only: bool) -> Result<SyncClient, blkio::Error> {
+        let mut b = Blkio::new("virtio-blk-vhost-user")?;
+        b.set_str("path", socket.to_str().unwrap())?;
+        b.set_bool("read-only", read_only)?;
+        b.connect()?;
+        let mut out = b.start()?;
+        let capacity = b.get_u64("capacity")?;
+        let region = b.alloc_mem_region(REGION)?;
+        b.map_mem_region(&region)?;
+        Ok(SyncClient {
+            q: out.queues.remove(0),
+            _blkio: b,
+            region,
+            capacity,
+        })
+    }
+
+    fn buf(&mut self) -> &mut [u8] {
+        // SAFETY: the region is mapped for the client's life and no request
+        // is in flight whenever this is called (every call waits).
+        unsafe { std::slice::from_raw_parts_mut(self.region.addr as *mut u8, REGION) }
+    }
+
+    fn wait(&mut self) -> i32 {
+        let mut c = [MaybeUninit::<Completion>::uninit()];
+        self.q.do_io(&mut c, 1, None, None).unwrap();
+        // SAFETY: do_io completed one request.
+        unsafe { c[0].assume_init_ref() }.ret
+    }
+
+    /// Reads `len` bytes at `offset`; Err(-errno) on failure.
+    pub fn read(&mut self, offset: u64, len: usize) -> Result<Vec<u8>, i32> {
+        let mut out = Vec::with_capacity(len);
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(REGION);
+            self.q.read(
+                offset + done as u64,
+                self.region.addr as *mut u8,
+                n,
+                0,
+                ReqFlags::empty(),
+            );
+            match self.wait() {
+                0 => out.extend_from_slice(&self.buf()[..n]),
+                e => return Err(e),
+            }
+            done += n;
+        }
+        Ok(out)
+    }
+
+    /// Writes `data` at `offset`.
+    pub fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), i32> {
+        let mut done = 0;
+        while done < data.len() {
+            let n = (data.len() - done).min(REGION);
+            self.buf()[..n].copy_from_slice(&data[done..done + n]);
+            self.q.write(
+                offset + done as u64,
+                self.region.addr as *const u8,
+                n,
+                0,
+                ReqFlags::empty(),
+            );
+            match self.wait() {
+                0 => {}
+                e => return Err(e),
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Write-zeroes, allowed to unmap unless `keep`.
+    pub fn write_zeroes(&mut self, offset: u64, len: u64, keep: bool) -> Result<(), i32> {
+        let flags = if keep {
+            ReqFlags::NO_UNMAP
+        } else {
+            ReqFlags::empty()
+        };
+        self.q.write_zeroes(offset, len, 0, flags);
+        match self.wait() {
+            0 => Ok(()),
+            e => Err(e),
+        }
+    }
+
+    /// Discard.
+    pub fn discard(&mut self, offset: u64, len: u64) -> Result<(), i32> {
+        self.q.discard(offset, len, 0, ReqFlags::empty());
+        match self.wait() {
+            0 => Ok(()),
+            e => Err(e),
+        }
+    }
+
+    /// Flush.
+    pub fn flush(&mut self) -> Result<(), i32> {
+        self.q.flush(0, ReqFlags::empty());
+        match self.wait() {
+            0 => Ok(()),
+            e => Err(e),
+        }
+    }
+}
