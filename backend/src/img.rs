@@ -187,11 +187,11 @@ fn resolve_backing(image: &Path, backing: &str) -> PathBuf {
     }
 }
 
+/// The next image of a chain: its path and format, if the header says.
+type Next = Option<(PathBuf, Option<String>)>;
+
 /// Facts about one image of a chain, as `qemu-img info --output=json`.
-fn info_of(
-    path: &Path,
-    format: Option<&str>,
-) -> anyhow::Result<(Value, Option<(PathBuf, Option<String>)>)> {
+fn info_of(path: &Path, format: Option<&str>) -> anyhow::Result<(Value, Next)> {
     let opened = open(path, format, false, false)?;
     let v = opened.graph.view();
     let node = v.node(opened.top).expect("opened");
