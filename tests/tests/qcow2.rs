@@ -294,7 +294,8 @@ fn differential(name: &str, create_opts: &[&str], backing: Option<Vec<u8>>, seed
 #[test]
 fn random_workloads_check_clean_and_compare_identical() {
     let base: Vec<u8> = (0..12u32 << 20).map(|i| (i / 512 % 251) as u8).collect();
-    let runs: [(&str, Vec<&str>, Option<Vec<u8>>); 5] = [
+    type Run<'a> = (&'a str, Vec<&'a str>, Option<Vec<u8>>);
+    let runs: [Run<'_>; 5] = [
         ("64k clusters", vec![], None),
         (
             "4k clusters over a raw base",
