@@ -15,6 +15,8 @@ pub struct SyncClient {
     region: MemoryRegion,
     /// The disk's size in bytes.
     pub capacity: u64,
+    /// How long to wait for a completion; `None` waits forever.
+    pub timeout: Option<std::time::Duration>,
 }
 
 impl SyncClient {
@@ -33,6 +35,7 @@ impl SyncClient {
             _blkio: b,
             region,
             capacity,
+            timeout: None,
         })
     }
 
@@ -42,11 +45,16 @@ impl SyncClient {
         unsafe { std::slice::from_raw_parts_mut(self.region.addr as *mut u8, REGION) }
     }
 
+    /// The request's result; -ETIME when the timeout passed first.
     fn wait(&mut self) -> i32 {
         let mut c = [MaybeUninit::<Completion>::uninit()];
-        self.q.do_io(&mut c, 1, None, None).unwrap();
-        // SAFETY: do_io completed one request.
-        unsafe { c[0].assume_init_ref() }.ret
+        let mut t = self.timeout;
+        match self.q.do_io(&mut c, 1, t.as_mut(), None) {
+            // SAFETY: do_io completed one request.
+            Ok(1) => unsafe { c[0].assume_init_ref() }.ret,
+            Ok(_) => -libc::ETIME,
+            Err(_) => -libc::EIO,
+        }
     }
 
     /// Reads `len` bytes at `offset`; Err(-errno) on failure.
