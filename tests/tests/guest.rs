@@ -298,3 +298,73 @@ fn rewiring_the_graph_under_fio_verify() {
     qmp.execute("quit", json!({})).unwrap();
     assert!(child.wait().unwrap().success(), "{}", log());
 }
+
+#[test]
+#[ignore = "boots a QEMU guest; ci/test runs it"]
+fn fio_verify_on_a_qcow2_overlay_over_a_raw_base() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.raw");
+    let pattern: Vec<u8> = (0..256u32 << 20 >> 2)
+        .flat_map(|i| (i.wrapping_mul(2654435761)).to_le_bytes())
+        .collect();
+    std::fs::write(&base, &pattern).unwrap();
+    let overlay = dir.path().join("overlay.qcow2");
+    let out = Command::new(strata_bin())
+        .args([
+            "create",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.raw",
+            "-F",
+            "raw",
+            overlay.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let daemon = Daemon::serve(
+        &[
+            overlay.to_str().unwrap(),
+            "--format",
+            "qcow2",
+            "--num-queues",
+            "2",
+        ],
+        &dir.path().join("vm.sock"),
+        &dir.path().join("strata.log"),
+    );
+    let run = boot(daemon.socket(), 2, "fio,discard", BOOT_TIMEOUT);
+    show(&run);
+    check_done(&run, &daemon.log_text());
+    assert_eq!(
+        run.value("STRATA sysfs", "size_sectors").as_deref(),
+        Some("524288")
+    );
+    let job_results: Vec<&String> = run
+        .lines
+        .iter()
+        .filter(|l| l.contains("(groupid="))
+        .collect();
+    assert_eq!(job_results.len(), 2, "{job_results:?}");
+    assert!(
+        job_results.iter().all(|l| l.contains("err= 0")),
+        "{job_results:?}"
+    );
+    let (status, log) = daemon.stop();
+    assert!(status.success(), "{log}");
+    let (code, out) = strata_tests::qemu::check(&overlay);
+    assert_eq!(code, 0, "qemu-img check after the guest run:\n{out}");
+    // What the guest did not touch still comes from the base.
+    let raw = strata_tests::qemu::to_raw(&overlay);
+    let tail = 200 << 20;
+    assert!(
+        raw[tail..] == pattern[tail..],
+        "untouched data reads through to the base"
+    );
+    println!("qcow2 overlay: qemu-img check clean after fio verify in the guest");
+}

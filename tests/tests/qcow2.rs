@@ -457,3 +457,127 @@ fn the_tools_agree_with_qemu_img() {
         "data intact"
     );
 }
+
+#[test]
+fn hostile_images_get_clear_errors_and_never_crash_the_daemon() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let good = d.join("good.qcow2");
+    qemu_img_ok(&["create", "-q", "-f", "qcow2", good.to_str().unwrap(), "4M"]);
+    qemu_io(&good, "write -P 7 0 256k");
+    let bytes = std::fs::read(&good).unwrap();
+    let be64 = |b: &[u8], at: usize| u64::from_be_bytes(b[at..at + 8].try_into().unwrap());
+    let l1 = be64(&bytes, 40) as usize;
+    let l2 = (be64(&bytes, l1) & 0x00ff_ffff_ffff_fe00) as usize;
+
+    // Header damage: refused at open with an error that names the problem.
+    let cases: Vec<(&str, Box<dyn Fn(&mut Vec<u8>)>, &str)> = vec![
+        (
+            "truncated",
+            Box::new(|b: &mut Vec<u8>| b.truncate(50)),
+            "image is truncated",
+        ),
+        (
+            "huge L1",
+            Box::new(|b: &mut Vec<u8>| b[36..40].copy_from_slice(&(1u32 << 30).to_be_bytes())),
+            "L1 table has 1073741824 entries, more than the limit",
+        ),
+        (
+            "L1 past the end",
+            Box::new(|b: &mut Vec<u8>| b[40..48].copy_from_slice(&(1u64 << 40).to_be_bytes())),
+            "lies past the end of the file",
+        ),
+        (
+            "overlap",
+            Box::new(|b: &mut Vec<u8>| {
+                let rt = b[48..56].to_vec();
+                b[40..48].copy_from_slice(&rt)
+            }),
+            "overlap",
+        ),
+        (
+            "huge refcount table",
+            Box::new(|b: &mut Vec<u8>| b[56..60].copy_from_slice(&(1u32 << 24).to_be_bytes())),
+            "refcount table has",
+        ),
+        (
+            "unknown feature",
+            Box::new(|b: &mut Vec<u8>| b[72..80].copy_from_slice(&(1u64 << 40).to_be_bytes())),
+            "Unsupported qcow2 feature(s): Unknown incompatible feature: 10000000000",
+        ),
+        (
+            "encrypted",
+            Box::new(|b: &mut Vec<u8>| b[32..36].copy_from_slice(&1u32.to_be_bytes())),
+            "encrypted qcow2 images are not supported",
+        ),
+        (
+            "corrupt bit",
+            Box::new(|b: &mut Vec<u8>| b[79] |= 2),
+            "image is marked corrupt",
+        ),
+    ];
+    for (name, damage, want) in &cases {
+        let p = d.join(format!("{}.qcow2", name.replace(' ', "-")));
+        let mut b = bytes.clone();
+        damage(&mut b);
+        std::fs::write(&p, &b).unwrap();
+        let out = std::process::Command::new(strata_bin())
+            .args([
+                "serve",
+                p.to_str().unwrap(),
+                "--format",
+                "qcow2",
+                "--socket",
+            ])
+            .arg(d.join("h.sock"))
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "{name}: exits with an error, not a crash: {err}"
+        );
+        assert!(err.contains(want), "{name}: '{want}' not in: {err}");
+    }
+
+    // Metadata damage inside the tables: only the damaged clusters fail.
+    let mut b = bytes.clone();
+    let past_end = 1u64 << 50 | 1 << 63;
+    b[l2 + 8..l2 + 16].copy_from_slice(&past_end.to_be_bytes()); // cluster 1: past the end
+    let into_l1 = l1 as u64 | 1 << 63;
+    b[l2 + 16..l2 + 24].copy_from_slice(&into_l1.to_be_bytes()); // cluster 2: the L1 table
+    let p = d.join("bad-l2.qcow2");
+    std::fs::write(&p, &b).unwrap();
+    let mut daemon = serve(d, &p, &["--format", "qcow2"]);
+    let mut c = SyncClient::connect(daemon.socket(), false).unwrap();
+    assert_eq!(
+        c.read(0, 65536).unwrap(),
+        vec![7u8; 65536],
+        "a good cluster reads"
+    );
+    assert!(c.read(65536, 4096).is_err(), "past the end: an I/O error");
+    assert!(
+        c.read(2 * 65536, 4096).is_err(),
+        "into the L1 table: an I/O error"
+    );
+    assert!(
+        c.write(2 * 65536, &[1; 4096]).is_err(),
+        "and no write lands on the L1 table"
+    );
+    assert_eq!(c.read(3 * 65536, 512).unwrap(), vec![7u8; 512]);
+    drop(c);
+    assert!(daemon.is_running(), "the daemon survives");
+    let (status, log) = daemon.stop();
+    assert!(status.success(), "{log}");
+    assert!(
+        log.contains("points into metadata") && log.contains("points past the end of the file"),
+        "{log}"
+    );
+    let after = std::fs::read(&p).unwrap();
+    assert_eq!(
+        &after[l1..l1 + 8],
+        &bytes[l1..l1 + 8],
+        "the L1 table is untouched"
+    );
+}

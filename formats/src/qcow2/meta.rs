@@ -79,6 +79,7 @@ impl Meta {
         let mut buf = AlignedBuf::zeroed(l2.slice_bytes() as usize, 4096);
         io.read("read an L2 table", offset, buf.as_mut_slice())
             .await?;
+        self.sanitize(g, ci, buf.as_mut_slice(), file_size);
         let slice = Arc::new(L2Slice::from_bytes(offset, buf.as_slice()));
         if let Err(slice) = l2.insert(Arc::clone(&slice)) {
             // Every cached slice is dirty: write them out (with the
@@ -90,6 +91,74 @@ impl Meta {
         }
         let s = l2.get(offset).expect("just inserted");
         Ok(Some((s, idx)))
+    }
+
+    /// Host clusters that hold metadata: header, L1 and refcount tables,
+    /// refcount blocks and L2 tables.
+    fn metadata_clusters(&self, g: &Geometry) -> std::collections::HashSet<u64> {
+        let cs = g.cluster_size();
+        let mut set = std::collections::HashSet::new();
+        set.insert(0);
+        let l1_clusters = (self.l1.len() as u64 * 8).div_ceil(cs);
+        set.extend((0..l1_clusters).map(|i| self.l1_offset / cs + i));
+        set.extend((0..self.refs.table_clusters).map(|i| self.refs.table_offset / cs + i));
+        set.extend(
+            self.refs
+                .table
+                .iter()
+                .map(|e| e & OFFSET_MASK)
+                .filter(|&o| o != 0)
+                .map(|o| o / cs),
+        );
+        set.extend(
+            self.l1
+                .iter()
+                .map(|e| e & OFFSET_MASK)
+                .filter(|&o| o != 0)
+                .map(|o| o / cs),
+        );
+        set
+    }
+
+    /// Replaces entries of a freshly loaded slice of the L2 table for
+    /// guest cluster `ci` that point past the end of the file or into
+    /// metadata with an always-invalid marker, so using them fails with an
+    /// error while the rest of the slice works. Entries written by this
+    /// driver never do that; only a damaged or hostile image has them.
+    fn sanitize(&self, g: &Geometry, ci: u64, bytes: &mut [u8], file_size: u64) {
+        const MARKER: u64 = 2; // reserved bit 1
+        let cs = g.cluster_size();
+        let step = g.l2_entry_bytes() as usize;
+        let mut meta_clusters = None;
+        let first = ci - ci % (bytes.len() / step) as u64;
+        for (k, e) in bytes.chunks_exact_mut(step).enumerate() {
+            let word = u64::from_be_bytes(e[..8].try_into().expect("8 bytes"));
+            let entry = L2Entry { word, bitmap: 0 };
+            let host = if entry.compressed() {
+                entry.compressed_span(g).0
+            } else {
+                entry.host()
+            };
+            if host == 0 {
+                continue;
+            }
+            let why = if host >= file_size {
+                "past the end of the file"
+            } else if !entry.compressed()
+                && meta_clusters
+                    .get_or_insert_with(|| self.metadata_clusters(g))
+                    .contains(&(host / cs))
+            {
+                "into metadata"
+            } else {
+                continue;
+            };
+            tracing::error!(
+                "qcow2: the L2 entry {word:#x} for guest offset {:#x} points {why}; the image is corrupt",
+                (first + k as u64) * cs
+            );
+            e[..8].copy_from_slice(&MARKER.to_be_bytes());
+        }
     }
 
     /// The L2 entry of guest cluster `ci`.

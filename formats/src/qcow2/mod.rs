@@ -20,6 +20,9 @@ mod refcount;
 pub mod types;
 mod write;
 
+#[cfg(any(test, fuzzing))]
+pub mod fuzz;
+
 #[cfg(test)]
 mod tests;
 
