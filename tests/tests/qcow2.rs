@@ -458,6 +458,9 @@ fn the_tools_agree_with_qemu_img() {
     );
 }
 
+/// Corrupts an image in place.
+type Damage = Box<dyn Fn(&mut Vec<u8>)>;
+
 #[test]
 fn hostile_images_get_clear_errors_and_never_crash_the_daemon() {
     let dir = tempfile::tempdir().unwrap();
@@ -471,7 +474,7 @@ fn hostile_images_get_clear_errors_and_never_crash_the_daemon() {
     let l2 = (be64(&bytes, l1) & 0x00ff_ffff_ffff_fe00) as usize;
 
     // Header damage: refused at open with an error that names the problem.
-    let cases: Vec<(&str, Box<dyn Fn(&mut Vec<u8>)>, &str)> = vec![
+    let cases: Vec<(&str, Damage, &str)> = vec![
         (
             "truncated",
             Box::new(|b: &mut Vec<u8>| b.truncate(50)),
