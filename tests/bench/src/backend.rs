@@ -1,0 +1,141 @@
+//! A backend under test: Strata or qemu-storage-daemon, started with the
+//! same qsd-style command line and pinned to its own core.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+
+/// Which daemon.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// This project.
+    Strata,
+    /// qemu-storage-daemon, the reference.
+    Qsd,
+}
+
+impl Kind {
+    /// The name used in tables.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Strata => "strata",
+            Kind::Qsd => "qsd",
+        }
+    }
+}
+
+/// A running daemon serving one export. Killed when dropped.
+pub struct Backend {
+    child: Child,
+    /// The export's vhost-user socket.
+    pub socket: PathBuf,
+    log: PathBuf,
+}
+
+impl Backend {
+    /// Starts `bin` with `blockdevs` and a writable vhost-user-blk export
+    /// of node `root`, pinned to `cpu`. `iothread` adds an iothread object
+    /// with that `poll-max-ns` and runs the export in it.
+    pub fn start(
+        kind: Kind,
+        bin: &Path,
+        dir: &Path,
+        blockdevs: &[String],
+        iothread: Option<u64>,
+        cpu: usize,
+    ) -> anyhow::Result<Backend> {
+        let socket = dir.join(format!("{}.sock", kind.name()));
+        let log = dir.join(format!("{}.log", kind.name()));
+        let _ = std::fs::remove_file(&socket);
+        let mut cmd = Command::new("taskset");
+        cmd.arg("-c").arg(cpu.to_string()).arg(bin);
+        for b in blockdevs {
+            cmd.arg("--blockdev").arg(b);
+        }
+        let mut export = format!(
+            "type=vhost-user-blk,id=exp,node-name=root,writable=on,num-queues=1,\
+             addr.type=unix,addr.path={}",
+            socket.display()
+        );
+        if let Some(ns) = iothread {
+            cmd.arg("--object")
+                .arg(format!("iothread,id=io0,poll-max-ns={ns}"));
+            export.push_str(",iothread=io0");
+        }
+        cmd.arg("--export").arg(export);
+        let out = File::create(&log)?;
+        let child = cmd
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        let mut b = Backend { child, socket, log };
+        b.wait_ready()?;
+        Ok(b)
+    }
+
+    fn wait_ready(&mut self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::os::unix::net::UnixStream::connect(&self.socket).is_err() {
+            if let Some(status) = self.child.try_wait()? {
+                bail!(
+                    "the daemon exited ({status}) before listening:\n{}",
+                    std::fs::read_to_string(&self.log).unwrap_or_default()
+                );
+            }
+            if Instant::now() > deadline {
+                bail!("the daemon did not listen on {}", self.socket.display());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // The probe connection above counts as a frontend session; give the
+        // daemon a moment to see it close before the real client comes.
+        std::thread::sleep(Duration::from_millis(100));
+        Ok(())
+    }
+
+    /// The daemon's CPU time so far (utime + stime, all threads), in ns.
+    pub fn cpu_ns(&self) -> u64 {
+        cpu_ns(self.child.id())
+    }
+
+    /// The daemon's resident set, in bytes.
+    pub fn rss(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map_or(0, |kb| kb * 1024)
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// utime + stime of process `pid`, in ns.
+fn cpu_ns(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The command name may hold spaces; the fields after it do not.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or(vec![], |(_, rest)| rest.split_whitespace().collect());
+    // After ")": state is field 3, so utime (14) and stime (15) sit at 11, 12.
+    let ticks: u64 = [11, 12]
+        .iter()
+        .filter_map(|&i| fields.get(i).and_then(|f| f.parse::<u64>().ok()))
+        .sum();
+    // USER_HZ, the unit of these fields, is fixed at 100 by the Linux ABI on
+    // x86 and arm64.
+    ticks * 10_000_000
+}

@@ -1,0 +1,166 @@
+//! The load generator: one libblkio queue kept at a fixed depth of 4k
+//! random requests, timed per batch so the clock costs almost nothing.
+
+use std::mem::MaybeUninit;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use blkio::{Blkio, Completion, ReqFlags};
+use hdrhistogram::Histogram;
+
+/// Request size, as in every row of the table.
+pub const BLOCK: usize = 4096;
+/// The virtqueue size both backends are driven with.
+pub const QUEUE_SIZE: i32 = 256;
+
+/// What one run asks of the backend.
+#[derive(Clone, Copy, Debug)]
+pub struct Load {
+    /// Random writes instead of random reads.
+    pub write: bool,
+    /// Requests kept in flight.
+    pub depth: usize,
+    /// A polled queue (the client spins on the used ring) instead of an
+    /// interrupt-driven one.
+    pub poll: bool,
+    /// Time before measuring starts, to fill caches and settle polling.
+    pub warmup: Duration,
+    /// Time measured.
+    pub measure: Duration,
+}
+
+/// What one run measured.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Outcome {
+    /// Completions per second in the measured window.
+    pub iops: f64,
+    /// Mean latency in microseconds.
+    pub mean_us: f64,
+    /// 99th percentile latency in microseconds.
+    pub p99_us: f64,
+    /// Backend CPU time per completion in nanoseconds.
+    pub cpu_ns: f64,
+}
+
+/// A xorshift generator: cheap, and the same sequence for every backend.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+/// Runs `load` against the vhost-user-blk socket. `cpu_ns` reads the
+/// backend's CPU time; it is sampled at the edges of the measured window.
+pub fn run(socket: &Path, load: Load, cpu_ns: &dyn Fn() -> u64) -> anyhow::Result<Outcome> {
+    let mut b = Blkio::new("virtio-blk-vhost-user")?;
+    b.set_str("path", socket.to_str().context("socket path is not UTF-8")?)?;
+    b.connect()
+        .with_context(|| format!("connecting to {}", socket.display()))?;
+    b.set_i32("num-queues", if load.poll { 0 } else { 1 })?;
+    b.set_i32("num-poll-queues", if load.poll { 1 } else { 0 })?;
+    b.set_i32("queue-size", QUEUE_SIZE)?;
+    let mut started = b.start()?;
+    let mut q = if load.poll {
+        started.poll_queues.remove(0)
+    } else {
+        started.queues.remove(0)
+    };
+    let capacity = b.get_u64("capacity")?;
+    let blocks = capacity / BLOCK as u64;
+    if blocks == 0 {
+        bail!("the disk is smaller than one block");
+    }
+    let region = b.alloc_mem_region(load.depth * BLOCK)?;
+    b.map_mem_region(&region)?;
+
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let submit = |q: &mut blkio::Blkioq, slot: usize, rng: &mut Rng| {
+        let offset = (rng.next() % blocks) * BLOCK as u64;
+        let buf = region.addr + slot * BLOCK;
+        if load.write {
+            q.write(offset, buf as *const u8, BLOCK, slot, ReqFlags::empty());
+        } else {
+            q.read(offset, buf as *mut u8, BLOCK, slot, ReqFlags::empty());
+        }
+    };
+
+    let mut hist = Histogram::<u64>::new(3)?;
+    let mut comps: Vec<MaybeUninit<Completion>> =
+        (0..load.depth).map(|_| MaybeUninit::uninit()).collect();
+    let mut issued = vec![Instant::now(); load.depth];
+    for slot in 0..load.depth {
+        submit(&mut q, slot, &mut rng);
+    }
+
+    let begin = Instant::now();
+    let measure_from = begin + load.warmup;
+    let end = measure_from + load.measure;
+    let mut measuring = false;
+    let mut done = 0u64;
+    let mut cpu_start = 0;
+    loop {
+        let got = q.do_io(&mut comps, 1, None, None)?;
+        let now = Instant::now();
+        if !measuring && now >= measure_from {
+            measuring = true;
+            cpu_start = cpu_ns();
+        }
+        for c in &comps[..got] {
+            // SAFETY: do_io initialised the first `got` completions.
+            let c = unsafe { c.assume_init_ref() };
+            if c.ret != 0 {
+                bail!(
+                    "a request failed with {} ({})",
+                    c.ret,
+                    std::io::Error::from_raw_os_error(-c.ret)
+                );
+            }
+            let slot = c.user_data;
+            if measuring {
+                let ns = now.duration_since(issued[slot]).as_nanos() as u64;
+                hist.record(ns.max(1))?;
+            }
+            if now < end {
+                issued[slot] = now;
+                submit(&mut q, slot, &mut rng);
+            }
+        }
+        if measuring {
+            done += got as u64;
+        }
+        if now >= end {
+            let cpu = cpu_ns() - cpu_start;
+            let secs = now.duration_since(measure_from).as_secs_f64();
+            drain(&mut q, &mut comps, load.depth - got)?;
+            return Ok(Outcome {
+                iops: done as f64 / secs,
+                mean_us: hist.mean() / 1e3,
+                p99_us: hist.value_at_quantile(0.99) as f64 / 1e3,
+                cpu_ns: cpu as f64 / done.max(1) as f64,
+            });
+        }
+    }
+}
+
+/// Waits for the requests still in flight, so the device is left idle.
+fn drain(
+    q: &mut blkio::Blkioq,
+    comps: &mut [MaybeUninit<Completion>],
+    mut left: usize,
+) -> anyhow::Result<()> {
+    let mut timeout = Duration::from_secs(10);
+    while left > 0 {
+        let got = q.do_io(comps, 1, Some(&mut timeout), None)?;
+        if got == 0 {
+            bail!("{left} requests never completed");
+        }
+        left -= got;
+    }
+    Ok(())
+}

@@ -1,0 +1,173 @@
+//! `strata-bench`: Strata beside qemu-storage-daemon, driven by libblkio
+//! with no guest, every figure a ratio measured in the same run.
+
+mod backend;
+mod chart;
+mod idle;
+mod load;
+mod report;
+mod suite;
+mod target;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use clap::Parser;
+
+use crate::backend::Kind;
+use crate::suite::{Plan, Workload};
+use crate::target::Target;
+
+/// Benchmarks Strata against qemu-storage-daemon with identical settings
+/// and writes the table to BENCHMARKS.md with a chart.
+#[derive(Parser)]
+#[command(version)]
+struct Args {
+    /// The strata binary.
+    #[arg(long, default_value = "target/release/strata")]
+    strata: PathBuf,
+    /// The qemu-storage-daemon binary.
+    #[arg(long, default_value = "qemu-storage-daemon")]
+    qsd: PathBuf,
+    /// Targets, comma-separated: null, raw, raw-direct, qcow2, overlay.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "null,raw,raw-direct,qcow2,overlay"
+    )]
+    targets: Vec<String>,
+    /// Only random reads.
+    #[arg(long)]
+    reads_only: bool,
+    /// Runs per backend per cell (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Measured seconds per run.
+    #[arg(long, default_value_t = 5.0)]
+    secs: f64,
+    /// Unmeasured seconds at the start of each run.
+    #[arg(long, default_value_t = 1.0)]
+    warmup: f64,
+    /// Where images are created (not tmpfs: one target uses O_DIRECT).
+    #[arg(long, default_value = "target/bench")]
+    workdir: PathBuf,
+    /// The markdown file whose generated section is replaced.
+    #[arg(long, default_value = "BENCHMARKS.md")]
+    markdown: PathBuf,
+    /// The chart.
+    #[arg(long, default_value = "docs/benchmarks.png")]
+    chart: PathBuf,
+    /// Skip the idle-daemon memory and CPU measurement.
+    #[arg(long)]
+    no_idle: bool,
+    /// A few seconds that prove the harness works (null, QD32 reads, one
+    /// short run); says nothing about speed. Output goes under --workdir.
+    #[arg(long)]
+    smoke: bool,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let mut plan = Plan {
+        strata: args.strata.clone(),
+        qsd: args.qsd.clone(),
+        targets: args
+            .targets
+            .iter()
+            .map(|t| Target::parse(t))
+            .collect::<anyhow::Result<_>>()?,
+        workloads: Workload::all()
+            .into_iter()
+            .filter(|w| !(args.reads_only && w.write))
+            .collect(),
+        runs: args.runs,
+        warmup: secs("--warmup", args.warmup)?,
+        measure: secs("--secs", args.secs)?,
+        workdir: args.workdir.clone(),
+    };
+    if plan.runs == 0 {
+        bail!("--runs must be at least 1");
+    }
+    let (mut markdown, mut chart_path) = (args.markdown.clone(), args.chart.clone());
+    let mut idle_window = Duration::from_secs(5);
+    if args.smoke {
+        plan.targets = vec![Target::Null];
+        plan.workloads = vec![Workload {
+            write: false,
+            depth: 32,
+            poll: false,
+        }];
+        plan.runs = 1;
+        plan.warmup = Duration::from_millis(300);
+        plan.measure = Duration::from_secs(1);
+        idle_window = Duration::from_secs(1);
+        markdown = plan.workdir.join("BENCHMARKS.md");
+        chart_path = plan.workdir.join("benchmarks.png");
+    }
+    for bin in [&plan.strata, &plan.qsd] {
+        which(bin)?;
+    }
+    std::fs::create_dir_all(&plan.workdir)
+        .with_context(|| format!("creating {}", plan.workdir.display()))?;
+
+    let cells = suite::run(&plan, &mut |line| eprintln!("{line}"))?;
+    let idle = if args.no_idle {
+        None
+    } else {
+        let dir = |k: Kind| plan.workdir.join("idle").join(k.name());
+        Some(report::IdlePair {
+            strata: idle::measure(Kind::Strata, &plan.strata, &dir(Kind::Strata), idle_window)?,
+            qsd: idle::measure(Kind::Qsd, &plan.qsd, &dir(Kind::Qsd), idle_window)?,
+        })
+    };
+
+    let date = date();
+    let section = report::markdown(&plan, &cells, idle.as_ref(), &date);
+    println!("{section}");
+    let doc = std::fs::read_to_string(&markdown).unwrap_or_else(|_| "# Benchmarks\n".into());
+    std::fs::write(&markdown, report::splice(&doc, &section))
+        .with_context(|| format!("writing {}", markdown.display()))?;
+    if let Some(dir) = chart_path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    chart::draw(&cells, &chart_path)?;
+    eprintln!("wrote {} and {}", markdown.display(), chart_path.display());
+
+    if args.smoke {
+        for c in &cells {
+            if !(c.strata.iops > 0.0 && c.qsd.iops > 0.0) {
+                bail!("smoke run measured no I/O on {}", c.target.name());
+            }
+        }
+    }
+    Ok(())
+}
+
+fn secs(flag: &str, v: f64) -> anyhow::Result<Duration> {
+    Duration::try_from_secs_f64(v)
+        .map_err(|_| anyhow::anyhow!("{flag} {v}: not a number of seconds"))
+}
+
+/// Fails with a clear message when `bin` cannot be run.
+fn which(bin: &std::path::Path) -> anyhow::Result<()> {
+    match std::process::Command::new(bin).arg("--version").output() {
+        Ok(o) if o.status.success() => Ok(()),
+        Ok(o) => bail!(
+            "{} --version failed: {}",
+            bin.display(),
+            String::from_utf8_lossy(&o.stderr)
+        ),
+        Err(e) => bail!("cannot run {}: {e}", bin.display()),
+    }
+}
+
+/// Today's date, UTC, as YYYY-MM-DD.
+fn date() -> String {
+    std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%d"])
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .map_or_else(|| "unknown date".into(), |s| s.trim().to_string())
+}

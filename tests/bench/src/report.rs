@@ -1,0 +1,285 @@
+//! The results as markdown: the matrix with ratios to qsd, Strata's qcow2
+//! against its own raw, the idle daemon, and the targets met or missed.
+
+use std::fmt::Write as _;
+
+use crate::idle::Idle;
+use crate::suite::{Cell, Plan, Workload};
+use crate::target::Target;
+
+/// Where the generated part of BENCHMARKS.md begins and ends; text outside
+/// the markers is kept.
+pub const BEGIN: &str = "<!-- strata-bench:begin -->";
+/// See [`BEGIN`].
+pub const END: &str = "<!-- strata-bench:end -->";
+
+/// Idle figures for both backends.
+pub struct IdlePair {
+    /// Strata.
+    pub strata: Idle,
+    /// qemu-storage-daemon.
+    pub qsd: Idle,
+}
+
+fn machine() -> String {
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cpu = info
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    // Not available_parallelism: the harness runs pinned to one core.
+    let cores = info.lines().filter(|l| l.starts_with("processor")).count();
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!("{cpu}, {cores} cores, Linux {}", kernel.trim())
+}
+
+fn version(bin: &std::path::Path) -> String {
+    std::process::Command::new(bin)
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.lines().next().map(str::to_string))
+        .unwrap_or_else(|| "unknown version".into())
+}
+
+fn ratio(a: f64, b: f64) -> String {
+    if b > 0.0 {
+        format!("{:.2}", a / b)
+    } else {
+        "-".into()
+    }
+}
+
+fn find(cells: &[Cell], target: Target, w: Workload) -> Option<&Cell> {
+    cells.iter().find(|c| c.target == target && c.workload == w)
+}
+
+/// The generated section, markers included.
+pub fn markdown(plan: &Plan, cells: &[Cell], idle: Option<&IdlePair>, date: &str) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "{BEGIN}");
+    let _ = writeln!(
+        s,
+        "Run on {date}: {}. Strata `{}` against `{}`. One queue of size 256, 4 KiB \
+         random I/O over 1 GiB; daemon on cpu 0, client on cpu 1. Each cell is the median of \
+         {} alternating runs per backend of {:.1} s each (after {:.1} s of warm-up), on a \
+         freshly started daemon. Ratios are Strata / qsd: above 1 is better for IOPS, below 1 is \
+         better for latency and CPU.\n",
+        machine(),
+        version(&plan.strata),
+        version(&plan.qsd),
+        plan.runs,
+        plan.measure.as_secs_f64(),
+        plan.warmup.as_secs_f64(),
+    );
+    let _ = writeln!(
+        s,
+        "| target | workload | Strata IOPS | qsd IOPS | IOPS ratio | mean lat (us) Strata / qsd | \
+         p99 (us) Strata / qsd | CPU/req (ns) Strata / qsd | CPU ratio |"
+    );
+    let _ = writeln!(s, "|---|---|--:|--:|--:|--:|--:|--:|--:|");
+    for c in cells {
+        let (a, b) = (&c.strata, &c.qsd);
+        let _ = writeln!(
+            s,
+            "| {} | {} | {:.0} | {:.0} | **{}** | {:.1} / {:.1} | {:.1} / {:.1} | {:.0} / {:.0} | {} |",
+            c.target.name(),
+            c.workload.label(),
+            a.iops,
+            b.iops,
+            ratio(a.iops, b.iops),
+            a.mean_us,
+            b.mean_us,
+            a.p99_us,
+            b.p99_us,
+            a.cpu_ns,
+            b.cpu_ns,
+            ratio(a.cpu_ns, b.cpu_ns),
+        );
+    }
+
+    let raw_rows: Vec<_> = cells
+        .iter()
+        .filter(|c| c.target == Target::Qcow2)
+        .filter_map(|q| find(cells, Target::RawCached, q.workload).map(|r| (r, q)))
+        .collect();
+    if !raw_rows.is_empty() {
+        let _ = writeln!(
+            s,
+            "\nStrata's fully allocated qcow2 against the same disk as raw (both in the page cache):\n"
+        );
+        let _ = writeln!(s, "| workload | raw IOPS | qcow2 IOPS | qcow2 / raw |");
+        let _ = writeln!(s, "|---|--:|--:|--:|");
+        for (r, q) in raw_rows {
+            let _ = writeln!(
+                s,
+                "| {} | {:.0} | {:.0} | {} |",
+                q.workload.label(),
+                r.strata.iops,
+                q.strata.iops,
+                ratio(q.strata.iops, r.strata.iops)
+            );
+        }
+    }
+
+    if let Some(idle) = idle {
+        let _ = writeln!(
+            s,
+            "\nIdle, serving a 1 TiB qcow2 (64 KiB clusters) with a frontend connected:\n"
+        );
+        let _ = writeln!(s, "| backend | RSS (MiB) | CPU (% of a core) |");
+        let _ = writeln!(s, "|---|--:|--:|");
+        for (name, i) in [("strata", &idle.strata), ("qsd", &idle.qsd)] {
+            let _ = writeln!(
+                s,
+                "| {name} | {:.1} | {:.2} |",
+                i.rss as f64 / (1 << 20) as f64,
+                i.cpu * 100.0
+            );
+        }
+    }
+
+    let goals = goals(cells, idle);
+    if !goals.is_empty() {
+        let _ = writeln!(s, "\n| target | goal | measured | met |");
+        let _ = writeln!(s, "|---|---|--:|---|");
+        for g in goals {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {:.2} | {} |",
+                g.what,
+                g.goal,
+                g.value,
+                if g.met { "yes" } else { "**no**" }
+            );
+        }
+    }
+    let _ = writeln!(
+        s,
+        "\n![IOPS and CPU per request, Strata / qsd](docs/benchmarks.png)"
+    );
+    let _ = writeln!(s, "{END}");
+    s
+}
+
+/// One performance goal and how the run did against it.
+pub struct Goal {
+    /// Which measurement.
+    pub what: String,
+    /// The bound, in words.
+    pub goal: &'static str,
+    /// The measured ratio or figure.
+    pub value: f64,
+    /// Whether the bound holds.
+    pub met: bool,
+}
+
+/// The goals of the performance issue that this run measured.
+pub fn goals(cells: &[Cell], idle: Option<&IdlePair>) -> Vec<Goal> {
+    let read = |depth, poll| Workload {
+        write: false,
+        depth,
+        poll,
+    };
+    let mut out = Vec::new();
+    let mut push = |what: String, goal, value: f64, met: bool| {
+        out.push(Goal {
+            what,
+            goal,
+            value,
+            met,
+        })
+    };
+    if let Some(c) = find(cells, Target::Null, read(32, false)) {
+        let r = c.strata.iops / c.qsd.iops;
+        push(
+            "null randread QD32: IOPS / qsd".into(),
+            ">= 1.30",
+            r,
+            r >= 1.3,
+        );
+        let r = c.strata.cpu_ns / c.qsd.cpu_ns;
+        push(
+            "null randread QD32: CPU per request / qsd".into(),
+            "<= 0.70",
+            r,
+            r <= 0.7,
+        );
+    }
+    for t in [Target::RawCached, Target::Qcow2] {
+        if let Some(c) = find(cells, t, read(32, false)) {
+            let r = c.strata.iops / c.qsd.iops;
+            push(
+                format!("{} randread QD32: IOPS / qsd", t.name()),
+                ">= 1.20",
+                r,
+                r >= 1.2,
+            );
+        }
+    }
+    for t in Target::ALL {
+        if let Some(c) = find(cells, t, read(1, false)) {
+            let r = c.strata.mean_us / c.qsd.mean_us;
+            push(
+                format!("{} randread QD1: mean latency / qsd", t.name()),
+                "<= 1.00",
+                r,
+                r <= 1.0,
+            );
+        }
+        if let Some(c) = find(cells, t, read(1, true)) {
+            let r = c.strata.mean_us / c.qsd.mean_us;
+            push(
+                format!("{} randread QD1 poll: mean latency / qsd", t.name()),
+                "< 1.00",
+                r,
+                r < 1.0,
+            );
+        }
+    }
+    for w in [read(1, false), read(32, false)] {
+        if let (Some(q), Some(r)) = (
+            find(cells, Target::Qcow2, w),
+            find(cells, Target::RawCached, w),
+        ) {
+            let x = q.strata.iops / r.strata.iops;
+            push(
+                format!("Strata qcow2 / Strata raw, {}", w.label()),
+                ">= 0.90",
+                x,
+                x >= 0.9,
+            );
+        }
+    }
+    if let Some(i) = idle {
+        let mib = i.strata.rss as f64 / (1 << 20) as f64;
+        push(
+            "idle RSS, 1 TiB qcow2 (MiB)".into(),
+            "< 64",
+            mib,
+            mib < 64.0,
+        );
+        let pct = i.strata.cpu * 100.0;
+        push("idle CPU (% of a core)".into(), "< 1", pct, pct < 1.0);
+    }
+    out
+}
+
+/// Replaces the generated section of `doc` (or appends one) with `section`.
+pub fn splice(doc: &str, section: &str) -> String {
+    match (doc.find(BEGIN), doc.find(END)) {
+        (Some(b), Some(e)) if b < e => {
+            format!(
+                "{}{}{}",
+                &doc[..b],
+                section.trim_end(),
+                &doc[e + END.len()..]
+            )
+        }
+        _ => format!("{}\n{}", doc.trim_end(), section),
+    }
+}
