@@ -10,6 +10,7 @@ use strata_formats::blockdev::{self, OpenContext};
 use strata_formats::options::Options;
 use strata_formats::reactor::block_on;
 use strata_formats::throttle::group::{Limits, ThrottleGroups};
+use strata_graph::job::Jobs;
 use strata_graph::{EventSink, Graph, NodeId};
 
 use crate::events::EventBus;
@@ -22,6 +23,7 @@ pub struct Daemon {
     graph: Graph,
     ctx: OpenContext,
     events: Arc<EventBus>,
+    jobs: Jobs,
     exports: Mutex<BTreeMap<String, RunningExport>>,
     quit: (Mutex<bool>, Condvar),
 }
@@ -40,8 +42,10 @@ impl Daemon {
     /// A daemon with an empty graph.
     pub fn new() -> Arc<Daemon> {
         let events = Arc::new(EventBus::default());
+        let graph = Graph::new();
         Arc::new(Daemon {
-            graph: Graph::new(),
+            jobs: Jobs::new(graph.clone(), events.clone()),
+            graph,
             ctx: OpenContext {
                 throttle_groups: ThrottleGroups::default(),
                 events: events.clone(),
@@ -60,6 +64,16 @@ impl Daemon {
     /// The event bus.
     pub fn events(&self) -> &Arc<EventBus> {
         &self.events
+    }
+
+    /// The block jobs.
+    pub fn jobs(&self) -> &Jobs {
+        &self.jobs
+    }
+
+    /// What opening nodes needs.
+    pub fn open_context(&self) -> &OpenContext {
+        &self.ctx
     }
 
     fn exports(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, RunningExport>> {
@@ -296,8 +310,9 @@ impl Daemon {
         }
     }
 
-    /// Stops every export and flushes every node.
+    /// Cancels every job, stops every export and flushes every node.
     pub fn shutdown(&self) {
+        self.jobs.cancel_all(std::time::Duration::from_secs(30));
         let exports = std::mem::take(&mut *self.exports());
         for (_, running) in exports {
             running.stop();

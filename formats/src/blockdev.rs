@@ -12,6 +12,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use strata_graph::{BlockDriver, EventSink, GraphError, NodeBuilder, NodeId, Transaction};
 
+use crate::blkdebug::{BlkdebugNode, Rule};
 use crate::blkverify::BlkverifyNode;
 use crate::cor::CopyOnReadNode;
 use crate::file::{FileNode, FileOptions};
@@ -134,6 +135,7 @@ enum Spec {
     CopyOnRead(NodeId),
     Quorum(Vec<(String, NodeId)>, QuorumOptions),
     Blkverify(NodeId, NodeId),
+    Blkdebug(NodeId, Vec<Rule>),
     Qcow2(NodeId, Option<NodeId>, Qcow2Options),
 }
 
@@ -212,6 +214,30 @@ pub fn reopen(
     Ok(id)
 }
 
+/// Points node `id`'s `backing` slot at `backing`, or detaches it, by
+/// reopening the node with the options it has: the node keeps its state,
+/// the slot keeps its identity, and the options it reports name the new
+/// backing node. This is the one-slot rewrite that stream and commit end
+/// with.
+pub fn set_backing(
+    tx: &mut Transaction<'_>,
+    id: NodeId,
+    backing: Option<NodeId>,
+    ctx: &OpenContext,
+) -> Result<(), BlockdevError> {
+    let v = tx.view();
+    let node = v
+        .node(id)
+        .ok_or_else(|| BlockdevError::NoSuchNode(id.to_string()))?;
+    let mut opts = node.options().clone();
+    opts["node-name"] = json!(node.name());
+    opts["backing"] = backing.map_or(Value::Null, |b| json!(v.name(b)));
+    // Recorded options keep the command line's strings ("on"); the keyval
+    // reading accepts those as well as JSON types.
+    reopen(tx, Options::from_keyval(opts)?, ctx)?;
+    Ok(())
+}
+
 /// Adds (`add`) or removes (the child in role `remove`) a quorum child,
 /// as x-blockdev-change does. Other children keep their names.
 pub fn change_quorum(
@@ -279,6 +305,7 @@ fn record(mut given: Value, tx: &Transaction<'_>, spec: &Spec) -> Value {
         Spec::Quorum(children, _) => {
             given["children"] = Value::Array(children.iter().map(|c| name(c.1)).collect())
         }
+        Spec::Blkdebug(image, _) => given["image"] = name(*image),
         Spec::Blkverify(t, r) => {
             given["test"] = name(*t);
             given["raw"] = name(*r);
@@ -432,6 +459,23 @@ fn parse(
                 children.push((format!("children.{i}"), id));
             }
             Spec::Quorum(children, qopts)
+        }
+        "blkdebug" => {
+            for unsupported in ["config", "set-state"] {
+                if o.has(unsupported) {
+                    return Err(BlockdevError::NotSupported(format!(
+                        "blkdebug's '{unsupported}' option"
+                    )));
+                }
+            }
+            let rules = o
+                .take_groups("inject-error")?
+                .unwrap_or_default()
+                .into_iter()
+                .map(Rule::parse)
+                .collect::<Result<Vec<_>, _>>()?;
+            let image = child(tx, o, "image", &child_common, reopening, ctx)?;
+            Spec::Blkdebug(image, rules)
         }
         "blkverify" => {
             let test = child(tx, o, "test", &child_common, reopening, ctx)?;
@@ -627,6 +671,7 @@ fn build(
             Arc::new(QuorumNode::open(b, &children, q, ctx.events.clone())?)
         }
         Spec::Blkverify(test, raw) => Arc::new(BlkverifyNode::open(b, test, raw)?),
+        Spec::Blkdebug(image, rules) => Arc::new(BlkdebugNode::open(b, image, rules)?),
         Spec::Qcow2(file, backing, q) => match b.previous().and_then(|p| p.reopen_state()) {
             Some(state) => Arc::new(Qcow2Node::reopen(b, state, file, backing, &q)?),
             None => Arc::new(Qcow2Node::open(b, file, backing, &q)?),

@@ -34,10 +34,13 @@ impl CopyOnReadNode {
             let run = st.len.clamp(1, buf.len() - at);
             if !st.allocated {
                 // Copy through a private buffer: the guest may change its
-                // own while we write.
+                // own while we write. A guest write that lands meanwhile
+                // wins: fill_unallocated never replaces mapped data.
                 let mut copy = AlignedBuf::zeroed(run as usize, 4096);
                 buf.copy_to_slice(at, copy.as_mut_slice());
-                child.write(g, offset + at, &copy.iovecs_mut()).await?;
+                child
+                    .fill_unallocated(g, offset + at, &copy.iovecs_mut())
+                    .await?;
             }
             at += run;
         }
@@ -91,6 +94,15 @@ impl BlockDriver for CopyOnReadNode {
 
     fn flush<'a>(&'a self, g: &'a GraphView) -> IoFuture<'a> {
         g.via(self.file, |c| c.flush(g))
+    }
+
+    fn fill_unallocated<'a>(
+        &'a self,
+        g: &'a GraphView,
+        offset: u64,
+        buf: &'a IoVecs<'a>,
+    ) -> IoFuture<'a> {
+        g.via(self.file, |c| c.fill_unallocated(g, offset, buf))
     }
 
     fn block_status<'a>(

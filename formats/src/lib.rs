@@ -7,12 +7,14 @@
 
 #![warn(missing_docs)]
 
+pub mod blkdebug;
 pub mod blkverify;
 pub mod blockdev;
 pub mod cor;
 pub mod executor;
 pub mod file;
 pub mod image;
+pub mod jobs;
 pub mod null;
 pub mod options;
 pub mod qcow2;

@@ -155,6 +155,21 @@ impl Options {
         }
     }
 
+    /// An integer that may be negative.
+    pub fn take_i64(&mut self, key: &str) -> Result<Option<i64>, OptionsError> {
+        let param = self.param(key);
+        let expected = || OptionsError::Value {
+            param,
+            expected: "an integer".into(),
+        };
+        match self.map.remove(key) {
+            None => Ok(None),
+            Some(Value::Number(n)) => n.as_i64().map(Some).ok_or_else(expected),
+            Some(Value::String(s)) if self.strings => s.parse().map(Some).map_err(|_| expected()),
+            Some(_) => Err(self.type_error(key, "integer")),
+        }
+    }
+
     /// A size in bytes; from the command line, `K`/`M`/`G`/`T`/`P`
     /// suffixes (powers of 1024) are allowed.
     pub fn take_size(&mut self, key: &str) -> Result<Option<u64>, OptionsError> {
@@ -226,6 +241,20 @@ impl Options {
             out.push(one.take_child(&i.to_string())?.expect("just inserted"));
         }
         Ok(Some(out))
+    }
+
+    /// A list of option groups (`inject-error` of blkdebug).
+    pub fn take_groups(&mut self, key: &str) -> Result<Option<Vec<Options>>, OptionsError> {
+        let list = match self.map.remove(key) {
+            None => return Ok(None),
+            Some(Value::Array(list)) => list,
+            Some(_) => return Err(self.type_error(key, "array")),
+        };
+        list.into_iter()
+            .enumerate()
+            .map(|(i, v)| Self::object(v, format!("{}{i}.", self.param(key) + "."), self.strings))
+            .collect::<Result<Vec<_>, _>>()
+            .map(Some)
     }
 
     /// A value that must be there.

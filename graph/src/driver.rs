@@ -131,6 +131,35 @@ pub trait BlockDriver: Send + Sync + 'static {
         }))
     }
 
+    /// Writes `buf` at `offset` into the parts of the range that this node
+    /// does not hold itself (where reads fall through to its backing
+    /// node), and leaves alone the parts it holds, so nothing written by
+    /// anyone else is ever replaced. Stream and copy-on-read use it with
+    /// data that reads already return. A node without a backing node holds
+    /// everything, so by default this does nothing.
+    fn fill_unallocated<'a>(
+        &'a self,
+        _g: &'a GraphView,
+        _offset: u64,
+        _buf: &'a IoVecs<'a>,
+    ) -> IoFuture<'a> {
+        IoFuture::ready(Ok(()))
+    }
+
+    /// Records in the image's own metadata that its backing file is now
+    /// `file`, of format `format` (or that it has none), durably.
+    fn change_backing_file<'a>(
+        &'a self,
+        _g: &'a GraphView,
+        _file: Option<&'a str>,
+        _format: Option<&'a str>,
+    ) -> IoFuture<'a> {
+        IoFuture::ready(Err(BlockError::Unsupported {
+            op: crate::IoOp::ChangeBackingFile,
+            driver: self.driver_name(),
+        }))
+    }
+
     /// State a reopen of this node should carry over to its replacement
     /// (caches that must not go stale), if the driver has any.
     fn reopen_state(&self) -> Option<std::sync::Arc<dyn std::any::Any + Send + Sync>> {

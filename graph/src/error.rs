@@ -20,6 +20,8 @@ pub enum IoOp {
     WriteZeroes,
     /// A change of size.
     Resize,
+    /// A change of the backing file named in the image's metadata.
+    ChangeBackingFile,
 }
 
 impl fmt::Display for IoOp {
@@ -31,6 +33,7 @@ impl fmt::Display for IoOp {
             IoOp::Discard => "discard",
             IoOp::WriteZeroes => "write-zeroes",
             IoOp::Resize => "resize",
+            IoOp::ChangeBackingFile => "backing file change",
         })
     }
 }
@@ -153,6 +156,14 @@ pub enum GraphError {
         node: String,
         /// Who uses it: "'top' as 'backing'", "export 'vda'".
         user: String,
+    },
+    /// The node is part of a running job's range.
+    #[error("Node '{node}' is busy: block device is in use by block job '{job}'")]
+    InJob {
+        /// The node.
+        node: String,
+        /// The job's id.
+        job: String,
     },
     /// A frozen slot cannot change.
     #[error("Cannot change frozen '{role}' link of {parent}: it is frozen by job '{job}'")]

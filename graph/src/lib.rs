@@ -28,6 +28,7 @@ mod events;
 mod graph;
 mod ids;
 mod iovec;
+pub mod job;
 mod perm;
 mod slot;
 mod transaction;

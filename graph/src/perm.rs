@@ -141,7 +141,9 @@ pub(crate) fn check(v: &GraphView, order: &[NodeId]) -> Result<(), GraphError> {
             .collect();
         // Newest edges first: a conflict is blamed on the newcomer.
         for &(a, pa) in parents.iter().rev() {
-            if node.driver().is_read_only() && pa.need.contains(Perm::WRITE) {
+            if node.driver().is_read_only()
+                && pa.need.intersects(Perm::WRITE | Perm::WRITE_UNCHANGED)
+            {
                 return Err(GraphError::ReadOnlyNode {
                     node: node.name().into(),
                     user: describe(v, a),

@@ -190,10 +190,56 @@ impl<'g> Transaction<'g> {
                 user: user.to_string(),
             });
         }
+        self.attach_user_as(user, "root", child)
+    }
+
+    /// Gives `user` one more slot, in `role`, holding `child`: a job holds
+    /// each node it works on this way ("main node", "base", ...).
+    pub fn attach_user_as(
+        &mut self,
+        user: User,
+        role: &str,
+        child: NodeId,
+    ) -> Result<SlotId, GraphError> {
         let name = user.name.clone();
-        let sid = push_slot(&mut self.next, Parent::User(user), "root", child)?;
+        let sid = push_slot(&mut self.next, Parent::User(user), role, child)?;
         self.affected_users.push(name);
         Ok(sid)
+    }
+
+    /// Removes every slot of the user named `name`.
+    pub fn detach_user(&mut self, name: &str) -> Result<(), GraphError> {
+        let slots: Vec<SlotId> = self
+            .next
+            .slots()
+            .filter(|(_, s)| matches!(&s.parent, Parent::User(u) if &*u.name == name))
+            .map(|(sid, _)| sid)
+            .collect();
+        for sid in slots {
+            self.detach(sid)?;
+        }
+        Ok(())
+    }
+
+    /// Puts `new` in every slot that holds `old`, except the slots in
+    /// `except` (the new node's own edge to `old`, say): `new` takes
+    /// `old`'s place for all its parents.
+    pub fn replace_node(
+        &mut self,
+        old: NodeId,
+        new: NodeId,
+        except: &[SlotId],
+    ) -> Result<(), GraphError> {
+        let parents: Vec<SlotId> = self
+            .next
+            .parents(old)
+            .map(|(sid, _)| sid)
+            .filter(|sid| !except.contains(sid))
+            .collect();
+        for sid in parents {
+            self.set_child(sid, new)?;
+        }
+        Ok(())
     }
 
     /// Removes a slot (a node's child or a user's root).
@@ -253,7 +299,18 @@ impl<'g> Transaction<'g> {
     /// longer have a parent go, then cycles and permissions are checked,
     /// the users whose requests may cross a changed edge are drained, and
     /// the new view is stored.
-    pub fn commit(mut self) -> Result<(), GraphError> {
+    pub fn commit(self) -> Result<(), GraphError> {
+        self.commit_drained(|| Ok(()))
+    }
+
+    /// As [`commit`](Self::commit), running `last` while the affected users
+    /// are drained, just before the new view is published: work that must
+    /// see no guest request (a mirror's final copy). If `last` fails,
+    /// nothing is published.
+    pub fn commit_drained(
+        mut self,
+        last: impl FnOnce() -> Result<(), GraphError>,
+    ) -> Result<(), GraphError> {
         self.collect_orphans()?;
         let order = match self.next.parents_first() {
             Some(order) => order,
@@ -261,6 +318,7 @@ impl<'g> Transaction<'g> {
         };
         perm::check(&self.next, &order)?;
         let drained = self.drain()?;
+        last()?;
         self.graph.views.store(Arc::new(self.next));
         drop(drained);
         Ok(())
@@ -434,12 +492,8 @@ fn cycle_error(v: &GraphView, parent: NodeId, child: NodeId, role: &str) -> Grap
     }
 }
 
-/// QEMU's rule for ids: a letter, then letters, digits, `-`, `.` or `_`.
 fn check_name(name: &str) -> Result<(), GraphError> {
-    let mut chars = name.chars();
-    let ok = chars.next().is_some_and(|c| c.is_ascii_alphabetic())
-        && chars.all(|c| c.is_ascii_alphanumeric() || "-._".contains(c));
-    if ok && name.len() <= 127 {
+    if crate::ids::valid_id(name) {
         Ok(())
     } else {
         Err(GraphError::InvalidName { name: name.into() })

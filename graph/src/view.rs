@@ -132,6 +132,35 @@ impl GraphView {
         self.slots().filter(move |(_, s)| s.child == child)
     }
 
+    /// The node below `id` in its backing chain (its `backing` child).
+    pub fn backing(&self, id: NodeId) -> Option<NodeId> {
+        self.child_slot(id, "backing")
+            .and_then(|s| self.child_id(s))
+    }
+
+    /// The host file behind a node: its own `filename` option, or its
+    /// `file` child's; a node with neither describes itself as `json:`.
+    pub fn filename(&self, id: NodeId) -> String {
+        let Some(node) = self.node(id) else {
+            return String::new();
+        };
+        if let Some(f) = node.options().get("filename").and_then(|f| f.as_str()) {
+            return f.to_owned();
+        }
+        match self.child_slot(id, "file").and_then(|s| self.child_id(s)) {
+            Some(child) => self.filename(child),
+            None => format!("json:{}", node.options()),
+        }
+    }
+
+    /// The job that holds `id` in its range, if any.
+    pub fn job_using(&self, id: NodeId) -> Option<&crate::User> {
+        self.parents(id).find_map(|(_, s)| match &s.parent {
+            Parent::User(u) if u.kind == crate::UserKind::Job => Some(u),
+            _ => None,
+        })
+    }
+
     /// The slot owned by the user named `name`.
     pub fn user_slot(&self, name: &str) -> Option<SlotId> {
         self.slots()

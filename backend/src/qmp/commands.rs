@@ -39,7 +39,13 @@ pub fn execute(daemon: &Daemon, name: &str, args: Map<String, Value>) -> Result<
         }
         "query-commands" => {
             a.finish()?;
-            Value::Array(COMMANDS.iter().map(|c| json!({"name": c})).collect())
+            Value::Array(
+                COMMANDS
+                    .iter()
+                    .chain(crate::qmp::jobs::COMMANDS)
+                    .map(|c| json!({"name": c}))
+                    .collect(),
+            )
         }
         "quit" => {
             a.finish()?;
@@ -125,11 +131,14 @@ pub fn execute(daemon: &Daemon, name: &str, args: Map<String, Value>) -> Result<
             daemon.object_del(&id)?;
             json!({})
         }
-        other => {
-            return Err(QmpError::command_not_found(format!(
-                "The command {other} has not been found"
-            )))
-        }
+        other => match crate::qmp::jobs::execute(daemon, other, a) {
+            Some(res) => res?,
+            None => {
+                return Err(QmpError::command_not_found(format!(
+                    "The command {other} has not been found"
+                )))
+            }
+        },
     };
     Ok(out)
 }

@@ -3,21 +3,6 @@
 use serde_json::{json, Value};
 use strata_graph::{slot_perms, GraphView, NodeId, Parent, Perm, UserKind};
 
-/// The host file behind a node: its own `filename`, or its `file`
-/// child's; nodes with several children describe themselves as json:.
-fn filename(v: &GraphView, id: NodeId) -> String {
-    let Some(node) = v.node(id) else {
-        return String::new();
-    };
-    if let Some(f) = node.options().get("filename").and_then(Value::as_str) {
-        return f.to_owned();
-    }
-    match v.child_slot(id, "file").and_then(|s| v.child_id(s)) {
-        Some(child) => filename(v, child),
-        None => format!("json:{}", node.options()),
-    }
-}
-
 fn read_only(v: &GraphView, id: NodeId) -> bool {
     let Some(node) = v.node(id) else { return false };
     node.driver().is_read_only()
@@ -46,7 +31,7 @@ pub fn named_block_nodes(v: &GraphView) -> Value {
                 .children(id)
                 .map(|(_, s)| json!({"child": s.role(), "node-name": v.name(s.child())}))
                 .collect();
-            let file = filename(v, id);
+            let file = v.filename(id);
             json!({
                 "node-name": node.name(),
                 "drv": driver.driver_name(),
@@ -84,19 +69,24 @@ pub fn block_graph(v: &GraphView) -> Value {
         .map(|(id, n)| json!({"id": node_num(id), "type": "block-driver", "name": n.name()}))
         .collect();
     let mut edges = Vec::new();
-    let mut users = 0;
+    // A job holds several nodes, through one slot each: one user node.
+    let mut users: Vec<(UserKind, &str)> = Vec::new();
     for (sid, s) in v.slots() {
         let parent = match s.parent() {
             Parent::Node(p) => node_num(*p),
             Parent::User(u) => {
-                let id = user_base + users;
-                users += 1;
-                let ty = match u.kind {
-                    UserKind::Export => "block-export",
-                    UserKind::Job => "block-job",
-                };
-                nodes.push(json!({"id": id, "type": ty, "name": &*u.name}));
-                id
+                let key = (u.kind, &*u.name);
+                let i = users.iter().position(|k| *k == key).unwrap_or_else(|| {
+                    users.push(key);
+                    let ty = match u.kind {
+                        UserKind::Export => "block-export",
+                        UserKind::Job => "block-job",
+                    };
+                    let id = user_base + users.len() as u64 - 1;
+                    nodes.push(json!({"id": id, "type": ty, "name": &*u.name}));
+                    users.len() - 1
+                });
+                user_base + i as u64
             }
         };
         let p = perms.get(sid.index()).copied().flatten();

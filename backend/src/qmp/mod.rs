@@ -3,4 +3,5 @@
 pub mod commands;
 pub mod error;
 pub mod info;
+pub mod jobs;
 pub mod server;

@@ -167,6 +167,12 @@ pub enum Qcow2Error {
         /// Why.
         reason: String,
     },
+    /// The header cannot take the change asked for.
+    #[error("cannot update the header: {reason}")]
+    HeaderUpdate {
+        /// Why.
+        reason: String,
+    },
     /// The image has internal snapshots, which writes would have to keep.
     #[error("images with {count} internal snapshots can only be opened read-only")]
     Snapshots {

@@ -6,6 +6,7 @@
 //! opens it itself.
 
 mod alloc;
+mod backing_file;
 mod cache;
 pub mod check;
 mod compress;

@@ -627,6 +627,45 @@ impl BlockDriver for Qcow2Node {
                 .map_err(|e| e.to_block(IoOp::Resize, size))
         })
     }
+
+    fn fill_unallocated<'a>(
+        &'a self,
+        g: &'a GraphView,
+        offset: u64,
+        buf: &'a IoVecs<'a>,
+    ) -> IoFuture<'a> {
+        IoFuture::new(self.fill_impl(g, offset, buf))
+    }
+
+    fn change_backing_file<'a>(
+        &'a self,
+        g: &'a GraphView,
+        file: Option<&'a str>,
+        format: Option<&'a str>,
+    ) -> IoFuture<'a> {
+        IoFuture::new(async move {
+            if self.read_only {
+                return Err(BlockError::ReadOnly {
+                    op: IoOp::ChangeBackingFile,
+                });
+            }
+            let mut meta = self.meta.lock().await;
+            // Everything the old chain made visible is in place first.
+            meta.write_back(self.io(g), &self.l2, &self.g)
+                .await
+                .and(Ok(()))
+                .map_err(|e| e.to_block(IoOp::Flush, 0))?;
+            super::backing_file::set_backing_file(
+                &mut meta,
+                self.io(g),
+                self.g.cluster_size(),
+                file,
+                format,
+            )
+            .await
+            .map_err(|e| e.to_block(IoOp::ChangeBackingFile, 0))
+        })
+    }
 }
 
 impl From<GraphError> for Qcow2Error {

@@ -91,6 +91,45 @@ impl Qcow2Node {
         Ok(())
     }
 
+    /// [`BlockDriver::fill_unallocated`]: writes only into the parts of
+    /// clusters that the image does not map (no data, no zero flag),
+    /// deciding under the same lock and busy marks as allocating writes.
+    pub(super) async fn fill_impl(
+        &self,
+        g: &GraphView,
+        offset: u64,
+        buf: &IoVecs<'_>,
+    ) -> Result<(), BlockError> {
+        if self.read_only {
+            return Err(BlockError::ReadOnly { op: IoOp::Write });
+        }
+        BlockError::check_range(
+            IoOp::Write,
+            offset,
+            buf.len(),
+            self.size.load(Ordering::Relaxed),
+        )?;
+        let cs = self.g.cluster_size();
+        let mut done = 0;
+        while done < buf.len() {
+            let guest = offset + done;
+            let at = self.g.in_cluster(guest);
+            let n = (buf.len() - done).min(cs - at);
+            let part = buf.slice(done, n);
+            let mut pending = vec![(at, 0, n)];
+            while let Some((at, from, n)) = pending.pop() {
+                let split = self
+                    .write_cluster_as(g, guest / cs, at, &part.slice(from, n), true)
+                    .await
+                    .map_err(|e| e.to_block(IoOp::Write, guest))?;
+                // Partly mapped (extended L2): fill the unmapped runs.
+                pending.extend(split.into_iter().map(|(a, len)| (a, from + (a - at), len)));
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
     async fn write_cluster(
         &self,
         g: &GraphView,
@@ -98,6 +137,23 @@ impl Qcow2Node {
         at: u64,
         buf: &IoVecs<'_>,
     ) -> Result<(), Qcow2Error> {
+        self.write_cluster_as(g, ci, at, buf, false)
+            .await
+            .map(|_| ())
+    }
+
+    /// Writes `buf` at `at` in guest cluster `ci`. With `only_unmapped`,
+    /// writes nothing where the image maps data or zeroes; when only part
+    /// of the range is unmapped, writes nothing and returns the unmapped
+    /// runs (cluster-relative offset, length) for the caller to fill.
+    async fn write_cluster_as(
+        &self,
+        g: &GraphView,
+        ci: u64,
+        at: u64,
+        buf: &IoVecs<'_>,
+        only_unmapped: bool,
+    ) -> Result<Vec<(u64, u64)>, Qcow2Error> {
         let len = buf.len();
         let io = self.io(g);
         let file_write = |host: u64| async move {
@@ -117,10 +173,11 @@ impl Qcow2Node {
         if let Some(e) = self
             .l2
             .lookup(&self.g, ci / self.g.l2_entries(), ci % self.g.l2_entries())
+            .filter(|_| !only_unmapped)
         {
             self.check_entry(&e, ci)?;
             if let Some(host) = self.in_place(&e, at, len) {
-                return file_write(host).await;
+                return file_write(host).await.map(|()| Vec::new());
             }
         }
         loop {
@@ -134,9 +191,22 @@ impl Qcow2Node {
             }
             let e = meta.entry(io, &self.l2, &self.g, ci).await?;
             self.check_entry(&e, ci)?;
-            if let Some(host) = self.in_place(&e, at, len) {
+            if only_unmapped {
+                let mut unmapped = Vec::new();
+                let mut pos = at;
+                for (run, n) in e.runs(&self.g, at, len) {
+                    if run == super::entry::Run::Unallocated {
+                        unmapped.push((pos, n));
+                    }
+                    pos += n;
+                }
+                let whole = unmapped.len() == 1 && unmapped[0] == (at, len);
+                if !whole {
+                    return Ok(unmapped);
+                }
+            } else if let Some(host) = self.in_place(&e, at, len) {
                 drop(meta);
-                return file_write(host).await;
+                return file_write(host).await.map(|()| Vec::new());
             }
             let plan = self.plan(&mut meta, io, &e, at, len).await?;
             meta.busy.insert(ci, Vec::new());
@@ -168,7 +238,7 @@ impl Qcow2Node {
             for w in meta.busy.remove(&ci).unwrap_or_default() {
                 let _ = w.send(());
             }
-            return res;
+            return res.map(|()| Vec::new());
         }
     }
 

@@ -101,6 +101,15 @@ impl BlockDriver for ThrottleNode {
         g.via(self.file, |c| c.flush(g))
     }
 
+    fn fill_unallocated<'a>(
+        &'a self,
+        g: &'a GraphView,
+        offset: u64,
+        buf: &'a IoVecs<'a>,
+    ) -> IoFuture<'a> {
+        g.via(self.file, |c| c.fill_unallocated(g, offset, buf))
+    }
+
     fn block_status<'a>(
         &'a self,
         g: &'a GraphView,

@@ -1,0 +1,190 @@
+//! The `blkdebug` filter: requests pass to the `image` child unless an
+//! `inject-error` rule matches them, in which case they fail with the
+//! rule's errno. For testing what jobs and guests do when I/O fails.
+//!
+//! A rule matches a request of its type (`iotype`, or the type its `event`
+//! implies: `read_aio` reads, `write_aio` writes) that covers its `sector`
+//! (any sector when -1). With `once` it fires a single time. QEMU's state
+//! machine (`state`, `set-state`) and its metadata events are not
+//! modelled.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use strata_graph::{
+    BlockDriver, BlockError, BlockStatus, GraphError, GraphView, IoFuture, IoOp, IoVecs,
+    NodeBuilder, NodeId, SlotId,
+};
+
+use crate::options::{Options, OptionsError};
+
+/// One `inject-error` rule.
+#[derive(Debug)]
+pub struct Rule {
+    op: IoOp,
+    errno: i32,
+    sector: Option<u64>,
+    once: bool,
+    spent: AtomicBool,
+}
+
+impl Rule {
+    /// Parses one element of `inject-error`.
+    pub fn parse(mut o: Options) -> Result<Rule, OptionsError> {
+        let event = o.take_str("event")?;
+        let event = o.required("event", event)?;
+        let iotype = o.take_enum(
+            "iotype",
+            &[
+                "read",
+                "write",
+                "write-zeroes",
+                "discard",
+                "flush",
+                "block-status",
+            ],
+        )?;
+        let op = match (iotype.as_deref(), event.as_str()) {
+            (Some("read"), _) | (None, "read_aio") => IoOp::Read,
+            (Some("write"), _) | (None, "write_aio") => IoOp::Write,
+            (Some("write-zeroes"), _) => IoOp::WriteZeroes,
+            (Some("discard"), _) => IoOp::Discard,
+            (Some("flush"), _) | (None, "flush_to_disk") => IoOp::Flush,
+            _ => {
+                return Err(OptionsError::Value {
+                    param: o.param("event"),
+                    expected: "read_aio, write_aio or flush_to_disk, or an 'iotype' \
+                               (other blkdebug events are not modelled)"
+                        .into(),
+                })
+            }
+        };
+        if o.take_i64("state")?.is_some_and(|s| s != 1) {
+            return Err(OptionsError::Value {
+                param: o.param("state"),
+                expected: "1 (blkdebug states are not modelled)".into(),
+            });
+        }
+        let errno = o.take_i64("errno")?.unwrap_or(libc::EIO as i64);
+        if !(1..=4095).contains(&errno) {
+            return Err(OptionsError::Value {
+                param: o.param("errno"),
+                expected: "an errno between 1 and 4095".into(),
+            });
+        }
+        let sector = o.take_i64("sector")?.unwrap_or(-1);
+        let once = o.take_bool("once")?.unwrap_or(false);
+        o.take_bool("immediately")?;
+        o.finish()?;
+        Ok(Rule {
+            op,
+            errno: errno as i32,
+            sector: u64::try_from(sector).ok(),
+            once,
+            spent: AtomicBool::new(false),
+        })
+    }
+
+    fn fires(&self, op: IoOp, offset: u64, len: u64) -> bool {
+        if self.op != op || self.spent.load(Ordering::Relaxed) {
+            return false;
+        }
+        let hit = self
+            .sector
+            .is_none_or(|s| (offset..offset + len.max(1)).contains(&(s * 512)));
+        if hit && self.once {
+            return !self.spent.swap(true, Ordering::Relaxed);
+        }
+        hit
+    }
+}
+
+/// An open blkdebug node.
+pub struct BlkdebugNode {
+    image: SlotId,
+    rules: Vec<Rule>,
+}
+
+impl BlkdebugNode {
+    /// A blkdebug node over `image` with `rules`.
+    pub fn open(
+        b: &mut NodeBuilder<'_>,
+        image: NodeId,
+        rules: Vec<Rule>,
+    ) -> Result<Self, GraphError> {
+        Ok(BlkdebugNode {
+            image: b.attach("image", image)?,
+            rules,
+        })
+    }
+
+    fn injected(&self, op: IoOp, offset: u64, len: u64) -> Option<BlockError> {
+        self.rules
+            .iter()
+            .find(|r| r.fires(op, offset, len))
+            .map(|r| BlockError::errno(op, offset, r.errno))
+    }
+}
+
+impl BlockDriver for BlkdebugNode {
+    fn driver_name(&self) -> &'static str {
+        "blkdebug"
+    }
+
+    fn size(&self, g: &GraphView) -> Result<u64, BlockError> {
+        g.child(self.image)?.size(g)
+    }
+
+    fn request_alignment(&self, g: &GraphView) -> u32 {
+        g.child(self.image).map_or(1, |c| c.request_alignment(g))
+    }
+
+    fn read<'a>(&'a self, g: &'a GraphView, offset: u64, buf: &'a IoVecs<'a>) -> IoFuture<'a> {
+        match self.injected(IoOp::Read, offset, buf.len()) {
+            Some(e) => IoFuture::ready(Err(e)),
+            None => g.via(self.image, |c| c.read(g, offset, buf)),
+        }
+    }
+
+    fn write<'a>(&'a self, g: &'a GraphView, offset: u64, buf: &'a IoVecs<'a>) -> IoFuture<'a> {
+        match self.injected(IoOp::Write, offset, buf.len()) {
+            Some(e) => IoFuture::ready(Err(e)),
+            None => g.via(self.image, |c| c.write(g, offset, buf)),
+        }
+    }
+
+    fn write_zeroes<'a>(
+        &'a self,
+        g: &'a GraphView,
+        offset: u64,
+        len: u64,
+        unmap: bool,
+    ) -> IoFuture<'a> {
+        match self.injected(IoOp::WriteZeroes, offset, len) {
+            Some(e) => IoFuture::ready(Err(e)),
+            None => g.via(self.image, |c| c.write_zeroes(g, offset, len, unmap)),
+        }
+    }
+
+    fn discard<'a>(&'a self, g: &'a GraphView, offset: u64, len: u64) -> IoFuture<'a> {
+        match self.injected(IoOp::Discard, offset, len) {
+            Some(e) => IoFuture::ready(Err(e)),
+            None => g.via(self.image, |c| c.discard(g, offset, len)),
+        }
+    }
+
+    fn flush<'a>(&'a self, g: &'a GraphView) -> IoFuture<'a> {
+        match self.injected(IoOp::Flush, 0, 0) {
+            Some(e) => IoFuture::ready(Err(e)),
+            None => g.via(self.image, |c| c.flush(g)),
+        }
+    }
+
+    fn block_status<'a>(
+        &'a self,
+        g: &'a GraphView,
+        offset: u64,
+        len: u64,
+    ) -> IoFuture<'a, BlockStatus> {
+        g.via(self.image, |c| c.block_status(g, offset, len))
+    }
+}

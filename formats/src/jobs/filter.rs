@@ -1,0 +1,136 @@
+//! The filter a commit job puts above the image it commits: `commit_top`
+//! above an intermediate image, `mirror_top` above the active layer. Both
+//! pass every request through. They exist for what they ask of the chain
+//! below: nothing beyond their parents' needs, and they share everything,
+//! so the job may write into the base while it is still a backing node.
+//! `mirror_top` also records what the guest changes, for the job to copy
+//! again.
+
+use std::sync::Arc;
+
+use strata_graph::{
+    BlockDriver, BlockError, BlockStatus, GraphError, GraphView, IoFuture, IoVecs, NodeBuilder,
+    NodeId, Perm, SlotId, SlotPerm,
+};
+
+use super::dirty::DirtyMap;
+
+/// A commit job's filter node.
+pub struct TopFilter {
+    child: SlotId,
+    name: &'static str,
+    dirty: Option<Arc<DirtyMap>>,
+}
+
+impl TopFilter {
+    /// A `commit_top` (no `dirty`) or `mirror_top` (with `dirty`) filter
+    /// over `top`.
+    pub fn open(
+        b: &mut NodeBuilder<'_>,
+        top: NodeId,
+        dirty: Option<Arc<DirtyMap>>,
+    ) -> Result<Self, GraphError> {
+        Ok(TopFilter {
+            child: b.attach("backing", top)?,
+            name: if dirty.is_some() {
+                "mirror_top"
+            } else {
+                "commit_top"
+            },
+            dirty,
+        })
+    }
+
+    fn written<'a>(&'a self, offset: u64, len: u64, io: IoFuture<'a>) -> IoFuture<'a> {
+        match &self.dirty {
+            None => io,
+            Some(d) => IoFuture::new(async move {
+                let res = io.await;
+                // Even a failed write may have changed some of the range.
+                d.mark(offset, len);
+                res
+            }),
+        }
+    }
+}
+
+impl BlockDriver for TopFilter {
+    fn driver_name(&self) -> &'static str {
+        self.name
+    }
+
+    fn child_perm(&self, _role: &str, parents: SlotPerm) -> SlotPerm {
+        SlotPerm {
+            need: parents.need,
+            share: Perm::all(),
+        }
+    }
+
+    fn size(&self, g: &GraphView) -> Result<u64, BlockError> {
+        g.child(self.child)?.size(g)
+    }
+
+    fn request_alignment(&self, g: &GraphView) -> u32 {
+        g.child(self.child).map_or(1, |c| c.request_alignment(g))
+    }
+
+    fn read<'a>(&'a self, g: &'a GraphView, offset: u64, buf: &'a IoVecs<'a>) -> IoFuture<'a> {
+        g.via(self.child, |c| c.read(g, offset, buf))
+    }
+
+    fn write<'a>(&'a self, g: &'a GraphView, offset: u64, buf: &'a IoVecs<'a>) -> IoFuture<'a> {
+        self.written(
+            offset,
+            buf.len(),
+            g.via(self.child, |c| c.write(g, offset, buf)),
+        )
+    }
+
+    fn write_zeroes<'a>(
+        &'a self,
+        g: &'a GraphView,
+        offset: u64,
+        len: u64,
+        unmap: bool,
+    ) -> IoFuture<'a> {
+        self.written(
+            offset,
+            len,
+            g.via(self.child, |c| c.write_zeroes(g, offset, len, unmap)),
+        )
+    }
+
+    fn discard<'a>(&'a self, g: &'a GraphView, offset: u64, len: u64) -> IoFuture<'a> {
+        self.written(
+            offset,
+            len,
+            g.via(self.child, |c| c.discard(g, offset, len)),
+        )
+    }
+
+    fn fill_unallocated<'a>(
+        &'a self,
+        g: &'a GraphView,
+        offset: u64,
+        buf: &'a IoVecs<'a>,
+    ) -> IoFuture<'a> {
+        self.written(
+            offset,
+            buf.len(),
+            g.via(self.child, |c| c.fill_unallocated(g, offset, buf)),
+        )
+    }
+
+    fn flush<'a>(&'a self, g: &'a GraphView) -> IoFuture<'a> {
+        g.via(self.child, |c| c.flush(g))
+    }
+
+    fn block_status<'a>(
+        &'a self,
+        g: &'a GraphView,
+        offset: u64,
+        len: u64,
+    ) -> IoFuture<'a, BlockStatus> {
+        g.via(self.child, |c| c.block_status(g, offset, len))
+    }
+}
