@@ -290,6 +290,223 @@ class SingleChain(JobTest):
         self.wait_event("BLOCK_JOB_CANCELLED", "s")
 
 
+class ParallelChain(JobTest):
+    """node0 (raw) <- node1 <- ... <- node8, data in the odd nodes, as in
+    iotest 030's TestParallelOps."""
+
+    num = 9
+    size = 4 * MiB
+
+    def setUp(self):
+        super().setUp()
+        self.imgs = [self.image("img-0.img", self.size)]
+        for i in range(1, self.num):
+            p = str(self.dir / f"img-{i}.qcow2")
+            qemu_img("create", "-q", "-f", "qcow2", "-b", self.imgs[-1],
+                     "-F", "raw" if i == 1 else "qcow2", p)
+            self.imgs.append(p)
+        for i in range(self.num // 2):
+            # 512 KiB and 1 MiB alternately, so the jobs end in another
+            # order than they start.
+            kib = 512 + 512 * (i % 2)
+            qemu_io("qcow2", self.imgs[2 * i + 1], f"write -P {i + 1} {i * MiB} {kib * 1024}")
+        self.before = [content(p) for p in self.imgs]
+        self.add_raw("node0", self.imgs[0])
+        for i in range(1, self.num):
+            self.add_qcow2(f"node{i}", self.imgs[i], f"node{i - 1}")
+
+    def wait_all(self, jobs):
+        """Waits for every job to complete without error, completing the
+        ones that become ready."""
+        pending = set(jobs)
+        while pending:
+            ev = self.pull()
+            if ev["event"] == "BLOCK_JOB_READY":
+                self.d.ok("block-job-complete", device=ev["data"]["device"])
+            elif ev["event"] == "BLOCK_JOB_COMPLETED":
+                self.assertNotIn("error", ev["data"], ev)
+                pending.discard(ev["data"]["device"])
+        self.no_jobs()
+
+    def check_images(self, changed=()):
+        self.d.close()
+        for i, p in enumerate(self.imgs):
+            if i > 0:
+                check_clean(self, p)
+            if i not in changed:
+                self.assertEqual(content(p), self.before[i], f"content of img-{i} changed")
+
+    def test_parallel_streams_on_one_chain(self):
+        for i in range(2, self.num, 2):
+            self.assertNotEqual(qemu_map("qcow2", self.imgs[i]), qemu_map("qcow2", self.imgs[i - 1]))
+        jobs = []
+        for i in range(2, self.num, 2):
+            job = f"stream-node{i}"
+            self.d.ok("block-stream", device=f"node{i}", job_id=job, bottom=f"node{i - 1}", speed=1024)
+            jobs.append(job)
+        # All four run at once, each in its own part of the chain.
+        running = {j["device"] for j in self.d.ok("query-block-jobs")}
+        self.assertEqual(running, set(jobs))
+        for job in jobs:
+            self.d.ok("block-job-set-speed", device=job, speed=0)
+        self.wait_all(jobs)
+        for i in range(2, self.num, 2):
+            self.assertIn(("backing", f"node{i - 2}"), self.d.children(f"node{i}"))
+        self.check_images()
+        for i in range(2, self.num, 2):
+            self.assertEqual(qemu_map("qcow2", self.imgs[i]), qemu_map("qcow2", self.imgs[i - 1]))
+            self.assertEqual(info(self.imgs[i])["backing-filename"], self.imgs[i - 2])
+
+    def test_overlapping_streams_and_commits_are_refused(self):
+        self.d.ok("block-stream", device="node4", job_id="stream-node4", base=self.imgs[1], speed=1024)
+        refused = [
+            ("block-stream", dict(device="node5", job_id="stream-node5", base=self.imgs[2]), "node4"),
+            ("block-stream", dict(device="node3", job_id="stream-node3", base=self.imgs[2]), "node3"),
+            ("block-stream", dict(device="node4", job_id="stream-node4-v2"), "node4"),
+            ("block-commit", dict(device="node8", base=self.imgs[4], job_id="commit-node4"), "node4"),
+            ("block-commit", dict(device="node8", base=self.imgs[1], top=self.imgs[3],
+                                  job_id="commit-node1"), "node4"),
+            # It would rewrite node2's backing link, and node2 is streamed from.
+            ("block-commit", dict(device="node8", base=self.imgs[0], top=self.imgs[1],
+                                  job_id="commit-node0"), "node2"),
+        ]
+        for cmd, args, node in refused:
+            e = self.d.err(cmd, **args)
+            self.assertEqual(e["desc"],
+                             f"Node '{node}' is busy: block device is in use by block job 'stream-node4'",
+                             (cmd, args))
+        self.d.ok("block-job-set-speed", device="stream-node4", speed=0)
+        self.wait_all(["stream-node4"])
+        self.check_images(changed={4})
+        self.assertEqual(content(self.imgs[4]), self.before[4])
+
+    def test_a_commit_blocks_what_crosses_its_range(self):
+        self.d.ok("block-commit", device="node8", top=self.imgs[5], base=self.imgs[3],
+                  job_id="commit-node3", speed=1024)
+        for args in [dict(device="node3", job_id="stream-node3"),
+                     dict(device="node6", base=self.imgs[2], job_id="stream-node6"),
+                     dict(device="node4", base=self.imgs[2], job_id="stream-node4"),
+                     dict(device="node6", base=self.imgs[4], job_id="stream-node6-v2"),
+                     # node6 is the overlay whose link the commit rewrites.
+                     dict(device="node7", base=self.imgs[5], job_id="stream-node6-v3"),
+                     dict(device="node8", base=self.imgs[5], job_id="stream-drive0")]:
+            e = self.d.err("block-stream", **args)
+            self.assertIn("is busy: block device is in use by block job 'commit-node3'", e["desc"], args)
+        self.d.ok("block-job-set-speed", device="commit-node3", speed=0)
+        self.wait_all(["commit-node3"])
+        self.assertIn(("backing", "node3"), self.d.children("node6"))
+        # The merged images' own chains now see the merged data below them.
+        self.check_images(changed={3, 4, 5, 6})
+        self.assertEqual(content(self.imgs[6]), self.before[6])
+        self.assertEqual(info(self.imgs[6])["backing-filename"], self.imgs[3])
+
+    def test_an_active_commit_blocks_its_range_until_completed(self):
+        self.d.ok("block-commit", device="node8", base=self.imgs[3], job_id="commit-drive0", speed=1024)
+        e = self.d.err("block-stream", device="node5", base=self.imgs[3], job_id="stream-node6")
+        self.assertIn("block job 'commit-drive0'", e["desc"])
+        self.d.ok("block-job-set-speed", device="commit-drive0", speed=0)
+        self.wait_all(["commit-drive0"])
+        self.check_images(changed={3, 4, 5, 6, 7})
+        self.assertEqual(content(self.imgs[3]), self.before[8])
+
+    def test_a_stream_and_a_commit_in_parallel(self):
+        self.d.ok("block-stream", device="node2", job_id="node2")
+        self.d.ok("block-commit", device="node8", base=self.imgs[3], job_id="drive0")
+        self.wait_all(["node2", "drive0"])
+        self.check_images(changed={3, 4, 5, 6, 7})
+        self.assertEqual(content(self.imgs[3]), self.before[8])
+        self.assertNotIn("backing-filename", info(self.imgs[2]))
+
+    def test_base_node_errors_and_success(self):
+        self.assertEqual(self.d.err("block-stream", device="node4", base_node="none", job_id="s")["desc"],
+                         "Cannot find device='' nor node-name='none'")
+        self.assertEqual(self.d.err("block-stream", device="node4", base_node="node6", job_id="s")["desc"],
+                         "Node 'node6' is not a backing image of 'node4'")
+        self.assertEqual(self.d.err("block-stream", device="node4", base_node="node4", job_id="s")["desc"],
+                         "Node 'node4' is not a backing image of 'node4'")
+        self.assertEqual(self.d.err("block-stream", device="node4", base=self.imgs[2], base_node="node2",
+                                    job_id="s")["desc"],
+                         "'base' and 'base-node' cannot be specified at the same time")
+        self.d.ok("block-stream", device="node4", base_node="node2", job_id="s")
+        self.wait_all(["s"])
+        self.check_images()
+        self.assertEqual(qemu_map("qcow2", self.imgs[4]), qemu_map("qcow2", self.imgs[3]))
+
+
+class Errors(JobTest):
+    """A read error in the middle of a stream, injected by blkdebug under the
+    backing file, with each on-error policy (iotest 030's TestEIO)."""
+
+    size = 2 * MiB
+    chunk = 512 * 1024
+
+    def start(self, errno=5, **args):
+        backing = self.image("backing.img", self.size, byte=3)
+        top = str(self.dir / "top.qcow2")
+        qemu_img("create", "-q", "-f", "qcow2", "-b", backing, "-F", "raw", top)
+        self.d.ok("blockdev-add", driver="raw", node_name="base", file={
+            "driver": "blkdebug", "image": {"driver": "file", "filename": backing},
+            "inject-error": [{"event": "read_aio", "errno": errno, "sector": self.chunk // 512,
+                              "once": True}]})
+        self.add_qcow2("top", top, "base")
+        self.d.ok("block-stream", device="top", job_id="s", **args)
+
+    def test_report_fails_the_job_at_the_error(self):
+        self.start()
+        ev = self.wait_event("BLOCK_JOB_ERROR", "s")
+        self.assertEqual((ev["data"]["operation"], ev["data"]["action"]), ("read", "report"))
+        ev = self.wait_completed("s", error="Input/output error")
+        self.assertEqual((ev["data"]["offset"], ev["data"]["len"]), (self.chunk, self.size))
+        self.assertIn(("backing", "base"), self.d.children("top"))
+        self.no_jobs()
+
+    def test_ignore_goes_on_and_reports_at_the_end(self):
+        self.start(on_error="ignore")
+        ev = self.wait_event("BLOCK_JOB_ERROR", "s")
+        self.assertEqual(ev["data"]["action"], "ignore")
+        ev = self.wait_completed("s", error="Input/output error")
+        self.assertEqual(ev["data"]["offset"], self.size)
+
+    def test_stop_pauses_and_resume_finishes(self):
+        self.start(on_error="stop")
+        ev = self.wait_event("BLOCK_JOB_ERROR", "s")
+        self.assertEqual(ev["data"]["action"], "stop")
+        job = self.d.ok("query-block-jobs")[0]
+        self.assertEqual((job["paused"], job["offset"], job["io-status"]), (True, self.chunk, "failed"))
+        self.d.ok("block-job-resume", device="s")
+        ev = self.wait_completed("s")
+        self.assertEqual(ev["data"]["offset"], self.size)
+        self.assertEqual(self.d.children("top")[1:], [])
+
+    def test_enospc_stops_only_on_enospc(self):
+        self.start(on_error="enospc")
+        self.wait_completed("s", error="Input/output error")
+
+    def test_enospc_with_enospc_stops(self):
+        self.start(errno=28, on_error="enospc")
+        self.wait_event("BLOCK_JOB_ERROR", "s")
+        job = self.d.ok("query-block-jobs")[0]
+        self.assertEqual((job["paused"], job["io-status"]), (True, "nospace"))
+        self.d.ok("block-job-resume", device="s")
+        self.wait_completed("s")
+
+
+class SmallerBacking(JobTest):
+    def test_a_short_backing_file_reads_as_zeroes_and_does_not_hang(self):
+        backing = self.image("backing.img", MiB, byte=9)
+        top = str(self.dir / "top.qcow2")
+        qemu_img("create", "-q", "-f", "qcow2", "-b", backing, "-F", "raw", top, str(2 * MiB))
+        before = content(top)
+        self.assertEqual(before, bytes([9]) * MiB + bytes(MiB))
+        self.add_raw("base", backing)
+        self.add_qcow2("top", top, "base")
+        self.d.ok("block-stream", device="top", job_id="s")
+        self.wait_completed("s")
+        self.d.close()
+        self.assertEqual(content(top), before)
+        check_clean(self, top)
+
+
 class Snapshot(JobTest):
     def test_snapshot_puts_the_overlay_above_a_live_disk(self):
         base = self.image("base.img", MiB, byte=7)

@@ -154,6 +154,13 @@ pub fn commit(
         tx.freeze(s, job).map_err(|e| e.to_string())?;
     }
     attach_users(&mut tx, job, &layers, base)?;
+    // The overlay's link is the job's to rewrite: no other job may use it.
+    tx.attach_user_as(
+        job_user(job, Perm::empty(), Perm::all()),
+        "overlay of top",
+        overlay,
+    )
+    .map_err(|e| e.to_string())?;
     tx.commit().map_err(|e| e.to_string())?;
     Ok(Box::new(Commit {
         graph: graph.clone(),

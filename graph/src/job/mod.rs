@@ -546,7 +546,7 @@ impl JobContext {
     pub fn rate_limit(&self, bytes: u64) -> Result<(), JobError> {
         let job = &*self.job;
         let mut s = job.lock();
-        s.limit.account(bytes);
+        s.limit.account(bytes, Instant::now());
         loop {
             let speed = s.speed;
             let delay = s.limit.delay(speed, Instant::now());
@@ -640,19 +640,21 @@ impl JobContext {
         if errno == Some(libc::ENOSPC) {
             event["nospace"] = json!(true);
         }
+        if action == "stop" {
+            // Paused before the event goes out: whoever reacts to it finds
+            // the job stopped.
+            let mut s = job.lock();
+            s.error_paused = true;
+            s.io_status = if errno == Some(libc::ENOSPC) {
+                "nospace"
+            } else {
+                "failed"
+            };
+        }
         job.events.emit("BLOCK_JOB_ERROR", event);
         match action {
             "ignore" => Ok(ErrorAction::Ignore),
             "stop" => {
-                {
-                    let mut s = job.lock();
-                    s.error_paused = true;
-                    s.io_status = if errno == Some(libc::ENOSPC) {
-                        "nospace"
-                    } else {
-                        "failed"
-                    };
-                }
                 self.pause_point()?;
                 Ok(ErrorAction::Retry)
             }

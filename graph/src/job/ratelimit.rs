@@ -23,8 +23,13 @@ impl RateLimit {
         }
     }
 
-    /// Records `bytes` done.
-    pub(crate) fn account(&mut self, bytes: u64) {
+    /// Records `bytes` done at `now`.
+    pub(crate) fn account(&mut self, bytes: u64, now: Instant) {
+        if now > self.end {
+            self.start = now;
+            self.end = now + SLICE;
+            self.dispatched = 0;
+        }
         self.dispatched += bytes;
     }
 
@@ -34,11 +39,6 @@ impl RateLimit {
         if speed == 0 {
             self.dispatched = 0;
             return Duration::ZERO;
-        }
-        if now > self.end {
-            self.start = now;
-            self.end = now + SLICE;
-            self.dispatched = 0;
         }
         let quota = (speed as f64 * SLICE.as_secs_f64()).max(1.0);
         let slices = self.dispatched as f64 / quota;
@@ -62,7 +62,7 @@ mod tests {
         let mut r = RateLimit::new();
         let t0 = Instant::now();
         assert_eq!(r.delay(1 << 20, t0), Duration::ZERO);
-        r.account(512 << 10);
+        r.account(512 << 10, t0);
         // Half a second's worth of 1 MiB/s went out at once: wait ~0.5 s.
         let d = r.delay(1 << 20, t0);
         assert!(
