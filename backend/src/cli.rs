@@ -92,6 +92,126 @@ pub enum Command {
     /// Check an image's metadata, and repair it (as `qemu-img check`).
     /// Exit codes: 0 clean, 2 corrupt, 3 leaked clusters only, 1 error.
     Check(CheckArgs),
+    /// Snapshot, stream and commit a running daemon's disk through its QMP
+    /// monitor, with a progress bar; exits non-zero when the job fails.
+    Job(JobArgs),
+}
+
+/// Options of `strata job`.
+#[derive(Debug, Args)]
+pub struct JobArgs {
+    /// The daemon's QMP monitor socket (--chardev socket,path=PATH).
+    #[arg(long, value_name = "PATH")]
+    pub qmp: PathBuf,
+    /// Print one JSON result for scripts instead of progress.
+    #[arg(long)]
+    pub json: bool,
+    /// What to do.
+    #[command(subcommand)]
+    pub action: JobAction,
+}
+
+/// Settings every job takes.
+#[derive(Debug, Args)]
+pub struct JobCommon {
+    /// The job's id (default: ACTION-DEVICE, e.g. stream-disk).
+    #[arg(long, value_name = "ID")]
+    pub job_id: Option<String>,
+    /// Bytes per second, with an optional K, M or G suffix; 0 is unlimited.
+    #[arg(long, value_name = "RATE", value_parser = parse_size, default_value = "0")]
+    pub speed: u64,
+    /// What to do on an I/O error: report, ignore, stop or enospc.
+    #[arg(long, value_name = "POLICY", default_value = "report")]
+    pub on_error: String,
+    /// Start the job and return without waiting for it.
+    #[arg(long)]
+    pub no_wait: bool,
+}
+
+/// The `strata job` actions.
+#[derive(Debug, Subcommand)]
+pub enum JobAction {
+    /// Put a new qcow2 overlay above a live node: the guest's writes go to
+    /// the overlay from its next request on (blockdev-snapshot).
+    Snapshot {
+        /// The node to snapshot (for example the export's node).
+        node: String,
+        /// The overlay image to create, backed by the node's image.
+        #[arg(long, value_name = "FILE")]
+        overlay: PathBuf,
+        /// The overlay's node name (default: the file's stem).
+        #[arg(long, value_name = "NAME")]
+        overlay_node: Option<String>,
+    },
+    /// Copy the data of a node's backing layers into it, then drop them
+    /// from its chain (block-stream).
+    Stream {
+        /// The node streamed into.
+        device: String,
+        /// Keep this backing node (and what is below it).
+        #[arg(long, value_name = "NODE", conflicts_with = "bottom")]
+        base_node: Option<String>,
+        /// Copy down to this layer; the one below it stays.
+        #[arg(long, value_name = "NODE")]
+        bottom: Option<String>,
+        /// The backing file name to record in the image header.
+        #[arg(long, value_name = "NAME")]
+        backing_file: Option<String>,
+        #[command(flatten)]
+        common: JobCommon,
+    },
+    /// Merge layers into a lower one (block-commit). Committing the active
+    /// layer mirrors the guest's writes until ready, then switches the
+    /// disk to the base.
+    Commit {
+        /// The node whose chain is committed (usually the export's node).
+        device: String,
+        /// The top layer merged (default: the device itself).
+        #[arg(long, value_name = "NODE")]
+        top_node: Option<String>,
+        /// The layer merged into (default: the bottom of the chain).
+        #[arg(long, value_name = "NODE")]
+        base_node: Option<String>,
+        /// The backing file name to record in the image above top.
+        #[arg(long, value_name = "NAME")]
+        backing_file: Option<String>,
+        /// Leave an active commit ready instead of completing it.
+        #[arg(long)]
+        no_complete: bool,
+        #[command(flatten)]
+        common: JobCommon,
+    },
+    /// List the jobs.
+    List,
+    /// Wait for a job, with progress.
+    Wait {
+        /// The job id.
+        job: String,
+    },
+    /// Pause a job.
+    Pause {
+        /// The job id.
+        job: String,
+    },
+    /// Resume a paused job.
+    Resume {
+        /// The job id.
+        job: String,
+    },
+    /// Cancel a job; a ready commit finishes without switching unless
+    /// --force.
+    Cancel {
+        /// The job id.
+        job: String,
+        /// Cancel even a ready job outright.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Complete a ready active commit: switch the disk to the base.
+    Complete {
+        /// The job id.
+        job: String,
+    },
 }
 
 /// How the image tools print.
@@ -120,6 +240,9 @@ pub struct CreateArgs {
     /// backing_file, backing_fmt.
     #[arg(short = 'o', value_name = "OPTIONS")]
     pub options: Vec<String>,
+    /// Quiet: print nothing on success.
+    #[arg(short = 'q')]
+    pub quiet: bool,
     /// The image to create.
     pub file: PathBuf,
     /// Its size (bytes or with a K, M, G, T suffix); defaults to the

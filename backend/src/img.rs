@@ -132,7 +132,9 @@ pub fn create(a: CreateArgs) -> anyhow::Result<()> {
                 bail!("raw images take no options or backing file");
             }
             image::create_raw(&a.file, size)?;
-            println!("Formatting '{}', fmt=raw size={size}", a.file.display());
+            if !a.quiet {
+                println!("Formatting '{}', fmt=raw size={size}", a.file.display());
+            }
         }
         "qcow2" => {
             if let Some(b) = &backing_file {
@@ -171,7 +173,9 @@ pub fn create(a: CreateArgs) -> anyhow::Result<()> {
                 if opts.lazy_refcounts { "on" } else { "off" },
                 opts.refcount_bits
             );
-            println!("{line}");
+            if !a.quiet {
+                println!("{line}");
+            }
         }
         f => bail!("Unknown file format '{f}' (Strata creates raw and qcow2)"),
     }

@@ -7,6 +7,7 @@ pub mod device;
 pub mod events;
 pub mod export;
 pub mod img;
+pub mod job_cli;
 pub mod keyval;
 pub mod open;
 pub mod qmp;

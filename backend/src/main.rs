@@ -36,6 +36,7 @@ fn main() -> ExitCode {
             Ok(code) => return ExitCode::from(code as u8),
             Err(e) => Err(e),
         },
+        Some(Command::Job(args)) => strata_backend::job_cli::run(args),
         None => strata_backend::qsd::run(cli.qsd),
     };
     match res {

@@ -526,5 +526,51 @@ class Snapshot(JobTest):
                          "Cannot find device='nope' nor node-name='nope'")
 
 
+class JobCli(JobTest):
+    """`strata job`, the command-line client, against a running daemon."""
+
+    def strata_job(self, *args):
+        from strata_qmp import STRATA
+        return subprocess.run([STRATA, "job", "--qmp", str(self.d.sock), "--json", *args],
+                              capture_output=True, text=True, timeout=120)
+
+    def setUp(self):
+        super().setUp()
+        self.base = self.image("base.img", 4 * MiB, byte=5)
+        self.add_raw("base", self.base)
+
+    def test_snapshot_then_stream_and_commit(self):
+        overlay = str(self.dir / "snap.qcow2")
+        r = self.strata_job("snapshot", "base", "--overlay", overlay)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertEqual(json.loads(r.stdout), {"node": "base", "overlay": "snap"})
+        self.assertIn(("backing", "base"), self.d.children("snap"))
+        r = self.strata_job("stream", "snap", "--speed", "8M")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertEqual(json.loads(r.stdout)["status"], "completed")
+        self.assertEqual(json.loads(r.stdout)["len"], 4 * MiB)
+        r = self.strata_job("list")
+        self.assertEqual(json.loads(r.stdout), [])
+        # Nothing left to commit: the refusal is the daemon's, and exits 1.
+        r = self.strata_job("commit", "snap")
+        self.assertEqual(r.returncode, 1)
+        self.assertIn("nothing to commit", r.stderr)
+
+    def test_a_failing_job_exits_non_zero(self):
+        top = str(self.dir / "top.qcow2")
+        qemu_img("create", "-q", "-f", "qcow2", "-b", self.base, "-F", "raw", top)
+        self.d.ok("blockdev-add", driver="raw", node_name="bad", file={
+            "driver": "blkdebug", "image": {"driver": "file", "filename": self.base},
+            "inject-error": [{"event": "read_aio"}]})
+        self.add_qcow2("top", top, "bad")
+        r = self.strata_job("stream", "top", "--job-id", "s")
+        self.assertEqual(r.returncode, 1)
+        self.assertEqual(json.loads(r.stdout)["status"], "failed")
+        self.assertIn("job 's' failed: Input/output error", r.stderr)
+        r = self.strata_job("pause", "nope")
+        self.assertEqual(r.returncode, 1)
+        self.assertIn("Block job 'nope' not found", r.stderr)
+
+
 if __name__ == "__main__":
     unittest.main()

@@ -1,70 +1,60 @@
-//! A small blocking QMP client for Rust tests that need to drive the
-//! monitor while they do I/O. (The QMP behaviour itself is tested with the
-//! real `qemu.qmp` library, in tests/qmp.)
+//! A blocking QMP client for Rust tests that drive the monitor while they
+//! do I/O: Strata's own client, with test conveniences. (The QMP
+//! behaviour itself is tested with the real `qemu.qmp` library, in
+//! tests/qmp.)
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
+use strata_backend::qmp::client::QmpClient;
 
 /// A negotiated QMP connection.
 pub struct Qmp {
-    reader: BufReader<UnixStream>,
-    writer: UnixStream,
-    /// Events received while waiting for replies.
-    pub events: Vec<Value>,
+    client: QmpClient,
 }
 
 impl Qmp {
     /// Connects (retrying until the socket exists) and negotiates.
     pub fn connect(path: &Path) -> Qmp {
         let deadline = Instant::now() + Duration::from_secs(20);
-        let stream = loop {
-            match UnixStream::connect(path) {
-                Ok(s) => break s,
+        loop {
+            match QmpClient::connect(path) {
+                Ok(client) => return Qmp { client },
                 Err(e) if Instant::now() < deadline => {
                     let _ = e;
                     std::thread::sleep(Duration::from_millis(20));
                 }
-                Err(e) => panic!("cannot connect to {}: {e}", path.display()),
+                Err(e) => panic!("cannot connect to {}: {e:#}", path.display()),
             }
-        };
-        let mut q = Qmp {
-            reader: BufReader::new(stream.try_clone().unwrap()),
-            writer: stream,
-            events: Vec::new(),
-        };
-        let greeting = q.read();
-        assert!(greeting.get("QMP").is_some(), "greeting: {greeting}");
-        q.execute("qmp_capabilities", json!({}))
-            .expect("negotiation");
-        q
+        }
     }
 
-    fn read(&mut self) -> Value {
-        let mut line = String::new();
-        self.reader.read_line(&mut line).expect("read from QMP");
-        assert!(!line.is_empty(), "QMP connection closed");
-        serde_json::from_str(&line).expect("QMP sends JSON")
-    }
-
-    /// Runs a command: `Ok(return)` or `Err(error)`.
+    /// Runs a command: `Ok(return)` or `Err(error)` as QMP sends them.
     pub fn execute(&mut self, name: &str, args: Value) -> Result<Value, Value> {
-        let msg = json!({"execute": name, "arguments": args});
-        self.writer
-            .write_all(format!("{msg}\n").as_bytes())
-            .expect("write to QMP");
+        match self.client.execute(name, args) {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(json!({"class": e.class, "desc": e.desc})),
+            Err(e) => panic!("QMP connection failed during {name}: {e:#}"),
+        }
+    }
+
+    /// Waits up to `timeout` for event `name` whose data has `key` equal
+    /// to `value`, and returns its data.
+    pub fn wait_event(&mut self, name: &str, key: &str, value: &str, timeout: Duration) -> Value {
+        let deadline = Instant::now() + timeout;
         loop {
-            let v = self.read();
-            if let Some(r) = v.get("return") {
-                return Ok(r.clone());
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(!left.is_zero(), "no {name} with {key}={value} in time");
+            let ev = self
+                .client
+                .event(left.min(Duration::from_millis(200)))
+                .expect("QMP connection");
+            if let Some(ev) = ev {
+                if ev["event"] == name && ev["data"][key] == value {
+                    return ev["data"].clone();
+                }
             }
-            if let Some(e) = v.get("error") {
-                return Err(e.clone());
-            }
-            self.events.push(v);
         }
     }
 }

@@ -368,3 +368,205 @@ fn fio_verify_on_a_qcow2_overlay_over_a_raw_base() {
     );
     println!("qcow2 overlay: qemu-img check clean after fio verify in the guest");
 }
+
+/// Runs `qemu-io -c CMD` on a raw or qcow2 image.
+fn qemu_io_fmt(fmt: &str, path: &std::path::Path, cmd: &str) {
+    let out = Command::new("qemu-io")
+        .args(["-f", fmt, "-c", cmd])
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "qemu-io {cmd}: {out:?}");
+}
+
+#[test]
+#[ignore = "boots a QEMU guest; ci/test runs it"]
+fn snapshot_stream_commit_and_active_commit_under_fio_verify() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (base, mid, top, snap) = (
+        d.join("base.raw"),
+        d.join("mid.qcow2"),
+        d.join("top.qcow2"),
+        d.join("snap.qcow2"),
+    );
+    std::fs::File::create(&base)
+        .unwrap()
+        .set_len(128 << 20)
+        .unwrap();
+    let create = |args: &[&str]| {
+        let out = Command::new(strata_bin())
+            .arg("create")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+    };
+    create(&[
+        "-f",
+        "qcow2",
+        "-b",
+        "base.raw",
+        "-F",
+        "raw",
+        mid.to_str().unwrap(),
+    ]);
+    create(&[
+        "-f",
+        "qcow2",
+        "-b",
+        "mid.qcow2",
+        "-F",
+        "qcow2",
+        top.to_str().unwrap(),
+    ]);
+    // Data only the lower layers hold, away from where the guest writes
+    // (fio writes [0, 16M) and [32M, 48M)).
+    qemu_io_fmt("raw", &base, "write -P 0x11 112M 8M");
+    qemu_io_fmt("qcow2", &mid, "write -P 0x22 64M 16M");
+    qemu_io_fmt("qcow2", &top, "write -P 0x33 96M 4M");
+
+    let (qmp_sock, vhost_sock) = (d.join("qmp.sock"), d.join("vm.sock"));
+    let log_path = d.join("strata.log");
+    let blockdev = |s: String| ["--blockdev".to_string(), s];
+    let mut child = Command::new(strata_bin())
+        .args(blockdev(format!("driver=file,node-name=base-file,filename={}", base.display())))
+        .args(blockdev("driver=raw,node-name=base,file=base-file".into()))
+        .args(blockdev(format!(
+            r#"{{"driver":"qcow2","node-name":"mid","backing":"base","file":{{"driver":"file","filename":"{}"}}}}"#,
+            mid.display()
+        )))
+        .args(blockdev(format!(
+            r#"{{"driver":"qcow2","node-name":"top","backing":"mid","file":{{"driver":"file","filename":"{}"}}}}"#,
+            top.display()
+        )))
+        .args([
+            "--export",
+            &format!(
+                "type=vhost-user-blk,id=vda,node-name=top,writable=on,num-queues=2,addr.type=unix,addr.path={}",
+                vhost_sock.display()
+            ),
+        ])
+        .args(["--chardev", &format!("socket,id=m0,path={},server=on,wait=off", qmp_sock.display())])
+        .args(["--monitor", "chardev=m0"])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .unwrap();
+    let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+
+    let mut steps = None;
+    let snap_path = snap.clone();
+    let run = boot_watching(&vhost_sock, 2, "fio-long40", BOOT_TIMEOUT, &mut |line| {
+        if !line.starts_with("STRATA fio-running") || steps.is_some() {
+            return;
+        }
+        let qmp_sock = qmp_sock.clone();
+        let snap = snap_path.clone();
+        let strata = strata_bin().to_path_buf();
+        steps = Some(std::thread::spawn(move || {
+            let mut q = Qmp::connect(&qmp_sock);
+            let minute = Duration::from_secs(60);
+            fn run(q: &mut Qmp, what: &str, cmd: &str, args: serde_json::Value) {
+                q.execute(cmd, args)
+                    .unwrap_or_else(|e| panic!("{what}: {e}"));
+                println!("jobs: {what}");
+            }
+            std::thread::sleep(Duration::from_secs(3));
+            // 1. A snapshot: the guest's writes go to a new overlay.
+            let out = Command::new(&strata)
+                .args(["create", "-f", "qcow2", "-b", "top.qcow2", "-F", "qcow2"])
+                .arg(&snap)
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{out:?}");
+            run(
+                &mut q,
+                "add the overlay",
+                "blockdev-add",
+                json!({"driver": "qcow2", "node-name": "snap", "backing": null,
+                       "file": {"driver": "file", "filename": snap}}),
+            );
+            run(
+                &mut q,
+                "snapshot",
+                "blockdev-snapshot",
+                json!({"node": "top", "overlay": "snap"}),
+            );
+            std::thread::sleep(Duration::from_secs(2));
+            // 2. Stream top into the new overlay: snap's backing becomes mid.
+            run(
+                &mut q,
+                "stream top into snap",
+                "block-stream",
+                json!({"job-id": "stream", "device": "snap", "base-node": "mid"}),
+            );
+            q.wait_event("BLOCK_JOB_COMPLETED", "device", "stream", minute);
+            // 3. Commit the intermediate mid into base: snap's backing
+            //    becomes base.
+            run(
+                &mut q,
+                "commit mid into base",
+                "block-commit",
+                json!({"job-id": "commit", "device": "snap", "top-node": "mid", "base-node": "base"}),
+            );
+            let done = q.wait_event("BLOCK_JOB_COMPLETED", "device", "commit", minute);
+            assert!(done.get("error").is_none(), "{done}");
+            // 4. Commit the active layer: the export moves to base.
+            run(
+                &mut q,
+                "active commit",
+                "block-commit",
+                json!({"job-id": "active", "device": "snap", "base-node": "base"}),
+            );
+            q.wait_event("BLOCK_JOB_READY", "device", "active", minute);
+            run(
+                &mut q,
+                "complete the active commit",
+                "block-job-complete",
+                json!({"device": "active"}),
+            );
+            let done = q.wait_event("BLOCK_JOB_COMPLETED", "device", "active", minute);
+            assert!(done.get("error").is_none(), "{done}");
+            let exports = q.execute("query-block-exports", json!({})).unwrap();
+            assert_eq!(exports[0]["node-name"], "base", "{exports}");
+        }));
+    });
+    show(&run);
+    let stepped = steps.expect("fio started").join();
+    check_done(&run, &log());
+    assert!(stepped.is_ok(), "every job step succeeded:\n{}", log());
+    let results: Vec<&String> = run
+        .lines
+        .iter()
+        .filter(|l| l.contains("(groupid="))
+        .collect();
+    assert_eq!(results.len(), 2, "{results:?}");
+    assert!(results.iter().all(|l| l.contains("err= 0")), "{results:?}");
+
+    let mut q = Qmp::connect(&qmp_sock);
+    q.execute("quit", json!({})).unwrap();
+    assert!(child.wait().unwrap().success(), "{}", log());
+    for img in [&snap, &top, &mid] {
+        let (code, out) = strata_tests::qemu::check(img);
+        assert_eq!(code, 0, "qemu-img check {}:\n{out}", img.display());
+    }
+    // The disk is now base.raw alone, and holds every layer's data.
+    let raw = std::fs::read(&base).unwrap();
+    let all = |from: usize, len: usize, byte: u8| {
+        raw[from << 20..(from + len) << 20]
+            .iter()
+            .all(|&b| b == byte)
+    };
+    assert!(all(64, 16, 0x22), "mid's data was committed into base");
+    assert!(all(96, 4, 0x33), "top's data was streamed, then committed");
+    assert!(all(112, 8, 0x11), "base's own data is untouched");
+    let info = strata_tests::qemu::qemu_img_ok(&["info", "-U", snap.to_str().unwrap()]);
+    assert!(
+        info.contains("backing file: ") && info.contains("base.raw"),
+        "{info}"
+    );
+    println!(
+        "jobs: snapshot, stream, commit and active commit under fio verify: all data in place"
+    );
+}

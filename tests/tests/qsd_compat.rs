@@ -137,19 +137,7 @@ fn qsd_script(binary: &Path, dir: &Path) -> Seen {
     let second_export = qmp.execute("query-block-exports", json!({})).unwrap();
     qmp.execute("block-export-del", json!({"id": "e2"}))
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let deleted_event = loop {
-        if let Some(e) = qmp
-            .events
-            .iter()
-            .find(|e| e["event"] == "BLOCK_EXPORT_DELETED")
-        {
-            break e["data"].clone();
-        }
-        assert!(Instant::now() < deadline, "no BLOCK_EXPORT_DELETED");
-        qmp.execute("query-version", json!({})).unwrap();
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let deleted_event = qmp.wait_event("BLOCK_EXPORT_DELETED", "id", "e2", Duration::from_secs(10));
     let _ = qmp.execute("quit", json!({}));
     let deadline = Instant::now() + Duration::from_secs(20);
     // SAFETY: as above.

@@ -1,5 +1,6 @@
 //! The QMP monitor.
 
+pub mod client;
 pub mod commands;
 pub mod error;
 pub mod info;
