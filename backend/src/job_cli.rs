@@ -218,7 +218,7 @@ fn watch(
                             json_out,
                             json!({"job": id, "status": "failed", "error": e,
                                                 "offset": off, "len": len}),
-                            || String::new(),
+                            String::new,
                         );
                         bail!("job '{id}' failed: {e}");
                     }
