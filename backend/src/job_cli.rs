@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context as _};
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::{json, Value};
 
 use crate::cli::{CreateArgs, JobAction, JobArgs, JobCommon};
@@ -171,11 +171,8 @@ fn watch(
     complete_when_ready: bool,
     json_out: bool,
 ) -> anyhow::Result<()> {
-    let bar = if json_out {
-        ProgressBar::hidden()
-    } else {
-        ProgressBar::new(0)
-    };
+    // Drawn once the job's length is known (the first query).
+    let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::hidden());
     bar.set_style(
         ProgressStyle::with_template(
             "{msg:<24} [{bar:32}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
@@ -186,7 +183,8 @@ fn watch(
     bar.set_message(format!("{id}: starting"));
     let mine = |ev: &Value| ev["data"]["device"] == json!(id) || ev["data"]["id"] == json!(id);
     loop {
-        while let Some(ev) = c.event(Duration::from_millis(200))? {
+        let until = std::time::Instant::now() + Duration::from_millis(200);
+        while let Some(ev) = c.event(until.saturating_duration_since(std::time::Instant::now()))? {
             if !mine(&ev) {
                 continue;
             }
@@ -257,6 +255,9 @@ fn watch(
         };
         bar.set_length(u64_of(&j, "len"));
         bar.set_position(u64_of(&j, "offset"));
+        if bar.is_hidden() && !json_out {
+            bar.set_draw_target(ProgressDrawTarget::stderr());
+        }
         bar.set_message(format!("{id}: {}", str_of(&j, "status")));
         if str_of(&j, "status") == "concluded" {
             // auto-dismiss off: the events went by already.
