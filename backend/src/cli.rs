@@ -362,6 +362,13 @@ pub struct ServeArgs {
     /// before it completes. The guest can switch this (CONFIG_WCE).
     #[arg(long)]
     pub writethrough: bool,
+
+    /// The longest each queue thread busy-polls for new requests and
+    /// completions before it sleeps, in ns (as QEMU's poll-max-ns). The
+    /// window adapts below this and is zero while the disk is idle; 0
+    /// turns polling off.
+    #[arg(long, value_name = "NS", default_value_t = crate::export::DEFAULT_POLL_MAX_NS)]
+    pub poll_max_ns: u64,
 }
 
 /// Parses a size: bytes, or a number with a K, M, G, T or P suffix

@@ -25,6 +25,8 @@ pub struct Daemon {
     events: Arc<EventBus>,
     jobs: Jobs,
     exports: Mutex<BTreeMap<String, RunningExport>>,
+    /// iothread objects by id, with their `poll-max-ns`.
+    iothreads: Mutex<BTreeMap<String, u64>>,
     quit: (Mutex<bool>, Condvar),
 }
 
@@ -36,6 +38,8 @@ pub struct ExportSpec {
     pub path: PathBuf,
     /// How to present the node.
     pub opts: ExportOptions,
+    /// The iothread object whose polling settings the queues take.
+    pub iothread: Option<String>,
 }
 
 impl Daemon {
@@ -52,6 +56,7 @@ impl Daemon {
             },
             events,
             exports: Mutex::new(BTreeMap::new()),
+            iothreads: Mutex::new(BTreeMap::new()),
             quit: (Mutex::new(false), Condvar::new()),
         })
     }
@@ -168,10 +173,9 @@ impl Daemon {
         addr.finish()?;
         let num_queues = o.take_u64("num-queues")?.unwrap_or(1);
         let logical_block_size = o.take_size("logical-block-size")?.unwrap_or(512);
-        // Strata runs one thread per queue; iothreads have no meaning here.
-        if let Some(t) = o.take_str("iothread")? {
-            tracing::info!("export '{id}': iothread '{t}' ignored (each queue has its own thread)");
-        }
+        // Every queue has its own thread; an iothread only lends its
+        // polling settings.
+        let iothread = o.take_str("iothread")?;
         o.take_bool("fixed-iothread")?;
         let serial = o.take_str("serial")?;
         Ok(ExportSpec {
@@ -184,12 +188,20 @@ impl Daemon {
                 serial,
                 writeback: !writethrough,
                 logical_block_size: u32::try_from(logical_block_size).unwrap_or(u32::MAX),
+                poll_max_ns: crate::export::DEFAULT_POLL_MAX_NS,
             },
+            iothread,
         })
     }
 
     /// block-export-add.
-    pub fn export_add(&self, spec: ExportSpec) -> Result<(), QmpError> {
+    pub fn export_add(&self, mut spec: ExportSpec) -> Result<(), QmpError> {
+        if let Some(t) = &spec.iothread {
+            let iothreads = self.iothreads.lock().unwrap_or_else(|e| e.into_inner());
+            spec.opts.poll_max_ns = *iothreads
+                .get(t)
+                .ok_or_else(|| QmpError::generic(format!("Cannot find iothread '{t}'")))?;
+        }
         let mut exports = self.exports();
         if exports.contains_key(&spec.opts.id) {
             return Err(QmpError::generic(format!(
@@ -274,10 +286,19 @@ impl Daemon {
                     .map_err(QmpError::generic)?;
             }
             "iothread" => {
-                for key in ["poll-max-ns", "poll-grow", "poll-shrink", "aio-max-batch"] {
+                let poll = o
+                    .take_u64("poll-max-ns")?
+                    .unwrap_or(crate::export::DEFAULT_POLL_MAX_NS);
+                // The window grows and shrinks by its own rule.
+                for key in ["poll-grow", "poll-shrink", "aio-max-batch"] {
                     o.take_u64(key)?;
                 }
-                tracing::info!("iothread '{id}' ignored (each queue has its own thread)");
+                let mut iothreads = self.iothreads.lock().unwrap_or_else(|e| e.into_inner());
+                if iothreads.insert(id.clone(), poll).is_some() {
+                    return Err(QmpError::generic(format!(
+                        "attempt to add duplicate property '{id}' to object (type 'container')"
+                    )));
+                }
             }
             other => {
                 return Err(QmpError::generic(format!(
@@ -290,6 +311,11 @@ impl Daemon {
 
     /// object-del.
     pub fn object_del(&self, id: &str) -> Result<(), QmpError> {
+        let mut iothreads = self.iothreads.lock().unwrap_or_else(|e| e.into_inner());
+        if iothreads.remove(id).is_some() {
+            return Ok(());
+        }
+        drop(iothreads);
         self.ctx
             .throttle_groups
             .remove(id)

@@ -39,7 +39,15 @@ pub struct ExportOptions {
     /// The logical block size the guest sees (raised to what the node
     /// needs, if that is more).
     pub logical_block_size: u32,
+    /// The longest a queue thread busy-polls for more work before it
+    /// sleeps, in ns (QEMU's `poll-max-ns`); 0 never polls. The window
+    /// adapts below this: it grows while work keeps arriving soon after,
+    /// and shrinks to nothing when the disk is idle.
+    pub poll_max_ns: u64,
 }
+
+/// QEMU's default `poll-max-ns` for iothreads.
+pub const DEFAULT_POLL_MAX_NS: u64 = 32768;
 
 impl ExportOptions {
     /// Defaults for export `id`: one queue, writable, write-back, 512-byte
@@ -51,6 +59,7 @@ impl ExportOptions {
             read_only: false,
             serial: None,
             writeback: true,
+            poll_max_ns: DEFAULT_POLL_MAX_NS,
             logical_block_size: 512,
         }
     }

@@ -105,6 +105,7 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         read_only: args.read_only,
         serial: args.serial,
         writeback: !args.writethrough,
+        poll_max_ns: args.poll_max_ns,
         ..ExportOptions::new("vhost-user-blk0")
     };
     daemon
@@ -112,6 +113,7 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
             node: "disk".into(),
             path: args.socket.clone(),
             opts,
+            iothread: None,
         })
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     tracing::info!(

@@ -10,7 +10,7 @@ use std::os::fd::AsRawFd;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use strata_formats::executor::Executor;
 use strata_formats::reactor::Reactor;
@@ -54,6 +54,7 @@ pub(crate) fn handle(dev: &Arc<DeviceInner>, queue: usize, event: Event, vring: 
             }
         }
         let Some(w) = slot.as_mut() else { return };
+        w.poll.woke();
         match event {
             Event::Kick => w.take_requests(vring),
             Event::Completions => w.on_completions(),
@@ -63,8 +64,79 @@ pub(crate) fn handle(dev: &Arc<DeviceInner>, queue: usize, event: Event, vring: 
             }
         }
         w.run(vring);
+        w.poll_for_work(vring);
     });
 }
+
+/// The adaptive busy-poll window of one queue, after QEMU's: after work,
+/// the thread spins this long for more before it sleeps. A sleep that
+/// ended soon (before `max`) grows the window; a long one (the disk went
+/// quiet) closes it, so an idle queue costs no CPU.
+struct PollWindow {
+    max: Duration,
+    window: Duration,
+    /// When the thread last went to sleep, if it did.
+    slept_at: Option<Instant>,
+}
+
+impl PollWindow {
+    /// The window starts this small and doubles.
+    const START: Duration = Duration::from_micros(4);
+
+    fn new(max_ns: u64) -> Self {
+        PollWindow {
+            max: Duration::from_nanos(max_ns),
+            window: Duration::ZERO,
+            slept_at: None,
+        }
+    }
+
+    /// An event woke the thread: adapt to how long it slept.
+    fn woke(&mut self) {
+        let Some(at) = self.slept_at.take() else {
+            return;
+        };
+        let slept = at.elapsed();
+        if slept > self.max {
+            self.window = Duration::ZERO;
+        } else if self.window < self.max {
+            self.window = (self.window * 2).clamp(Self::START, self.max);
+        }
+    }
+}
+
+/// The queue's executor, for request futures. Behind a trait because the
+/// future's type (that of `execute`) has no name to store it by.
+trait Requests {
+    fn spawn(&self, ctx: Rc<QueueCtx>, view: LocalView, req: Request);
+    fn run_until_stalled(&self) -> usize;
+}
+
+struct RequestExecutor<F, G> {
+    executor: Executor<F>,
+    make: G,
+}
+
+impl<F, G> Requests for RequestExecutor<F, G>
+where
+    F: std::future::Future<Output = ()>,
+    G: Fn(Rc<QueueCtx>, LocalView, Request) -> F,
+{
+    fn spawn(&self, ctx: Rc<QueueCtx>, view: LocalView, req: Request) {
+        self.executor.spawn((self.make)(ctx, view, req));
+    }
+
+    fn run_until_stalled(&self) -> usize {
+        self.executor.run_until_stalled()
+    }
+}
+
+/// Chains started between two publications of what finished.
+const START_BATCH: usize = 8;
+
+/// A vring's state, as the worker holds it while it works on the queue.
+type VringState =
+    vhost_user_backend::VringState<vm_memory::GuestMemoryAtomic<vm_memory::GuestMemoryMmap<()>>>;
 
 /// State the request futures share with their worker.
 struct QueueCtx {
@@ -101,11 +173,12 @@ impl QueueCtx {
 struct Worker {
     ctx: Rc<QueueCtx>,
     reactor: Rc<Reactor>,
-    executor: Executor,
+    executor: Box<dyn Requests>,
     views: LocalViews,
     mem: Option<MemHandle>,
     /// Reused buffer for publishing completions.
     publishing: Vec<(u16, u32)>,
+    poll: PollWindow,
 }
 
 impl Worker {
@@ -115,8 +188,11 @@ impl Worker {
         // Requests woken from other threads (a lock another queue held)
         // poke this worker through its wake eventfd.
         let poke = Arc::clone(dev);
-        let executor = Executor::new(move || {
-            let _ = poke.queues[queue].wake.write(1);
+        let executor = Box::new(RequestExecutor {
+            executor: Executor::new(move || {
+                let _ = poke.queues[queue].wake.write(1);
+            }),
+            make: execute,
         });
         Ok(Worker {
             ctx: Rc::new(QueueCtx {
@@ -131,6 +207,7 @@ impl Worker {
             views: dev.export.graph().local_views(),
             mem: None,
             publishing: Vec::new(),
+            poll: PollWindow::new(dev.export.options().poll_max_ns),
         })
     }
 
@@ -170,14 +247,29 @@ impl Worker {
                     .warn(format_args!("cannot disable notifications: {e}"));
             }
             let mut taken = 0;
-            match state.get_queue_mut().iter(&*mem) {
-                Ok(chains) => {
-                    for chain in chains {
-                        taken += 1;
-                        self.start(chain, &mem, &limits, &view);
+            loop {
+                // Chains are started a few at a time, and what finishes is
+                // published at once: the guest works on the first
+                // completions while later requests are still being parsed.
+                let mut started = 0;
+                match state.get_queue_mut().iter(&*mem) {
+                    Ok(chains) => {
+                        for chain in chains.take(START_BATCH) {
+                            started += 1;
+                            self.start(chain, &mem, &limits, &view);
+                        }
                     }
+                    Err(e) => self.ctx.warn(format_args!("bad avail ring: {e}")),
                 }
-                Err(e) => self.ctx.warn(format_args!("bad avail ring: {e}")),
+                taken += started;
+                if started == 0 {
+                    break;
+                }
+                self.run_stalled();
+                self.publish_to(&mut *state);
+                if started < START_BATCH {
+                    break;
+                }
             }
             // Re-enabling can reveal chains that raced in; a ring that keeps
             // claiming more while yielding none is broken, so stop there.
@@ -213,7 +305,7 @@ impl Worker {
         match request::parse(chain, mem, limits) {
             Ok(req) => {
                 self.executor
-                    .spawn(execute(Rc::clone(&self.ctx), Rc::clone(view), req));
+                    .spawn(Rc::clone(&self.ctx), Rc::clone(view), req);
             }
             Err(rej) => {
                 self.ctx.warn(format_args!("{rej:?}"));
@@ -223,6 +315,41 @@ impl Worker {
         }
     }
 
+    /// Spins for new requests and completions for the poll window after
+    /// the last work, handling what turns up, then lets the thread sleep.
+    fn poll_for_work(&mut self, vring: &Vring) {
+        let mut last_work = Instant::now();
+        if !self.poll.window.is_zero() {
+            let mem = self.memory();
+            loop {
+                if self.ctx.export().paused() {
+                    break;
+                }
+                let avail = {
+                    let state = vring.get_mut();
+                    let q = state.get_queue();
+                    q.ready()
+                        && q.avail_idx(&*mem, Ordering::Acquire)
+                            .is_ok_and(|i| i.0 != q.next_avail())
+                };
+                let reaped = self.reactor.reap();
+                if avail || reaped > 0 {
+                    if avail {
+                        self.take_requests(vring);
+                    }
+                    self.run(vring);
+                    last_work = Instant::now();
+                    continue;
+                }
+                if last_work.elapsed() >= self.poll.window {
+                    break;
+                }
+                std::hint::spin_loop();
+            }
+        }
+        self.poll.slept_at = Some(last_work);
+    }
+
     fn on_completions(&mut self) {
         // Reset the eventfd; a racing completion re-signals it.
         let _ = self.ctx.dev.queues[self.ctx.queue].ring_event.read();
@@ -230,8 +357,8 @@ impl Worker {
     }
 
     /// Runs requests until all wait on I/O, submits their I/O, and repeats
-    /// while the kernel completes some inline. Then publishes.
-    fn run(&mut self, vring: &Vring) {
+    /// while the kernel completes some inline.
+    fn run_stalled(&mut self) {
         loop {
             self.executor.run_until_stalled();
             if let Err(e) = self.reactor.submit() {
@@ -241,17 +368,23 @@ impl Worker {
                 break;
             }
         }
-        self.publish(vring);
+    }
+
+    /// Runs what can run, then publishes.
+    fn run(&mut self, vring: &Vring) {
+        self.run_stalled();
+        if !self.ctx.done.borrow().is_empty() {
+            self.publish_to(&mut *vring.get_mut());
+        }
     }
 
     /// Puts finished chains on the used ring and notifies the guest once.
-    fn publish(&mut self, vring: &Vring) {
+    fn publish_to(&mut self, state: &mut VringState) {
         std::mem::swap(&mut *self.ctx.done.borrow_mut(), &mut self.publishing);
         if self.publishing.is_empty() {
             return;
         }
         {
-            let mut state = vring.get_mut();
             for &(head, len) in &self.publishing {
                 if let Err(e) = state.add_used(head, len) {
                     self.ctx

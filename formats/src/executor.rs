@@ -1,9 +1,15 @@
-//! A per-thread executor for request futures.
+//! A per-thread executor for request futures, all of one type.
 //!
 //! Tasks are polled only on the thread that owns the executor. A wake
-//! from that thread (an io_uring completion reaped there) just queues the
-//! task; a wake from another thread (a lock released by another queue's
-//! request) also calls `notify`, which pokes the owner's event loop.
+//! from that thread (an io_uring completion reaped there) queues the task
+//! in a thread-local list, with no lock; a wake from another thread (a
+//! lock released by another queue's request) goes through a mutex and
+//! calls `notify`, which pokes the owner's event loop.
+//!
+//! Slots are reused: a finished task leaves its boxed storage and its
+//! waker behind for the next one, so steady state allocates nothing. A
+//! stale wake of a reused slot polls its new task once for nothing, which
+//! futures allow.
 
 use std::cell::{Cell, RefCell};
 use std::future::Future;
@@ -12,18 +18,19 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Wake, Waker};
 
-use slab::Slab;
-
 static NEXT_ID: AtomicUsize = AtomicUsize::new(1);
 
 thread_local! {
     /// The executor owned by this thread (0: none).
     static OWNED: Cell<usize> = const { Cell::new(0) };
+    /// Tasks of that executor woken on this thread.
+    static LOCAL_READY: RefCell<Vec<usize>> = const { RefCell::new(Vec::new()) };
 }
 
 struct ReadyQueue {
     executor: usize,
-    ids: Mutex<Vec<usize>>,
+    /// Tasks woken from other threads.
+    remote: Mutex<Vec<usize>>,
     notify: Box<dyn Fn() + Send + Sync>,
 }
 
@@ -38,65 +45,83 @@ impl Wake for TaskWaker {
     }
 
     fn wake_by_ref(self: &Arc<Self>) {
-        self.ready
-            .ids
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(self.task);
-        if OWNED.get() != self.ready.executor {
+        if OWNED.get() == self.ready.executor {
+            LOCAL_READY.with(|r| r.borrow_mut().push(self.task));
+        } else {
+            self.ready
+                .remote
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(self.task);
             (self.ready.notify)();
         }
     }
 }
 
-struct Task {
-    /// Taken out while the task is being polled.
-    fut: Option<Pin<Box<dyn Future<Output = ()>>>>,
+struct Slot<F> {
+    /// The task, or `None` while the slot is free (or being polled).
+    fut: Pin<Box<Option<F>>>,
     waker: Waker,
+    busy: bool,
 }
 
-/// An executor owned by the thread that creates it.
-pub struct Executor {
-    tasks: RefCell<Slab<Task>>,
+/// An executor of futures of type `F`, owned by the thread that creates it.
+pub struct Executor<F> {
+    slots: RefCell<Vec<Slot<F>>>,
+    free: RefCell<Vec<usize>>,
     ready: Arc<ReadyQueue>,
     polling: RefCell<Vec<usize>>,
+    live: Cell<usize>,
+    /// An empty box that stands in a slot while its task is polled.
+    spare: RefCell<Option<Pin<Box<Option<F>>>>>,
 }
 
-impl Executor {
+impl<F: Future<Output = ()>> Executor<F> {
     /// An executor for this thread; `notify` is called when a task is woken
     /// from another thread.
     pub fn new(notify: impl Fn() + Send + Sync + 'static) -> Self {
         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
         OWNED.set(id);
+        LOCAL_READY.with(|r| r.borrow_mut().clear());
         Executor {
-            tasks: RefCell::new(Slab::new()),
+            slots: RefCell::new(Vec::new()),
+            free: RefCell::new(Vec::new()),
             ready: Arc::new(ReadyQueue {
                 executor: id,
-                ids: Mutex::new(Vec::new()),
+                remote: Mutex::new(Vec::new()),
                 notify: Box::new(notify),
             }),
             polling: RefCell::new(Vec::new()),
+            live: Cell::new(0),
+            spare: RefCell::new(None),
         }
     }
 
     /// Adds a task; it first runs at the next [`Executor::run_until_stalled`].
-    pub fn spawn(&self, fut: impl Future<Output = ()> + 'static) {
-        let mut tasks = self.tasks.borrow_mut();
-        let entry = tasks.vacant_entry();
-        let task = entry.key();
-        let waker = Waker::from(Arc::new(TaskWaker {
-            task,
-            ready: Arc::clone(&self.ready),
-        }));
-        entry.insert(Task {
-            fut: Some(Box::pin(fut)),
-            waker,
-        });
-        self.ready
-            .ids
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(task);
+    pub fn spawn(&self, fut: F) {
+        let mut slots = self.slots.borrow_mut();
+        let id = match self.free.borrow_mut().pop() {
+            Some(id) => {
+                slots[id].fut.as_mut().set(Some(fut));
+                slots[id].busy = true;
+                id
+            }
+            None => {
+                let id = slots.len();
+                let waker = Waker::from(Arc::new(TaskWaker {
+                    task: id,
+                    ready: Arc::clone(&self.ready),
+                }));
+                slots.push(Slot {
+                    fut: Box::pin(Some(fut)),
+                    waker,
+                    busy: true,
+                });
+                id
+            }
+        };
+        self.live.set(self.live.get() + 1);
+        LOCAL_READY.with(|r| r.borrow_mut().push(id));
     }
 
     /// Polls woken tasks until none is ready. Returns how many polls ran.
@@ -104,34 +129,44 @@ impl Executor {
         let mut polls = 0;
         loop {
             let mut batch = self.polling.take();
-            std::mem::swap(
-                &mut *self.ready.ids.lock().unwrap_or_else(|e| e.into_inner()),
-                &mut batch,
-            );
+            LOCAL_READY.with(|r| std::mem::swap(&mut *r.borrow_mut(), &mut batch));
+            batch.append(&mut self.ready.remote.lock().unwrap_or_else(|e| e.into_inner()));
             if batch.is_empty() {
                 *self.polling.borrow_mut() = batch;
                 return polls;
             }
             for &id in &batch {
-                // Take the future out so it can spawn or wake others freely.
-                let taken = self
-                    .tasks
-                    .borrow_mut()
-                    .get_mut(id)
-                    .and_then(|t| Some((t.fut.take()?, t.waker.clone())));
+                // Take the task out so it can spawn or wake others freely.
+                let taken = {
+                    let mut slots = self.slots.borrow_mut();
+                    match slots.get_mut(id) {
+                        Some(s) if s.busy => {
+                            s.busy = false;
+                            let empty = self.spare.take().unwrap_or_else(|| Box::pin(None));
+                            Some((std::mem::replace(&mut s.fut, empty), s.waker.clone()))
+                        }
+                        _ => None, // finished, or a duplicate wake in this batch
+                    }
+                };
                 let Some((mut fut, waker)) = taken else {
-                    continue; // finished already: a stale wake
+                    continue;
                 };
                 polls += 1;
-                let done = fut
-                    .as_mut()
-                    .poll(&mut Context::from_waker(&waker))
-                    .is_ready();
-                let mut tasks = self.tasks.borrow_mut();
+                let done = match fut.as_mut().as_pin_mut() {
+                    Some(f) => f.poll(&mut Context::from_waker(&waker)).is_ready(),
+                    None => true,
+                };
                 if done {
-                    tasks.remove(id);
+                    fut.as_mut().set(None);
+                }
+                let mut slots = self.slots.borrow_mut();
+                let s = &mut slots[id];
+                *self.spare.borrow_mut() = Some(std::mem::replace(&mut s.fut, fut));
+                if done {
+                    self.live.set(self.live.get() - 1);
+                    self.free.borrow_mut().push(id);
                 } else {
-                    tasks[id].fut = Some(fut);
+                    s.busy = true;
                 }
             }
             batch.clear();
@@ -141,7 +176,7 @@ impl Executor {
 
     /// Tasks not finished yet.
     pub fn len(&self) -> usize {
-        self.tasks.borrow().len()
+        self.live.get()
     }
 
     /// True when no task is left.

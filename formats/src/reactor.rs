@@ -39,6 +39,8 @@ pub struct Reactor {
     queued: Cell<u32>,
     /// Operations the kernel has not completed yet.
     waiting: Cell<usize>,
+    /// Reused by `reap`, so reaping allocates nothing.
+    wakers: RefCell<Vec<Waker>>,
 }
 
 thread_local! {
@@ -55,6 +57,7 @@ impl Reactor {
             ops: RefCell::new(Slab::with_capacity(RING_ENTRIES as usize)),
             queued: Cell::new(0),
             waiting: Cell::new(0),
+            wakers: RefCell::new(Vec::new()),
         }))
     }
 
@@ -133,7 +136,7 @@ impl Reactor {
     /// Collects posted completions and wakes their futures. Returns how many
     /// operations completed.
     pub fn reap(&self) -> usize {
-        let mut wakers: Vec<Waker> = Vec::new();
+        let mut wakers = self.wakers.take();
         let mut n = 0;
         {
             let mut ring = self.ring.borrow_mut();
@@ -153,7 +156,8 @@ impl Reactor {
         }
         self.waiting.set(self.waiting.get() - n);
         // Wake outside the borrows: a waker may run code that pushes more.
-        wakers.into_iter().for_each(Waker::wake);
+        wakers.drain(..).for_each(Waker::wake);
+        *self.wakers.borrow_mut() = wakers;
         n
     }
 

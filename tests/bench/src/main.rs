@@ -61,6 +61,20 @@ struct Args {
     /// Skip the idle-daemon memory and CPU measurement.
     #[arg(long)]
     no_idle: bool,
+    /// Drive an already running backend at this vhost-user socket with one
+    /// load (--depth, --write, --poll, --secs) and print what it did; for
+    /// profiling.
+    #[arg(long, value_name = "SOCKET")]
+    client: Option<PathBuf>,
+    /// Queue depth of --client.
+    #[arg(long, default_value_t = 32)]
+    depth: usize,
+    /// Random writes instead of reads, for --client.
+    #[arg(long)]
+    write: bool,
+    /// A polled queue, for --client.
+    #[arg(long)]
+    poll: bool,
     /// A few seconds that prove the harness works (null, QD32 reads, one
     /// short run); says nothing about speed. Output goes under --workdir.
     #[arg(long)]
@@ -69,6 +83,22 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let Some(socket) = &args.client {
+        suite::pin_self(suite::CLIENT_CPU)?;
+        let load = load::Load {
+            write: args.write,
+            depth: args.depth,
+            poll: args.poll,
+            warmup: secs("--warmup", args.warmup)?,
+            measure: secs("--secs", args.secs)?,
+        };
+        let o = load::run(socket, load, &|| 0)?;
+        println!(
+            "{:.0} IOPS, mean {:.1} us, p99 {:.1} us",
+            o.iops, o.mean_us, o.p99_us
+        );
+        return Ok(());
+    }
     let mut plan = Plan {
         strata: args.strata.clone(),
         qsd: args.qsd.clone(),
