@@ -266,7 +266,7 @@ impl Worker {
                     break;
                 }
                 self.run_stalled();
-                self.publish_to(&mut *state);
+                self.publish_to(&mut state);
                 if started < START_BATCH {
                     break;
                 }
@@ -374,7 +374,7 @@ impl Worker {
     fn run(&mut self, vring: &Vring) {
         self.run_stalled();
         if !self.ctx.done.borrow().is_empty() {
-            self.publish_to(&mut *vring.get_mut());
+            self.publish_to(&mut vring.get_mut());
         }
     }
 
