@@ -25,6 +25,7 @@ use crate::export::{Export, SERIAL_LEN};
 use crate::ratelimit::RateLimit;
 use crate::virtio::inflight::InFlight;
 use crate::virtio::request::{self, GuestMemory, Limits, MemHandle, Request, RequestKind};
+use crate::virtio::ring::Rings;
 
 /// What woke the worker.
 pub(crate) enum Event {
@@ -179,6 +180,8 @@ struct Worker {
     /// Reused buffer for publishing completions.
     publishing: Vec<(u16, u32)>,
     poll: PollWindow,
+    /// The rings, mapped for the fast path.
+    rings: Option<Rc<Rings>>,
 }
 
 impl Worker {
@@ -208,6 +211,7 @@ impl Worker {
             mem: None,
             publishing: Vec::new(),
             poll: PollWindow::new(dev.export.options().poll_max_ns),
+            rings: None,
         })
     }
 
@@ -233,6 +237,14 @@ impl Worker {
         shared.busy.store(false, Ordering::SeqCst);
     }
 
+    /// The queue's rings mapped for the fast path, if they can be.
+    fn rings(&mut self, queue: &virtio_queue::Queue, mem: &MemHandle) -> Option<Rc<Rings>> {
+        if !self.rings.as_ref().is_some_and(|r| r.matches(queue, mem)) {
+            self.rings = Rings::new(queue, mem).map(Rc::new);
+        }
+        self.rings.clone()
+    }
+
     fn take_available(&mut self, vring: &Vring) {
         let mut state = vring.get_mut();
         if !state.get_queue().ready() || !state.is_enabled() {
@@ -241,6 +253,10 @@ impl Worker {
         let mem = self.memory();
         let limits = self.ctx.export().limits();
         let view = self.views.current();
+        if let Some(rings) = self.rings(state.get_queue(), &mem) {
+            self.take_mapped(&mut state, &rings, &mem, &limits, &view);
+            return;
+        }
         loop {
             if let Err(e) = state.disable_notification() {
                 self.ctx
@@ -285,6 +301,89 @@ impl Worker {
         }
     }
 
+    /// The fast path of `take_available`, through the mapped rings.
+    fn take_mapped(
+        &mut self,
+        state: &mut VringState,
+        rings: &Rings,
+        mem: &MemHandle,
+        limits: &Limits,
+        view: &LocalView,
+    ) {
+        loop {
+            let mut next = state.get_queue().next_avail();
+            let avail = rings.avail_idx();
+            let pending = avail.wrapping_sub(next);
+            if pending > rings.size() {
+                self.ctx.warn(format_args!(
+                    "bad avail ring: index {avail} is {pending} entries ahead of {next}"
+                ));
+                return;
+            }
+            if pending == 0 {
+                // Ask for a kick, and look once more for what raced in.
+                if rings.rearm(next) {
+                    continue;
+                }
+                return;
+            }
+            // A few chains at a time, publishing what finished, as in the
+            // slow path.
+            for _ in 0..pending.min(START_BATCH as u16) {
+                let head = rings.avail_head(next);
+                next = next.wrapping_add(1);
+                if self.begin(head) {
+                    let parsed = request::parse_descs(head, rings.chain(head), mem, limits);
+                    self.launch(parsed, view);
+                }
+            }
+            state.get_queue_mut().set_next_avail(next);
+            self.run_stalled();
+            self.publish_mapped(state, rings);
+        }
+    }
+
+    /// Puts finished chains on the mapped used ring, publishes the index
+    /// once, and notifies the guest if it asked.
+    fn publish_mapped(&mut self, state: &mut VringState, rings: &Rings) {
+        std::mem::swap(&mut *self.ctx.done.borrow_mut(), &mut self.publishing);
+        if self.publishing.is_empty() {
+            return;
+        }
+        let old = state.get_queue().next_used();
+        let mut next = old;
+        for &(head, len) in &self.publishing {
+            if head >= rings.size() {
+                self.ctx
+                    .warn(format_args!("cannot complete chain {head}: out of range"));
+                continue;
+            }
+            rings.put_used(next, head, len);
+            next = next.wrapping_add(1);
+        }
+        state.get_queue_mut().set_next_used(next);
+        if rings.publish_used(old, next) {
+            if let Err(e) = state.signal_used_queue() {
+                self.ctx.warn(format_args!("cannot notify the guest: {e}"));
+            }
+        }
+        self.finished_published();
+    }
+
+    /// Counts a chain as in flight; false when its head already is.
+    fn begin(&mut self, head: u16) -> bool {
+        if !self.ctx.inflight.borrow_mut().start(head) {
+            // Completing it would complete the first one too: drop it.
+            self.ctx
+                .warn(format_args!("chain {head} is already in flight; ignored"));
+            return false;
+        }
+        self.ctx.dev.queues[self.ctx.queue]
+            .in_flight
+            .fetch_add(1, Ordering::Relaxed);
+        true
+    }
+
     fn start(
         &mut self,
         chain: DescriptorChain<&GuestMemory>,
@@ -293,16 +392,15 @@ impl Worker {
         view: &LocalView,
     ) {
         let head = chain.head_index();
-        if !self.ctx.inflight.borrow_mut().start(head) {
-            // Completing it would complete the first one too: drop it.
-            self.ctx
-                .warn(format_args!("chain {head} is already in flight; ignored"));
-            return;
+        if self.begin(head) {
+            let parsed = request::parse(chain, mem, limits);
+            self.launch(parsed, view);
         }
-        self.ctx.dev.queues[self.ctx.queue]
-            .in_flight
-            .fetch_add(1, Ordering::Relaxed);
-        match request::parse(chain, mem, limits) {
+    }
+
+    /// Runs a parsed request, or completes a rejected one.
+    fn launch(&mut self, parsed: Result<Request, request::Rejected>, view: &LocalView) {
+        match parsed {
             Ok(req) => {
                 self.executor
                     .spawn(Rc::clone(&self.ctx), Rc::clone(view), req);
@@ -329,8 +427,12 @@ impl Worker {
                     let state = vring.get_mut();
                     let q = state.get_queue();
                     q.ready()
-                        && q.avail_idx(&*mem, Ordering::Acquire)
-                            .is_ok_and(|i| i.0 != q.next_avail())
+                        && match self.rings.as_ref().filter(|r| r.matches(q, &mem)) {
+                            Some(r) => r.avail_idx() != q.next_avail(),
+                            None => q
+                                .avail_idx(&*mem, Ordering::Acquire)
+                                .is_ok_and(|i| i.0 != q.next_avail()),
+                        }
                 };
                 let reaped = self.reactor.reap();
                 if avail || reaped > 0 {
@@ -398,6 +500,11 @@ impl Worker {
                 }
             }
         }
+        self.finished_published();
+    }
+
+    /// Accounts for the chains just published.
+    fn finished_published(&mut self) {
         let n = self.publishing.len();
         let q = &self.ctx.dev.queues[self.ctx.queue];
         q.completed.fetch_add(n as u64, Ordering::Relaxed);

@@ -4,3 +4,4 @@
 pub mod config;
 pub mod inflight;
 pub mod request;
+pub mod ring;

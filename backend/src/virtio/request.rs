@@ -12,6 +12,8 @@ use virtio_bindings::virtio_blk::*;
 use virtio_queue::DescriptorChain;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
+use crate::virtio::ring::RawDesc;
+
 /// The guest's memory, as vhost-user maps it.
 pub type GuestMemory = GuestMemoryMmap<()>;
 
@@ -39,6 +41,11 @@ impl MemHandle {
     /// True when this handle is on `mem`.
     pub fn is(&self, mem: &Arc<GuestMemory>) -> bool {
         Arc::ptr_eq(&self.0, mem)
+    }
+
+    /// True when both handles are on the same memory map.
+    pub fn same(&self, other: &MemHandle) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
     }
 }
 
@@ -311,6 +318,27 @@ where
     M: Deref<Target = GuestMemory>,
 {
     let head = chain.head_index();
+    parse_descs(
+        head,
+        chain.map(|d| RawDesc {
+            addr: d.addr().0,
+            len: d.len(),
+            writable: d.is_write_only(),
+            has_next: d.has_next(),
+        }),
+        mem,
+        limits,
+    )
+}
+
+/// Validates the chain at `head` made of `chain`'s descriptors, whose
+/// buffers lie in `mem`.
+pub fn parse_descs(
+    head: u16,
+    chain: impl Iterator<Item = RawDesc>,
+    mem: &MemHandle,
+    limits: &Limits,
+) -> Result<Request, Rejected> {
     let reject = |status, error| Rejected {
         head,
         status,
@@ -319,11 +347,11 @@ where
     let mut descs: SmallVec<[Desc; 8]> = SmallVec::new();
     let mut ends_with_next = false;
     for d in chain {
-        ends_with_next = d.has_next();
+        ends_with_next = d.has_next;
         descs.push(Desc {
-            addr: d.addr(),
-            len: u64::from(d.len()),
-            writable: d.is_write_only(),
+            addr: GuestAddress(d.addr),
+            len: u64::from(d.len),
+            writable: d.writable,
         });
     }
     if ends_with_next {
@@ -372,10 +400,17 @@ fn build(
     if readable_len < HEADER_LEN {
         return Err(RequestError::HeaderTooShort { len: readable_len });
     }
-    let mut header = [0u8; HEADER_LEN as usize];
-    gather(mem, readable, 0, &mut header)?;
-    let ty = u32::from_le_bytes(header[0..4].try_into().unwrap());
-    let sector = u64::from_le_bytes(header[8..16].try_into().unwrap());
+    let (ty, sector) = match read_header(mem, &readable[0]) {
+        Some(h) => h,
+        None => {
+            let mut header = [0u8; HEADER_LEN as usize];
+            gather(mem, readable, 0, &mut header)?;
+            (
+                u32::from_le_bytes(header[0..4].try_into().unwrap()),
+                u64::from_le_bytes(header[8..16].try_into().unwrap()),
+            )
+        }
+    };
 
     // The data: device-readable bytes after the header, device-writable
     // bytes before the status byte.
@@ -510,6 +545,20 @@ fn ranges(descs: &[Desc], mut skip: u64, mut len: u64) -> SmallVec<[Range; 8]> {
         skip = 0;
     }
     out
+}
+
+/// The request type and sector of a header that lies whole and aligned in
+/// `d`, read with two loads rather than a copy; `None` sends the caller
+/// the general way.
+fn read_header(mem: &GuestMemory, d: &Desc) -> Option<(u32, u64)> {
+    if d.len < HEADER_LEN || d.addr.0 % 8 != 0 {
+        return None;
+    }
+    use vm_memory::VolatileMemory as _;
+    let slice = mem.get_slice(d.addr, HEADER_LEN as usize).ok()?;
+    let ty = slice.get_ref::<u32>(0).ok()?.load();
+    let sector = slice.get_ref::<u64>(8).ok()?.load();
+    Some((u32::from_le(ty), u64::from_le(sector)))
 }
 
 /// Copies `out.len()` bytes starting `skip` bytes into `descs`.

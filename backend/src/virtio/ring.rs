@@ -1,0 +1,264 @@
+//! The split virtqueue's rings, mapped once per memory map: the hot path
+//! reads heads and descriptors and writes used elements through host
+//! pointers, instead of translating a guest address on every access.
+//!
+//! It keeps the same rules as virtio-queue's iterators, which remain the
+//! reference (and the path for anything unusual): a chain ends at a
+//! descriptor without NEXT, after queue-size descriptors, at an index out
+//! of range, or at memory that is not mapped; an indirect table is entered
+//! once, must be a whole number of descriptors, and may not nest. The
+//! used index is published once per batch rather than once per element.
+
+use std::num::Wrapping;
+use std::ptr::NonNull;
+use std::sync::atomic::{fence, AtomicU16, Ordering};
+
+use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use virtio_queue::QueueT;
+use vm_memory::{GuestAddress, GuestMemoryBackend as _};
+
+use crate::virtio::request::{GuestMemory, MemHandle};
+
+/// One descriptor as the rings hold it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RawDesc {
+    /// Guest address of the buffer.
+    pub addr: u64,
+    /// Its length.
+    pub len: u32,
+    /// The device writes it.
+    pub writable: bool,
+    /// Another descriptor follows in the chain.
+    pub has_next: bool,
+}
+
+/// Where one queue's rings are, for a given memory map.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Layout {
+    size: u16,
+    desc: u64,
+    avail: u64,
+    used: u64,
+    event_idx: bool,
+}
+
+/// A queue's rings mapped into this process.
+pub struct Rings {
+    layout: Layout,
+    mem: MemHandle,
+    desc: NonNull<u8>,
+    avail: NonNull<u8>,
+    used: NonNull<u8>,
+}
+
+fn map(mem: &GuestMemory, addr: u64, len: usize, align: usize) -> Option<NonNull<u8>> {
+    let slice = mem.get_slice(GuestAddress(addr), len).ok()?;
+    let ptr = slice.ptr_guard_mut().as_ptr();
+    (ptr as usize % align == 0)
+        .then(|| NonNull::new(ptr))
+        .flatten()
+}
+
+impl Rings {
+    /// Maps `queue`'s rings in `mem`, or `None` when a ring is not wholly
+    /// inside one region (the slow path then serves the queue).
+    pub fn new<Q: QueueT>(queue: &Q, mem: &MemHandle) -> Option<Rings> {
+        let layout = Layout {
+            size: queue.size(),
+            desc: queue.desc_table(),
+            avail: queue.avail_ring(),
+            used: queue.used_ring(),
+            event_idx: queue.event_idx_enabled(),
+        };
+        let n = usize::from(layout.size);
+        Some(Rings {
+            desc: map(mem, layout.desc, 16 * n, 16)?,
+            avail: map(mem, layout.avail, 6 + 2 * n, 2)?,
+            used: map(mem, layout.used, 6 + 8 * n, 4)?,
+            layout,
+            mem: mem.clone(),
+        })
+    }
+
+    /// True while these mappings still describe `queue` in `mem`.
+    pub fn matches<Q: QueueT>(&self, queue: &Q, mem: &MemHandle) -> bool {
+        self.mem.same(mem)
+            && self.layout
+                == Layout {
+                    size: queue.size(),
+                    desc: queue.desc_table(),
+                    avail: queue.avail_ring(),
+                    used: queue.used_ring(),
+                    event_idx: queue.event_idx_enabled(),
+                }
+    }
+
+    fn u16_at(&self, base: NonNull<u8>, offset: usize) -> &AtomicU16 {
+        // SAFETY: `base` maps a ring of this layout in memory that `self.mem`
+        // keeps mapped, every caller's offset lies inside it, and 2-byte
+        // alignment holds: the ring bases are checked at least that aligned
+        // and the offsets are even. The guest writes these fields
+        // concurrently, which atomics allow.
+        unsafe { AtomicU16::from_ptr(base.as_ptr().add(offset).cast()) }
+    }
+
+    /// The driver's avail index.
+    pub fn avail_idx(&self) -> u16 {
+        u16::from_le(self.u16_at(self.avail, 2).load(Ordering::Acquire))
+    }
+
+    /// The head of avail entry `i` (counted from the start, wrapping).
+    pub fn avail_head(&self, i: u16) -> u16 {
+        let slot = usize::from(i % self.layout.size);
+        u16::from_le(
+            self.u16_at(self.avail, 4 + 2 * slot)
+                .load(Ordering::Relaxed),
+        )
+    }
+
+    /// The descriptors of the chain starting at `head`, as the rules in the
+    /// module docs end it.
+    pub fn chain(&self, head: u16) -> Chain<'_> {
+        Chain {
+            rings: self,
+            table: self.desc,
+            table_len: self.layout.size,
+            next: head,
+            ttl: self.layout.size,
+            indirect: false,
+            bytes: 0,
+        }
+    }
+
+    /// The queue size.
+    pub fn size(&self) -> u16 {
+        self.layout.size
+    }
+
+    /// Writes a used element at position `next_used`. Visible to the
+    /// driver only after [`Rings::publish_used`].
+    pub fn put_used(&self, next_used: u16, head: u16, len: u32) {
+        let slot = usize::from(next_used % self.layout.size);
+        // SAFETY: the element lies inside the mapped used ring (checked at
+        // `new`), 4-byte aligned as the ring base is; the driver does not
+        // read it before the index that covers it is published with
+        // Release ordering.
+        unsafe {
+            let p = self.used.as_ptr().add(4 + 8 * slot);
+            p.cast::<u32>().write_volatile(u32::from(head).to_le());
+            p.add(4).cast::<u32>().write_volatile(len.to_le());
+        }
+    }
+
+    /// Publishes the used index, and says whether the driver asked to be
+    /// notified for an element in `old..new` (always, without EVENT_IDX).
+    pub fn publish_used(&self, old: u16, new: u16) -> bool {
+        self.u16_at(self.used, 2)
+            .store(new.to_le(), Ordering::Release);
+        if !self.layout.event_idx {
+            return true;
+        }
+        // The index must be visible before the driver's wish is read.
+        fence(Ordering::SeqCst);
+        let at = 4 + 2 * usize::from(self.layout.size);
+        let used_event = Wrapping(u16::from_le(
+            self.u16_at(self.avail, at).load(Ordering::Relaxed),
+        ));
+        let (old, new) = (Wrapping(old), Wrapping(new));
+        new - used_event - Wrapping(1) < new - old
+    }
+
+    /// Asks the driver to notify (kick) once it adds entry `next_avail`,
+    /// and says whether entries arrived meanwhile. Without EVENT_IDX the
+    /// driver always notifies.
+    pub fn rearm(&self, next_avail: u16) -> bool {
+        if self.layout.event_idx {
+            let at = 4 + 8 * usize::from(self.layout.size);
+            self.u16_at(self.used, at)
+                .store(next_avail.to_le(), Ordering::Relaxed);
+        }
+        fence(Ordering::SeqCst);
+        u16::from_le(self.u16_at(self.avail, 2).load(Ordering::Relaxed)) != next_avail
+    }
+
+    fn memory(&self) -> &GuestMemory {
+        &self.mem
+    }
+}
+
+/// The descriptors of one chain.
+pub struct Chain<'a> {
+    rings: &'a Rings,
+    table: NonNull<u8>,
+    table_len: u16,
+    next: u16,
+    ttl: u16,
+    indirect: bool,
+    bytes: u32,
+}
+
+impl Chain<'_> {
+    fn read(&self, index: u16) -> (u64, u32, u16, u16) {
+        // SAFETY: `table` maps `table_len` descriptors (the queue's table,
+        // checked at `Rings::new`, or an indirect table mapped whole by
+        // `enter`), `index < table_len`, and descriptors are 16-byte
+        // structures; the guest must not change them while the chain is
+        // available, and a volatile read tolerates it if it does.
+        unsafe {
+            let p = self.table.as_ptr().add(16 * usize::from(index));
+            let addr = u64::from_le(p.cast::<u64>().read_unaligned());
+            let len = u32::from_le(p.add(8).cast::<u32>().read_unaligned());
+            let flags = u16::from_le(p.add(12).cast::<u16>().read_unaligned());
+            let next = u16::from_le(p.add(14).cast::<u16>().read_unaligned());
+            (addr, len, flags, next)
+        }
+    }
+
+    /// Switches to the indirect table `addr`, `len` bytes long.
+    fn enter(&mut self, addr: u64, len: u32) -> Option<()> {
+        if self.indirect || len % 16 != 0 || len / 16 > u32::from(u16::MAX) {
+            return None;
+        }
+        let n = (len / 16) as u16;
+        self.table = map(self.rings.memory(), addr, len as usize, 1)?;
+        self.table_len = n;
+        self.next = 0;
+        self.ttl = n;
+        self.indirect = true;
+        Some(())
+    }
+}
+
+impl Iterator for Chain<'_> {
+    type Item = RawDesc;
+
+    fn next(&mut self) -> Option<RawDesc> {
+        loop {
+            if self.ttl == 0 || self.next >= self.table_len {
+                return None;
+            }
+            let (addr, len, flags, next) = self.read(self.next);
+            if u32::from(flags) & VRING_DESC_F_INDIRECT != 0 {
+                self.enter(addr, len)?;
+                continue;
+            }
+            self.bytes = self.bytes.checked_add(len)?;
+            let has_next = u32::from(flags) & VRING_DESC_F_NEXT != 0;
+            if has_next {
+                self.next = next;
+                self.ttl -= 1;
+            } else {
+                self.ttl = 0;
+            }
+            return Some(RawDesc {
+                addr,
+                len,
+                writable: u32::from(flags) & VRING_DESC_F_WRITE != 0,
+                has_next,
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
