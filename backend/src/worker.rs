@@ -133,7 +133,7 @@ where
 }
 
 /// Chains started between two publications of what finished.
-const START_BATCH: usize = 8;
+const START_BATCH: usize = 16;
 
 /// A vring's state, as the worker holds it while it works on the queue.
 type VringState =
