@@ -1,21 +1,28 @@
-//! The L2 cache: slices of L2 tables, shared by every queue. Lookups that
-//! hit take one short lock and read entries with atomic loads; loading,
-//! changing and evicting slices happens only under the image's metadata
-//! lock, so a stale copy can never replace a newer one.
+//! The L2 cache: slices of L2 tables, shared by every queue. A lookup
+//! that hits takes no lock: it loads the L1 copy and the slot of a
+//! set-associative table through `arc-swap` and reads the entry with an
+//! atomic load. Loading, changing and evicting slices happens only under
+//! the image's metadata lock (one writer), so a stale copy can never
+//! replace a newer one. Eviction is CLOCK: a hit marks its slice, and a
+//! slot's marked clean slice gets a second chance before an unmarked one.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
+
+use arc_swap::{ArcSwap, ArcSwapOption};
 
 use super::entry::L2Entry;
 use super::types::Geometry;
 
 /// One loaded slice of an L2 table.
+#[derive(Debug)]
 pub struct L2Slice {
     /// Host offset of the slice.
     pub offset: u64,
     words: Box<[AtomicU64]>,
     dirty: AtomicBool,
+    /// Used since the last eviction pass over its set.
+    referenced: AtomicBool,
 }
 
 impl L2Slice {
@@ -29,6 +36,15 @@ impl L2Slice {
             offset,
             words,
             dirty: AtomicBool::new(false),
+            referenced: AtomicBool::new(true),
+        }
+    }
+
+    /// Marks the slice used; writes the flag only when it changes, so hot
+    /// slices do not bounce a cache line between queues.
+    fn touch(&self) {
+        if !self.referenced.load(Ordering::Relaxed) {
+            self.referenced.store(true, Ordering::Relaxed);
         }
     }
 
@@ -76,36 +92,35 @@ impl L2Slice {
     }
 }
 
-struct Inner {
-    /// A copy of the L1 table, for lookups.
-    l1: Vec<u64>,
-    slices: HashMap<u64, (Arc<L2Slice>, u64)>,
-    clock: u64,
+/// Slots per set.
+const WAYS: usize = 4;
+
+/// One set of the table: a slice lives in the set its offset hashes to.
+struct Set {
+    ways: [ArcSwapOption<L2Slice>; WAYS],
 }
 
 /// The L2 slice cache and the L1 copy lookups read.
 pub struct L2Cache {
-    inner: Mutex<Inner>,
+    l1: ArcSwap<Vec<u64>>,
+    sets: Box<[Set]>,
     slice_bytes: u64,
-    capacity: usize,
 }
 
 impl L2Cache {
-    /// A cache of `capacity` slices of `slice_bytes` each.
+    /// A cache of `capacity` slices of `slice_bytes` each, in sets of four
+    /// slots that slices map to by their offset.
     pub fn new(l1: Vec<u64>, slice_bytes: u64, capacity: usize) -> Self {
+        let sets = capacity.max(1).div_ceil(WAYS);
         L2Cache {
-            inner: Mutex::new(Inner {
-                l1,
-                slices: HashMap::new(),
-                clock: 0,
-            }),
+            l1: ArcSwap::from_pointee(l1),
+            sets: (0..sets)
+                .map(|_| Set {
+                    ways: Default::default(),
+                })
+                .collect(),
             slice_bytes,
-            capacity: capacity.max(1),
         }
-    }
-
-    fn lock(&self) -> MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Bytes per slice.
@@ -113,72 +128,122 @@ impl L2Cache {
         self.slice_bytes
     }
 
-    /// Replaces the L1 copy.
+    fn set_of(&self, offset: u64) -> &Set {
+        // Consecutive slices of one table land in different sets.
+        let n = (offset / self.slice_bytes).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        &self.sets[((n >> 32) % self.sets.len() as u64) as usize]
+    }
+
+    /// Replaces the L1 copy (under the metadata lock).
     pub fn set_l1(&self, l1: &[u64]) {
-        let mut c = self.lock();
-        c.l1.clear();
-        c.l1.extend_from_slice(l1);
+        self.l1.store(Arc::new(l1.to_vec()));
     }
 
     /// The slice at host offset `offset`, if cached.
     pub fn get(&self, offset: u64) -> Option<Arc<L2Slice>> {
-        let mut c = self.lock();
-        c.clock += 1;
-        let now = c.clock;
-        let (s, last) = c.slices.get_mut(&offset)?;
-        *last = now;
-        Some(Arc::clone(s))
+        self.set_of(offset).ways.iter().find_map(|w| {
+            let s = w.load_full()?;
+            (s.offset == offset).then(|| {
+                s.touch();
+                s
+            })
+        })
     }
 
     /// Looks `entry` up without loading anything: `Some` when the L1
     /// entry is empty (unallocated) or the slice is cached.
     pub fn lookup(&self, g: &Geometry, l1_index: u64, l2_index: u64) -> Option<L2Entry> {
-        let mut c = self.lock();
-        let l2 = c.l1.get(l1_index as usize).copied().unwrap_or(0) & super::types::OFFSET_MASK;
+        let l2 =
+            self.l1.load().get(l1_index as usize).copied().unwrap_or(0) & super::types::OFFSET_MASK;
         if l2 == 0 {
             return Some(L2Entry::default());
         }
         let per_slice = self.slice_bytes / g.l2_entry_bytes();
         let offset = l2 + (l2_index / per_slice) * self.slice_bytes;
-        c.clock += 1;
-        let now = c.clock;
-        let (s, last) = c.slices.get_mut(&offset)?;
-        *last = now;
-        Some(s.entry(g, (l2_index % per_slice) as usize))
-    }
-
-    /// Adds a slice. Returns the least recently used clean slice evicted to
-    /// make room, if one was; fails (returning the slice) when every slice
-    /// is dirty and the cache is full, so the caller flushes first.
-    pub fn insert(&self, slice: Arc<L2Slice>) -> Result<(), Arc<L2Slice>> {
-        let mut c = self.lock();
-        if c.slices.len() >= self.capacity && !c.slices.contains_key(&slice.offset) {
-            let victim = c
-                .slices
-                .iter()
-                .filter(|(_, (s, _))| !s.is_dirty())
-                .min_by_key(|(_, (_, last))| *last)
-                .map(|(k, _)| *k);
-            match victim {
-                Some(k) => {
-                    c.slices.remove(&k);
-                }
-                None => return Err(slice),
+        for w in &self.set_of(offset).ways {
+            let guard = w.load();
+            if let Some(s) = guard.as_ref().filter(|s| s.offset == offset) {
+                s.touch();
+                return Some(s.entry(g, (l2_index % per_slice) as usize));
             }
         }
-        c.clock += 1;
-        let now = c.clock;
-        c.slices.insert(slice.offset, (slice, now));
-        Ok(())
+        None
+    }
+
+    /// Adds a slice (under the metadata lock). Fails, returning the slice,
+    /// when every slot of its set holds a dirty slice, so the caller
+    /// flushes first.
+    pub fn insert(&self, slice: Arc<L2Slice>) -> Result<(), Arc<L2Slice>> {
+        let set = self.set_of(slice.offset);
+        let current: Vec<Option<Arc<L2Slice>>> = set.ways.iter().map(|w| w.load_full()).collect();
+        let slot = current
+            .iter()
+            .position(|c| c.as_ref().is_some_and(|c| c.offset == slice.offset))
+            .or_else(|| current.iter().position(Option::is_none))
+            .or_else(|| {
+                // Second chance: a used clean slice loses its mark and
+                // stays; an unused clean one goes.
+                current.iter().position(|c| {
+                    let c = c.as_ref().expect("no empty slot left");
+                    !c.is_dirty() && !c.referenced.swap(false, Ordering::Relaxed)
+                })
+            })
+            .or_else(|| {
+                current
+                    .iter()
+                    .position(|c| c.as_ref().is_some_and(|c| !c.is_dirty()))
+            });
+        match slot {
+            Some(i) => {
+                set.ways[i].store(Some(slice));
+                Ok(())
+            }
+            None => Err(slice),
+        }
     }
 
     /// Every dirty slice.
     pub fn dirty(&self) -> Vec<Arc<L2Slice>> {
-        self.lock()
-            .slices
-            .values()
-            .filter(|(s, _)| s.is_dirty())
-            .map(|(s, _)| Arc::clone(s))
+        self.sets
+            .iter()
+            .flat_map(|s| s.ways.iter())
+            .filter_map(|w| w.load_full())
+            .filter(|s| s.is_dirty())
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slice(offset: u64) -> Arc<L2Slice> {
+        Arc::new(L2Slice::from_bytes(offset, &[0u8; 512]))
+    }
+
+    #[test]
+    fn lookups_hit_what_was_inserted_and_eviction_keeps_dirty_slices() {
+        let c = L2Cache::new(vec![0x10000], 512, 4);
+        for i in 0..4 {
+            c.insert(slice(0x10000 + 512 * i)).unwrap();
+        }
+        assert!(c.get(0x10000).is_some());
+        // Fill far past capacity: every insert lands, while clean slices
+        // make room.
+        for i in 4..64 {
+            c.insert(slice(0x10000 + 512 * i)).unwrap();
+            assert!(c.get(0x10000 + 512 * i).is_some());
+        }
+        // A set of dirty slices refuses more until written back.
+        let dirty: Vec<_> = (0..64)
+            .filter_map(|i| c.get(0x10000 + 512 * i))
+            .inspect(|s| s.dirty.store(true, Ordering::Release))
+            .collect();
+        assert!(!dirty.is_empty());
+        let refused = (64..256)
+            .map(|i| c.insert(slice(0x10000 + 512 * i)))
+            .find(Result::is_err);
+        assert!(refused.is_some(), "a full dirty set refuses");
+        assert_eq!(c.dirty().len(), dirty.len());
     }
 }
