@@ -97,12 +97,14 @@ impl Jobs {
 
     /// The job with this id.
     pub fn get(&self, id: &str) -> Option<Arc<Job>> {
-        self.inner.lock().get(id).cloned()
+        let job = self.inner.lock().get(id).cloned()?;
+        live(&job).then_some(job)
     }
 
     /// Every job, by id.
     pub fn list(&self) -> Vec<Arc<Job>> {
-        self.inner.lock().values().cloned().collect()
+        let jobs: Vec<_> = self.inner.lock().values().cloned().collect();
+        jobs.into_iter().filter(live).collect()
     }
 
     /// Cancels every job and waits up to `timeout` for each to finish (at
@@ -115,6 +117,13 @@ impl Jobs {
             }
         }
     }
+}
+
+/// False for a job that reached null but is not yet out of the table: it
+/// concludes under its own lock, which `status` waits for, and events go
+/// out before that, so a client that saw the last event must not find it.
+fn live(job: &Arc<Job>) -> bool {
+    job.status() != JobStatus::Null
 }
 
 fn check_id(id: &str) -> Result<(), String> {
