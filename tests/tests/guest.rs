@@ -33,6 +33,18 @@ fn check_done(run: &GuestRun, log: &str) {
     );
 }
 
+/// Both fio jobs reported, without errors, and fio exited 0.
+fn check_fio(run: &GuestRun) {
+    let results: Vec<&String> = run
+        .lines
+        .iter()
+        .filter(|l| l.contains("(groupid="))
+        .collect();
+    assert_eq!(results.len(), 2, "two fio jobs reported: {results:?}");
+    assert!(results.iter().all(|l| l.contains("err= 0")), "{results:?}");
+    assert_eq!(run.value("STRATA fio", "rc").as_deref(), Some("0"));
+}
+
 /// Completed requests per queue, from the daemon's disconnect log lines.
 fn completions_per_queue(log: &str) -> Vec<Vec<u64>> {
     log.lines()
@@ -86,21 +98,7 @@ fn fio_verify_and_discard_on_two_queues_then_a_reboot() {
         run.value("STRATA sysfs", "write_zeroes_max").as_deref(),
         Some("16777216")
     );
-    let job_results: Vec<&String> = run
-        .lines
-        .iter()
-        .filter(|l| l.contains("(groupid="))
-        .collect();
-    assert_eq!(
-        job_results.len(),
-        2,
-        "two fio jobs reported: {job_results:?}"
-    );
-    assert!(
-        job_results.iter().all(|l| l.contains("err= 0")),
-        "{job_results:?}"
-    );
-    assert_eq!(run.value("STRATA fio", "rc").as_deref(), Some("0"));
+    check_fio(&run);
 
     // A second boot against the same daemon: a VM reboot reconnects.
     let again = boot(daemon.socket(), 2, "", BOOT_TIMEOUT);
@@ -272,17 +270,7 @@ fn rewiring_the_graph_under_fio_verify() {
     let rewired = rewire.expect("fio started").join();
     check_done(&run, &log());
     assert!(rewired.is_ok(), "every rewiring step succeeded:\n{}", log());
-    let job_results: Vec<&String> = run
-        .lines
-        .iter()
-        .filter(|l| l.contains("(groupid="))
-        .collect();
-    assert_eq!(job_results.len(), 2, "{job_results:?}");
-    assert!(
-        job_results.iter().all(|l| l.contains("err= 0")),
-        "{job_results:?}"
-    );
-    assert_eq!(run.value("STRATA fio", "rc").as_deref(), Some("0"));
+    check_fio(&run);
     let nodes = qmp.execute("query-named-block-nodes", json!({})).unwrap();
     let names: Vec<&str> = nodes
         .as_array()
@@ -345,16 +333,7 @@ fn fio_verify_on_a_qcow2_overlay_over_a_raw_base() {
         run.value("STRATA sysfs", "size_sectors").as_deref(),
         Some("524288")
     );
-    let job_results: Vec<&String> = run
-        .lines
-        .iter()
-        .filter(|l| l.contains("(groupid="))
-        .collect();
-    assert_eq!(job_results.len(), 2, "{job_results:?}");
-    assert!(
-        job_results.iter().all(|l| l.contains("err= 0")),
-        "{job_results:?}"
-    );
+    check_fio(&run);
     let (status, log) = daemon.stop();
     assert!(status.success(), "{log}");
     let (code, out) = strata_tests::qemu::check(&overlay);
@@ -536,13 +515,7 @@ fn snapshot_stream_commit_and_active_commit_under_fio_verify() {
     let stepped = steps.expect("fio started").join();
     check_done(&run, &log());
     assert!(stepped.is_ok(), "every job step succeeded:\n{}", log());
-    let results: Vec<&String> = run
-        .lines
-        .iter()
-        .filter(|l| l.contains("(groupid="))
-        .collect();
-    assert_eq!(results.len(), 2, "{results:?}");
-    assert!(results.iter().all(|l| l.contains("err= 0")), "{results:?}");
+    check_fio(&run);
 
     let mut q = Qmp::connect(&qmp_sock);
     q.execute("quit", json!({})).unwrap();
