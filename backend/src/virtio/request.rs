@@ -428,7 +428,7 @@ fn build(
     match ty {
         VIRTIO_BLK_T_IN => {
             no_out()?;
-            let data = map(mem, &in_data())?;
+            let data = map(mem, in_data())?;
             let offset = check_rw(limits, sector, data.len())?;
             Ok((RequestKind::Read { offset }, data))
         }
@@ -437,14 +437,14 @@ fn build(
             if limits.read_only {
                 return Err(RequestError::ReadOnly);
             }
-            let data = map(mem, &out_data())?;
+            let data = map(mem, out_data())?;
             let offset = check_rw(limits, sector, data.len())?;
             Ok((RequestKind::Write { offset }, data))
         }
         VIRTIO_BLK_T_FLUSH => Ok((RequestKind::Flush, IoVecs::new())),
         VIRTIO_BLK_T_GET_ID => {
             no_out()?;
-            Ok((RequestKind::GetId, map(mem, &in_data())?))
+            Ok((RequestKind::GetId, map(mem, in_data())?))
         }
         VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
             no_in()?;
@@ -526,39 +526,44 @@ fn check_rw(limits: &Limits, sector: u64, len: u64) -> Result<u64, RequestError>
 }
 
 /// The guest ranges covering `len` bytes from `skip` into `descs`.
-fn ranges(descs: &[Desc], mut skip: u64, mut len: u64) -> SmallVec<[Range; 8]> {
-    let mut out = SmallVec::new();
-    for d in descs {
-        if len == 0 {
-            break;
-        }
-        if skip >= d.len {
-            skip -= d.len;
-            continue;
-        }
-        let take = (d.len - skip).min(len);
-        out.push(Range {
-            addr: GuestAddress(d.addr.0.wrapping_add(skip)),
-            len: take,
-        });
-        len -= take;
-        skip = 0;
-    }
-    out
+fn ranges(descs: &[Desc], mut skip: u64, mut len: u64) -> impl Iterator<Item = Range> + '_ {
+    descs
+        .iter()
+        .map_while(move |d| {
+            if len == 0 {
+                return None;
+            }
+            if skip >= d.len {
+                skip -= d.len;
+                return Some(None);
+            }
+            let take = (d.len - skip).min(len);
+            let r = Range {
+                addr: GuestAddress(d.addr.0.wrapping_add(skip)),
+                len: take,
+            };
+            len -= take;
+            skip = 0;
+            Some(Some(r))
+        })
+        .flatten()
 }
 
-/// The request type and sector of a header that lies whole and aligned in
-/// `d`, read with two loads rather than a copy; `None` sends the caller
-/// the general way.
+/// The request type and sector of a header that lies whole in `d`, read
+/// from one mapping; `None` sends the caller the general way.
 fn read_header(mem: &GuestMemory, d: &Desc) -> Option<(u32, u64)> {
-    if d.len < HEADER_LEN || d.addr.0 % 8 != 0 {
+    if d.len < HEADER_LEN {
         return None;
     }
-    use vm_memory::VolatileMemory as _;
     let slice = mem.get_slice(d.addr, HEADER_LEN as usize).ok()?;
-    let ty = slice.get_ref::<u32>(0).ok()?.load();
-    let sector = slice.get_ref::<u64>(8).ok()?.load();
-    Some((u32::from_le(ty), u64::from_le(sector)))
+    let mut h = [0u8; HEADER_LEN as usize];
+    if slice.copy_to(&mut h[..]) != h.len() {
+        return None;
+    }
+    Some((
+        u32::from_le_bytes(h[0..4].try_into().expect("4 bytes")),
+        u64::from_le_bytes(h[8..16].try_into().expect("8 bytes")),
+    ))
 }
 
 /// Copies `out.len()` bytes starting `skip` bytes into `descs`.
@@ -582,7 +587,10 @@ fn gather(
 }
 
 /// Maps guest ranges to host memory.
-fn map(mem: &MemHandle, ranges: &[Range]) -> Result<IoVecs<'static>, RequestError> {
+fn map(
+    mem: &MemHandle,
+    ranges: impl Iterator<Item = Range>,
+) -> Result<IoVecs<'static>, RequestError> {
     let mut iov = IoVecs::new();
     let mut segments = 0;
     for r in ranges {

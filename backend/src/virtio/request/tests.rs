@@ -119,6 +119,22 @@ fn a_header_split_across_descriptors_is_gathered() {
 }
 
 #[test]
+fn an_unaligned_header_is_read_whole() {
+    // libblkio packs its request headers at an odd stride.
+    let f = Fixture::new();
+    let at = HDR + 3;
+    f.mem
+        .write_obj(VIRTIO_BLK_T_IN.to_le(), GuestAddress(at))
+        .unwrap();
+    f.mem.write_obj(0u32, GuestAddress(at + 4)).unwrap();
+    f.mem.write_obj(5u64.to_le(), GuestAddress(at + 8)).unwrap();
+    let req = f
+        .parse(&[(at, 16, 0), (DATA, 512, W), (STATUS, 1, W)], &limits())
+        .unwrap();
+    assert_eq!(req.kind, RequestKind::Read { offset: 2560 });
+}
+
+#[test]
 fn the_header_and_data_may_share_a_descriptor() {
     let f = Fixture::new();
     f.header(VIRTIO_BLK_T_OUT, 0);
