@@ -557,9 +557,13 @@ fn read_header(mem: &GuestMemory, d: &Desc) -> Option<(u32, u64)> {
     }
     let slice = mem.get_slice(d.addr, HEADER_LEN as usize).ok()?;
     let mut h = [0u8; HEADER_LEN as usize];
-    if slice.copy_to(&mut h[..]) != h.len() {
+    if slice.len() < h.len() {
         return None;
     }
+    // SAFETY: `slice` maps 16 bytes of guest memory that `mem` keeps mapped
+    // for this call. The guest may change them while we copy, which at
+    // worst yields a header it did not mean: validated below like any.
+    unsafe { std::ptr::copy_nonoverlapping(slice.ptr_guard().as_ptr(), h.as_mut_ptr(), h.len()) };
     Some((
         u32::from_le_bytes(h[0..4].try_into().expect("4 bytes")),
         u64::from_le_bytes(h[8..16].try_into().expect("8 bytes")),
