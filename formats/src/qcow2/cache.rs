@@ -1,7 +1,9 @@
 //! The L2 cache: slices of L2 tables, shared by every queue. A lookup
 //! that hits takes no lock: it loads the L1 copy and the slot of a
 //! set-associative table through `arc-swap` and reads the entry with an
-//! atomic load. Loading, changing and evicting slices happens only under
+//! atomic load. A slice's set is chosen by the guest range it maps, so
+//! consecutive ranges fill consecutive sets: a cache with a slot per
+//! slice of the disk holds all of them and never evicts. Loading, changing and evicting slices happens only under
 //! the image's metadata lock (one writer), so a stale copy can never
 //! replace a newer one. Eviction is CLOCK: a hit marks its slice, and a
 //! slot's marked clean slice gets a second chance before an unmarked one.
@@ -128,10 +130,14 @@ impl L2Cache {
         self.slice_bytes
     }
 
-    fn set_of(&self, offset: u64) -> &Set {
-        // Consecutive slices of one table land in different sets.
-        let n = (offset / self.slice_bytes).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        &self.sets[((n >> 32) % self.sets.len() as u64) as usize]
+    fn set_of(&self, guest_slice: u64) -> &Set {
+        &self.sets[(guest_slice % self.sets.len() as u64) as usize]
+    }
+
+    /// Which slice of the guest disk entry `l2_index` of table `l1_index`
+    /// falls in: its index counting every slice of every L2 table.
+    pub fn guest_slice(&self, g: &Geometry, l1_index: u64, l2_index: u64) -> u64 {
+        (l1_index * g.l2_entries() + l2_index) / (self.slice_bytes / g.l2_entry_bytes())
     }
 
     /// Replaces the L1 copy (under the metadata lock).
@@ -139,9 +145,10 @@ impl L2Cache {
         self.l1.store(Arc::new(l1.to_vec()));
     }
 
-    /// The slice at host offset `offset`, if cached.
-    pub fn get(&self, offset: u64) -> Option<Arc<L2Slice>> {
-        self.set_of(offset).ways.iter().find_map(|w| {
+    /// The slice at host offset `offset`, mapping guest slice
+    /// `guest_slice`, if cached.
+    pub fn get(&self, guest_slice: u64, offset: u64) -> Option<Arc<L2Slice>> {
+        self.set_of(guest_slice).ways.iter().find_map(|w| {
             let s = w.load_full()?;
             (s.offset == offset).then(|| {
                 s.touch();
@@ -160,7 +167,7 @@ impl L2Cache {
         }
         let per_slice = self.slice_bytes / g.l2_entry_bytes();
         let offset = l2 + (l2_index / per_slice) * self.slice_bytes;
-        for w in &self.set_of(offset).ways {
+        for w in &self.set_of(self.guest_slice(g, l1_index, l2_index)).ways {
             let guard = w.load();
             if let Some(s) = guard.as_ref().filter(|s| s.offset == offset) {
                 s.touch();
@@ -170,11 +177,11 @@ impl L2Cache {
         None
     }
 
-    /// Adds a slice (under the metadata lock). Fails, returning the slice,
-    /// when every slot of its set holds a dirty slice, so the caller
-    /// flushes first.
-    pub fn insert(&self, slice: Arc<L2Slice>) -> Result<(), Arc<L2Slice>> {
-        let set = self.set_of(slice.offset);
+    /// Adds a slice mapping guest slice `guest_slice` (under the metadata
+    /// lock). Fails, returning the slice, when every slot of its set holds
+    /// a dirty slice, so the caller flushes first.
+    pub fn insert(&self, guest_slice: u64, slice: Arc<L2Slice>) -> Result<(), Arc<L2Slice>> {
+        let set = self.set_of(guest_slice);
         let current: Vec<Option<Arc<L2Slice>>> = set.ways.iter().map(|w| w.load_full()).collect();
         let slot = current
             .iter()
@@ -224,26 +231,41 @@ mod tests {
     #[test]
     fn lookups_hit_what_was_inserted_and_eviction_keeps_dirty_slices() {
         let c = L2Cache::new(vec![0x10000], 512, 4);
+        let at = |i: u64| 0x10000 + 512 * i;
         for i in 0..4 {
-            c.insert(slice(0x10000 + 512 * i)).unwrap();
+            c.insert(i, slice(at(i))).unwrap();
         }
-        assert!(c.get(0x10000).is_some());
+        assert!(c.get(0, at(0)).is_some());
         // Fill far past capacity: every insert lands, while clean slices
         // make room.
         for i in 4..64 {
-            c.insert(slice(0x10000 + 512 * i)).unwrap();
-            assert!(c.get(0x10000 + 512 * i).is_some());
+            c.insert(i, slice(at(i))).unwrap();
+            assert!(c.get(i, at(i)).is_some());
         }
         // A set of dirty slices refuses more until written back.
         let dirty: Vec<_> = (0..64)
-            .filter_map(|i| c.get(0x10000 + 512 * i))
+            .filter_map(|i| c.get(i, at(i)))
             .inspect(|s| s.dirty.store(true, Ordering::Release))
             .collect();
         assert!(!dirty.is_empty());
         let refused = (64..256)
-            .map(|i| c.insert(slice(0x10000 + 512 * i)))
+            .map(|i| c.insert(i, slice(at(i))))
             .find(Result::is_err);
         assert!(refused.is_some(), "a full dirty set refuses");
         assert_eq!(c.dirty().len(), dirty.len());
+    }
+
+    #[test]
+    fn a_cache_with_a_slot_per_slice_holds_the_whole_disk() {
+        let slices = 1000;
+        let c = L2Cache::new(vec![0x10000], 512, slices);
+        // Tables scattered over the file, as allocation leaves them.
+        let at = |i: u64| 0x10000 + 512 * ((i * 7919) % 4096);
+        for i in 0..slices as u64 {
+            c.insert(i, slice(at(i))).unwrap();
+        }
+        for i in 0..slices as u64 {
+            assert!(c.get(i, at(i)).is_some(), "slice {i} was evicted");
+        }
     }
 }

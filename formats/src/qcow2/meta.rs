@@ -65,7 +65,8 @@ impl Meta {
         let per_slice = l2.slice_bytes() / g.l2_entry_bytes();
         let offset = table + (l2i / per_slice) * l2.slice_bytes();
         let idx = (l2i % per_slice) as usize;
-        if let Some(s) = l2.get(offset) {
+        let guest_slice = l2.guest_slice(g, l1i, l2i);
+        if let Some(s) = l2.get(guest_slice, offset) {
             return Ok(Some((s, idx)));
         }
         let file_size = io.size()?;
@@ -81,15 +82,15 @@ impl Meta {
             .await?;
         self.sanitize(g, ci, buf.as_mut_slice(), file_size);
         let slice = Arc::new(L2Slice::from_bytes(offset, buf.as_slice()));
-        if let Err(slice) = l2.insert(Arc::clone(&slice)) {
+        if let Err(slice) = l2.insert(guest_slice, Arc::clone(&slice)) {
             // Every cached slice is dirty: write them out (with the
             // ordering a flush has) and try again.
             self.write_back(io, l2, g).await?;
-            if l2.insert(slice).is_err() {
+            if l2.insert(guest_slice, slice).is_err() {
                 unreachable!("a flushed cache has clean slices to evict");
             }
         }
-        let s = l2.get(offset).expect("just inserted");
+        let s = l2.get(guest_slice, offset).expect("just inserted");
         Ok(Some((s, idx)))
     }
 

@@ -169,9 +169,11 @@ fn one(
     load::run(&backend.socket, load, &|| backend.cpu_ns())
 }
 
-/// Reads `path` once so its pages are cached.
+/// Writes `path`'s dirty pages back, so the flusher does not compete with
+/// the run, then reads it once so its pages are cached.
 fn warm(path: &Path) -> anyhow::Result<()> {
     let mut f = std::fs::File::open(path)?;
+    f.sync_all()?;
     std::io::copy(&mut f, &mut std::io::sink())?;
     Ok(())
 }
