@@ -527,26 +527,23 @@ fn check_rw(limits: &Limits, sector: u64, len: u64) -> Result<u64, RequestError>
 
 /// The guest ranges covering `len` bytes from `skip` into `descs`.
 fn ranges(descs: &[Desc], mut skip: u64, mut len: u64) -> impl Iterator<Item = Range> + '_ {
-    descs
-        .iter()
-        .map_while(move |d| {
-            if len == 0 {
-                return None;
-            }
-            if skip >= d.len {
-                skip -= d.len;
-                return Some(None);
-            }
-            let take = (d.len - skip).min(len);
-            let r = Range {
-                addr: GuestAddress(d.addr.0.wrapping_add(skip)),
-                len: take,
-            };
-            len -= take;
-            skip = 0;
-            Some(Some(r))
-        })
-        .flatten()
+    descs.iter().filter_map(move |d| {
+        if skip >= d.len {
+            skip -= d.len;
+            return None;
+        }
+        let take = (d.len - skip).min(len);
+        if take == 0 {
+            return None;
+        }
+        let r = Range {
+            addr: GuestAddress(d.addr.0.wrapping_add(skip)),
+            len: take,
+        };
+        len -= take;
+        skip = 0;
+        Some(r)
+    })
 }
 
 /// The request type and sector of a header that lies whole in `d`, read

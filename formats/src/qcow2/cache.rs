@@ -3,9 +3,9 @@
 //! set-associative table through `arc-swap` and reads the entry with an
 //! atomic load. A slice's set is chosen by the guest range it maps, so
 //! consecutive ranges fill consecutive sets: a cache with a slot per
-//! slice of the disk holds all of them and never evicts. Loading, changing and evicting slices happens only under
-//! the image's metadata lock (one writer), so a stale copy can never
-//! replace a newer one. Eviction is CLOCK: a hit marks its slice, and a
+//! slice of the disk holds all of them and never evicts. Loading, changing
+//! and evicting slices happens only under the image's metadata lock (one
+//! writer), so a stale copy can never replace a newer one. Eviction is CLOCK: a hit marks its slice, and a
 //! slot's marked clean slice gets a second chance before an unmarked one.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -94,10 +94,23 @@ impl L2Slice {
     }
 }
 
+/// Where one L2 entry lives: its slice and its index in the slice.
+#[derive(Clone, Copy, Debug)]
+pub struct SliceAt {
+    /// The slice's index counting every slice of every L2 table, which
+    /// picks its set.
+    pub guest_slice: u64,
+    /// Host offset of the slice.
+    pub offset: u64,
+    /// The entry's index in the slice.
+    pub index: usize,
+}
+
 /// Slots per set.
 const WAYS: usize = 4;
 
-/// One set of the table: a slice lives in the set its offset hashes to.
+/// One set of the table: a slice lives in the set of the guest slice it
+/// maps.
 struct Set {
     ways: [ArcSwapOption<L2Slice>; WAYS],
 }
@@ -111,7 +124,7 @@ pub struct L2Cache {
 
 impl L2Cache {
     /// A cache of `capacity` slices of `slice_bytes` each, in sets of four
-    /// slots that slices map to by their offset.
+    /// slots.
     pub fn new(l1: Vec<u64>, slice_bytes: u64, capacity: usize) -> Self {
         let sets = capacity.max(1).div_ceil(WAYS);
         L2Cache {
@@ -134,10 +147,15 @@ impl L2Cache {
         &self.sets[(guest_slice % self.sets.len() as u64) as usize]
     }
 
-    /// Which slice of the guest disk entry `l2_index` of table `l1_index`
-    /// falls in: its index counting every slice of every L2 table.
-    pub fn guest_slice(&self, g: &Geometry, l1_index: u64, l2_index: u64) -> u64 {
-        (l1_index * g.l2_entries() + l2_index) / (self.slice_bytes / g.l2_entry_bytes())
+    /// Where entry `l2_index` of the L2 table at host offset `table`
+    /// (L1 entry `l1_index`) lives in the cache.
+    pub fn locate(&self, g: &Geometry, table: u64, l1_index: u64, l2_index: u64) -> SliceAt {
+        let per_slice = self.slice_bytes / g.l2_entry_bytes();
+        SliceAt {
+            guest_slice: (l1_index * g.l2_entries() + l2_index) / per_slice,
+            offset: table + (l2_index / per_slice) * self.slice_bytes,
+            index: (l2_index % per_slice) as usize,
+        }
     }
 
     /// Replaces the L1 copy (under the metadata lock).
@@ -145,12 +163,11 @@ impl L2Cache {
         self.l1.store(Arc::new(l1.to_vec()));
     }
 
-    /// The slice at host offset `offset`, mapping guest slice
-    /// `guest_slice`, if cached.
-    pub fn get(&self, guest_slice: u64, offset: u64) -> Option<Arc<L2Slice>> {
-        self.set_of(guest_slice).ways.iter().find_map(|w| {
+    /// The slice at `at`, if cached.
+    pub fn get(&self, at: &SliceAt) -> Option<Arc<L2Slice>> {
+        self.set_of(at.guest_slice).ways.iter().find_map(|w| {
             let s = w.load_full()?;
-            (s.offset == offset).then(|| {
+            (s.offset == at.offset).then(|| {
                 s.touch();
                 s
             })
@@ -165,24 +182,24 @@ impl L2Cache {
         if l2 == 0 {
             return Some(L2Entry::default());
         }
-        let per_slice = self.slice_bytes / g.l2_entry_bytes();
-        let offset = l2 + (l2_index / per_slice) * self.slice_bytes;
-        for w in &self.set_of(self.guest_slice(g, l1_index, l2_index)).ways {
+        let at = self.locate(g, l2, l1_index, l2_index);
+        for w in &self.set_of(at.guest_slice).ways {
             let guard = w.load();
-            if let Some(s) = guard.as_ref().filter(|s| s.offset == offset) {
+            if let Some(s) = guard.as_ref().filter(|s| s.offset == at.offset) {
                 s.touch();
-                return Some(s.entry(g, (l2_index % per_slice) as usize));
+                return Some(s.entry(g, at.index));
             }
         }
         None
     }
 
-    /// Adds a slice mapping guest slice `guest_slice` (under the metadata
-    /// lock). Fails, returning the slice, when every slot of its set holds
-    /// a dirty slice, so the caller flushes first.
-    pub fn insert(&self, guest_slice: u64, slice: Arc<L2Slice>) -> Result<(), Arc<L2Slice>> {
-        let set = self.set_of(guest_slice);
-        let current: Vec<Option<Arc<L2Slice>>> = set.ways.iter().map(|w| w.load_full()).collect();
+    /// Adds the slice loaded for `at` (under the metadata lock). Fails,
+    /// returning the slice, when every slot of its set holds a dirty slice,
+    /// so the caller flushes first.
+    pub fn insert(&self, at: &SliceAt, slice: Arc<L2Slice>) -> Result<(), Arc<L2Slice>> {
+        let set = self.set_of(at.guest_slice);
+        let current: [Option<Arc<L2Slice>>; WAYS] =
+            std::array::from_fn(|i| set.ways[i].load_full());
         let slot = current
             .iter()
             .position(|c| c.as_ref().is_some_and(|c| c.offset == slice.offset))
@@ -228,28 +245,36 @@ mod tests {
         Arc::new(L2Slice::from_bytes(offset, &[0u8; 512]))
     }
 
+    fn at(guest_slice: u64, offset: u64) -> SliceAt {
+        SliceAt {
+            guest_slice,
+            offset,
+            index: 0,
+        }
+    }
+
     #[test]
     fn lookups_hit_what_was_inserted_and_eviction_keeps_dirty_slices() {
         let c = L2Cache::new(vec![0x10000], 512, 4);
-        let at = |i: u64| 0x10000 + 512 * i;
+        let off = |i: u64| 0x10000 + 512 * i;
         for i in 0..4 {
-            c.insert(i, slice(at(i))).unwrap();
+            c.insert(&at(i, off(i)), slice(off(i))).unwrap();
         }
-        assert!(c.get(0, at(0)).is_some());
+        assert!(c.get(&at(0, off(0))).is_some());
         // Fill far past capacity: every insert lands, while clean slices
         // make room.
         for i in 4..64 {
-            c.insert(i, slice(at(i))).unwrap();
-            assert!(c.get(i, at(i)).is_some());
+            c.insert(&at(i, off(i)), slice(off(i))).unwrap();
+            assert!(c.get(&at(i, off(i))).is_some());
         }
         // A set of dirty slices refuses more until written back.
         let dirty: Vec<_> = (0..64)
-            .filter_map(|i| c.get(i, at(i)))
+            .filter_map(|i| c.get(&at(i, off(i))))
             .inspect(|s| s.dirty.store(true, Ordering::Release))
             .collect();
         assert!(!dirty.is_empty());
         let refused = (64..256)
-            .map(|i| c.insert(i, slice(at(i))))
+            .map(|i| c.insert(&at(i, off(i)), slice(off(i))))
             .find(Result::is_err);
         assert!(refused.is_some(), "a full dirty set refuses");
         assert_eq!(c.dirty().len(), dirty.len());
@@ -260,12 +285,12 @@ mod tests {
         let slices = 1000;
         let c = L2Cache::new(vec![0x10000], 512, slices);
         // Tables scattered over the file, as allocation leaves them.
-        let at = |i: u64| 0x10000 + 512 * ((i * 7919) % 4096);
+        let off = |i: u64| 0x10000 + 512 * ((i * 7919) % 4096);
         for i in 0..slices as u64 {
-            c.insert(i, slice(at(i))).unwrap();
+            c.insert(&at(i, off(i)), slice(off(i))).unwrap();
         }
         for i in 0..slices as u64 {
-            assert!(c.get(i, at(i)).is_some(), "slice {i} was evicted");
+            assert!(c.get(&at(i, off(i))).is_some(), "slice {i} was evicted");
         }
     }
 }

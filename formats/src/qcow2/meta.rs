@@ -62,15 +62,12 @@ impl Meta {
                 guest: ci * g.cluster_size(),
             });
         }
-        let per_slice = l2.slice_bytes() / g.l2_entry_bytes();
-        let offset = table + (l2i / per_slice) * l2.slice_bytes();
-        let idx = (l2i % per_slice) as usize;
-        let guest_slice = l2.guest_slice(g, l1i, l2i);
-        if let Some(s) = l2.get(guest_slice, offset) {
-            return Ok(Some((s, idx)));
+        let at = l2.locate(g, table, l1i, l2i);
+        if let Some(s) = l2.get(&at) {
+            return Ok(Some((s, at.index)));
         }
         let file_size = io.size()?;
-        if table == 0 || offset + l2.slice_bytes() > file_size {
+        if table == 0 || at.offset + l2.slice_bytes() > file_size {
             return Err(Qcow2Error::BadEntry {
                 what: "L1",
                 entry: l1e,
@@ -78,20 +75,19 @@ impl Meta {
             });
         }
         let mut buf = AlignedBuf::zeroed(l2.slice_bytes() as usize, 4096);
-        io.read("read an L2 table", offset, buf.as_mut_slice())
+        io.read("read an L2 table", at.offset, buf.as_mut_slice())
             .await?;
         self.sanitize(g, ci, buf.as_mut_slice(), file_size);
-        let slice = Arc::new(L2Slice::from_bytes(offset, buf.as_slice()));
-        if let Err(slice) = l2.insert(guest_slice, Arc::clone(&slice)) {
-            // Every cached slice is dirty: write them out (with the
+        let slice = Arc::new(L2Slice::from_bytes(at.offset, buf.as_slice()));
+        if let Err(back) = l2.insert(&at, Arc::clone(&slice)) {
+            // Every slot of its set is dirty: write them out (with the
             // ordering a flush has) and try again.
             self.write_back(io, l2, g).await?;
-            if l2.insert(guest_slice, slice).is_err() {
+            if l2.insert(&at, back).is_err() {
                 unreachable!("a flushed cache has clean slices to evict");
             }
         }
-        let s = l2.get(guest_slice, offset).expect("just inserted");
-        Ok(Some((s, idx)))
+        Ok(Some((slice, at.index)))
     }
 
     /// Host clusters that hold metadata: header, L1 and refcount tables,
