@@ -69,39 +69,65 @@ pub(crate) fn handle(dev: &Arc<DeviceInner>, queue: usize, event: Event, vring: 
     });
 }
 
-/// The adaptive busy-poll window of one queue, after QEMU's: after work,
+/// The adaptive busy-poll windows of one queue, after QEMU's: after work,
 /// the thread spins this long for more before it sleeps. A sleep that
-/// ended soon (before `max`) grows the window; a long one (the disk went
-/// quiet) closes it, so an idle queue costs no CPU.
+/// ended soon (before `max`) grows the window; a long one closes it, so an
+/// idle queue costs no CPU.
+///
+/// There are two windows, because a sleep means different things with and
+/// without I/O in flight. With none, the thread waits for the guest, whose
+/// next kick usually comes within microseconds of a completion. With some,
+/// it waits for the disk too, which may take far longer than `max`: that
+/// closes the I/O window (spinning through a disk wait is wasted), but says
+/// nothing about how soon the guest answers.
 struct PollWindow {
     max: Duration,
-    window: Duration,
-    /// When the thread last went to sleep, if it did.
-    slept_at: Option<Instant>,
+    /// Used while nothing is in flight: waiting for the guest.
+    guest: Duration,
+    /// Used while I/O is in flight.
+    io: Duration,
+    /// When the thread last went to sleep, and whether I/O was in flight.
+    slept_at: Option<(Instant, bool)>,
 }
 
 impl PollWindow {
-    /// The window starts this small and doubles.
+    /// A window starts this small and doubles.
     const START: Duration = Duration::from_micros(4);
 
     fn new(max_ns: u64) -> Self {
         PollWindow {
             max: Duration::from_nanos(max_ns),
-            window: Duration::ZERO,
+            guest: Duration::ZERO,
+            io: Duration::ZERO,
             slept_at: None,
         }
     }
 
-    /// An event woke the thread: adapt to how long it slept.
+    /// How long to spin, given whether I/O is in flight.
+    fn window(&self, io_in_flight: bool) -> Duration {
+        if io_in_flight {
+            self.io
+        } else {
+            self.guest
+        }
+    }
+
+    /// An event woke the thread: adapt the window it slept under to how
+    /// long it slept.
     fn woke(&mut self) {
-        let Some(at) = self.slept_at.take() else {
+        let Some((at, io_in_flight)) = self.slept_at.take() else {
             return;
         };
-        let slept = at.elapsed();
-        if slept > self.max {
-            self.window = Duration::ZERO;
-        } else if self.window < self.max {
-            self.window = (self.window * 2).clamp(Self::START, self.max);
+        let max = self.max;
+        let window = if io_in_flight {
+            &mut self.io
+        } else {
+            &mut self.guest
+        };
+        if at.elapsed() > max {
+            *window = Duration::ZERO;
+        } else if *window < max {
+            *window = (*window * 2).clamp(Self::START, max);
         }
     }
 }
@@ -434,7 +460,8 @@ impl Worker {
     /// the last work, handling what turns up, then lets the thread sleep.
     fn poll_for_work(&mut self, vring: &Vring) {
         let mut last_work = Instant::now();
-        if !self.poll.window.is_zero() {
+        let busy = |r: &Reactor| r.in_flight() > 0;
+        if !self.poll.window(busy(&self.reactor)).is_zero() {
             let mem = self.memory();
             loop {
                 if self.ctx.export().paused() {
@@ -460,13 +487,13 @@ impl Worker {
                     last_work = Instant::now();
                     continue;
                 }
-                if last_work.elapsed() >= self.poll.window {
+                if last_work.elapsed() >= self.poll.window(busy(&self.reactor)) {
                     break;
                 }
                 std::hint::spin_loop();
             }
         }
-        self.poll.slept_at = Some(last_work);
+        self.poll.slept_at = Some((last_work, busy(&self.reactor)));
     }
 
     fn on_completions(&mut self) {
