@@ -1,22 +1,42 @@
 //! The asynchronous interface every block driver implements.
 
+use std::cell::RefCell;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+
+use recycle_box::{coerce_box, RecycleBox};
 
 use crate::{BlockError, GraphView, IoVecs, SlotPerm};
 
 /// The future a driver returns for one request.
 ///
 /// Requests that finish at once (a range error, a null read, a filter
-/// handing its child's future straight through) allocate nothing; the rest
-/// box their state machine. Futures run on the thread that issued the
-/// request (one executor per queue thread), so they need not be `Send`.
+/// handing its child's future straight through) need no storage; the rest
+/// keep their state machine in a box from the thread's pool, which goes
+/// back to the pool when the future is dropped, so a request allocates
+/// nothing once the pool holds a box large enough. Futures run on the
+/// thread that issued the request (one executor per queue thread), so they
+/// need not be `Send`.
 pub enum IoFuture<'a, T = ()> {
     /// Already finished.
     Ready(Option<Result<T, BlockError>>),
     /// Still running.
-    Running(Pin<Box<dyn Future<Output = Result<T, BlockError>> + 'a>>),
+    Running(Pooled<'a, T>),
+}
+
+/// A running driver future, in a box that goes back to the thread's pool
+/// when it is dropped.
+pub struct Pooled<'a, T>(Option<Pin<RecycleBox<DynIo<'a, T>>>>);
+
+type DynIo<'a, T> = dyn Future<Output = Result<T, BlockError>> + 'a;
+
+/// Boxes kept per thread for futures; beyond this many, a freed box is
+/// returned to the allocator.
+const POOL_MAX: usize = 1024;
+
+thread_local! {
+    static POOL: RefCell<Vec<RecycleBox<()>>> = const { RefCell::new(Vec::new()) };
 }
 
 impl<'a, T> IoFuture<'a, T> {
@@ -25,9 +45,32 @@ impl<'a, T> IoFuture<'a, T> {
         IoFuture::Ready(Some(res))
     }
 
-    /// Boxes `fut`.
+    /// Boxes `fut`, in a box from the thread's pool if it has one. (A box
+    /// too small for `fut` is grown, so the pool settles on boxes that
+    /// hold the largest futures in use.)
     pub fn new(fut: impl Future<Output = Result<T, BlockError>> + 'a) -> Self {
-        IoFuture::Running(Box::pin(fut))
+        let boxed = match POOL.try_with(|p| p.borrow_mut().pop()).ok().flatten() {
+            Some(empty) => RecycleBox::recycle(empty, fut),
+            None => RecycleBox::new(fut),
+        };
+        let boxed: RecycleBox<DynIo<'a, T>> = coerce_box!(boxed);
+        IoFuture::Running(Pooled(Some(RecycleBox::into_pin(boxed))))
+    }
+}
+
+impl<T> Drop for Pooled<'_, T> {
+    fn drop(&mut self) {
+        if let Some(fut) = self.0.take() {
+            // Drop the future first: it may hold futures that return their
+            // own boxes to the pool.
+            let empty = RecycleBox::vacate_pinned(fut);
+            let _ = POOL.try_with(|p| {
+                let mut p = p.borrow_mut();
+                if p.len() < POOL_MAX {
+                    p.push(empty);
+                }
+            });
+        }
     }
 }
 
@@ -42,7 +85,10 @@ impl<T> Future for IoFuture<'_, T> {
             IoFuture::Ready(res) => {
                 Poll::Ready(res.take().expect("IoFuture polled after completion"))
             }
-            IoFuture::Running(fut) => fut.as_mut().poll(cx),
+            IoFuture::Running(Pooled(Some(fut))) => fut.as_mut().poll(cx),
+            IoFuture::Running(Pooled(None)) => {
+                unreachable!("a pooled future is only emptied by drop")
+            }
         }
     }
 }
@@ -172,5 +218,40 @@ pub trait BlockDriver: Send + Sync + 'static {
             op: crate::IoOp::Resize,
             driver: self.driver_name(),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn address<T>(f: &IoFuture<'_, T>) -> *const u8 {
+        match f {
+            IoFuture::Running(Pooled(Some(fut))) => &**fut as *const _ as *const u8,
+            _ => panic!("not a running future"),
+        }
+    }
+
+    #[test]
+    fn a_dropped_future_lends_its_box_to_the_next() {
+        let big = [7u8; 512];
+        let first = IoFuture::new(async move { Ok(big[511]) });
+        let at = address(&first);
+        drop(first);
+        // Smaller, and of another type: fits the same box.
+        let second = IoFuture::new(async { Ok(1u8) });
+        assert_eq!(address(&second), at);
+        assert_eq!(futures::executor::block_on(second).unwrap(), 1);
+    }
+
+    #[test]
+    fn nested_futures_return_every_box() {
+        POOL.with(|p| p.borrow_mut().clear());
+        let outer = IoFuture::new(async {
+            let inner = IoFuture::new(async { Ok(2u8) });
+            inner.await
+        });
+        assert_eq!(futures::executor::block_on(outer).unwrap(), 2);
+        assert_eq!(POOL.with(|p| p.borrow().len()), 2);
     }
 }

@@ -36,7 +36,7 @@ mod view;
 
 pub use buffer::AlignedBuf;
 pub use drain::Quiesce;
-pub use driver::{BlockDriver, BlockStatus, IoFuture};
+pub use driver::{BlockDriver, BlockStatus, IoFuture, Pooled};
 pub use error::{BlockError, GraphError, IoOp};
 pub use events::{EventSink, NoEvents};
 pub use graph::{Graph, LocalView, LocalViews};
