@@ -1,6 +1,8 @@
 //! L2 entries: what backs each cluster, or with extended L2 entries, each
 //! subcluster.
 
+use smallvec::{smallvec, SmallVec};
+
 use super::error::Qcow2Error;
 use super::types::{Geometry, COMPRESSED, COPIED, OFFSET_MASK, SUBCLUSTERS, ZERO};
 
@@ -16,6 +18,9 @@ pub struct L2Entry {
     /// Extended L2: allocation bits 0-31, zero bits 32-63.
     pub bitmap: u64,
 }
+
+/// The runs of one cluster, inline: most have one or two.
+pub type Runs = SmallVec<[(Run, u64); 4]>;
 
 /// Where a run of guest bytes comes from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -90,11 +95,12 @@ impl L2Entry {
         Ok(())
     }
 
-    /// What backs `len` bytes at `at` within the cluster, as runs.
-    pub fn runs(&self, g: &Geometry, at: u64, len: u64) -> Vec<(Run, u64)> {
+    /// What backs `len` bytes at `at` within the cluster, as runs. (Inline:
+    /// a request reads or writes through here, and must not allocate.)
+    pub fn runs(&self, g: &Geometry, at: u64, len: u64) -> Runs {
         if self.compressed() {
             let (host, clen) = self.compressed_span(g);
-            return vec![(Run::Compressed { host, len: clen }, len)];
+            return smallvec![(Run::Compressed { host, len: clen }, len)];
         }
         if !g.extended {
             let run = if self.word & ZERO != 0 {
@@ -104,10 +110,10 @@ impl L2Entry {
             } else {
                 Run::Data(self.host() + at)
             };
-            return vec![(run, len)];
+            return smallvec![(run, len)];
         }
         let sc = g.subcluster_size();
-        let mut out: Vec<(Run, u64)> = Vec::new();
+        let mut out = Runs::new();
         let mut pos = at;
         while pos < at + len {
             let i = pos / sc;
@@ -157,19 +163,22 @@ mod tests {
             word: COPIED | 0x50000,
             bitmap: 0,
         };
-        assert_eq!(data.runs(&G, 512, 1024), [(Run::Data(0x50200), 1024)]);
+        assert_eq!(data.runs(&G, 512, 1024)[..], [(Run::Data(0x50200), 1024)]);
         assert!(data.copied());
         let zero = L2Entry {
             word: ZERO,
             bitmap: 0,
         };
-        assert_eq!(zero.runs(&G, 0, 4096), [(Run::Zero, 4096)]);
+        assert_eq!(zero.runs(&G, 0, 4096)[..], [(Run::Zero, 4096)]);
         let prealloc = L2Entry {
             word: COPIED | 0x70000 | ZERO,
             bitmap: 0,
         };
-        assert_eq!(prealloc.runs(&G, 0, 4096), [(Run::Zero, 4096)]);
-        assert_eq!(L2Entry::default().runs(&G, 0, 10), [(Run::Unallocated, 10)]);
+        assert_eq!(prealloc.runs(&G, 0, 4096)[..], [(Run::Zero, 4096)]);
+        assert_eq!(
+            L2Entry::default().runs(&G, 0, 10)[..],
+            [(Run::Unallocated, 10)]
+        );
         assert!(
             L2Entry {
                 word: 0x50001 | 2,
@@ -215,7 +224,7 @@ mod tests {
             bitmap: 0b11 | (0b100 << 32),
         };
         assert_eq!(
-            e.runs(&X, 1024, 8192),
+            e.runs(&X, 1024, 8192)[..],
             [
                 (Run::Data(0x80400), 3072),
                 (Run::Zero, 2048),
