@@ -54,6 +54,29 @@ pub type Desc = (u64, u32, u16);
 impl TestFrontend {
     /// Connects to `socket` and sets up `num_queues` queues.
     pub fn connect(socket: &Path, num_queues: usize) -> TestFrontend {
+        Self::connect_with(socket, num_queues, &[(0, MEM_SIZE as u64)], 0)
+    }
+
+    /// Like [`connect`](Self::connect), but guest memory is two regions
+    /// split at `split` (page aligned) and every queue's rings start
+    /// `ring_offset` bytes later: rings across the split cannot be mapped
+    /// whole, so the device serves them through its general path.
+    pub fn connect_split(
+        socket: &Path,
+        num_queues: usize,
+        split: u64,
+        ring_offset: u64,
+    ) -> TestFrontend {
+        let regions = [(0, split), (split, MEM_SIZE as u64 - split)];
+        Self::connect_with(socket, num_queues, &regions, ring_offset)
+    }
+
+    fn connect_with(
+        socket: &Path,
+        num_queues: usize,
+        regions: &[(u64, u64)],
+        ring_offset: u64,
+    ) -> TestFrontend {
         let mut fe = Frontend::connect(socket, num_queues as u64).expect("connect");
         fe.set_owner().unwrap();
         let offered = fe.get_features().unwrap();
@@ -82,18 +105,21 @@ impl TestFrontend {
         )])
         .unwrap();
         let host = mem.get_host_address(GuestAddress(0)).unwrap() as u64;
-        fe.set_mem_table(&[VhostUserMemoryRegionInfo {
-            guest_phys_addr: 0,
-            memory_size: MEM_SIZE as u64,
-            userspace_addr: host,
-            mmap_offset: 0,
-            mmap_handle: file.as_raw_fd(),
-        }])
-        .unwrap();
+        let table: Vec<_> = regions
+            .iter()
+            .map(|&(start, len)| VhostUserMemoryRegionInfo {
+                guest_phys_addr: start,
+                memory_size: len,
+                userspace_addr: host + start,
+                mmap_offset: start,
+                mmap_handle: file.as_raw_fd(),
+            })
+            .collect();
+        fe.set_mem_table(&table).unwrap();
 
         let mut queues = Vec::new();
         for q in 0..num_queues {
-            let base = q as u64 * RING_STRIDE;
+            let base = q as u64 * RING_STRIDE + ring_offset;
             let (desc, avail, used) = Self::ring_addrs(base);
             fe.set_vring_num(q, QUEUE_SIZE).unwrap();
             fe.set_vring_addr(

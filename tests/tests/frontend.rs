@@ -241,3 +241,36 @@ fn the_driver_can_switch_the_write_cache() {
     let (_, log) = daemon.stop();
     assert!(log.contains("write-through"), "{log}");
 }
+
+#[test]
+fn rings_across_two_memory_regions_are_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = serve(dir.path(), 1 << 20, &["--serial", "split"]);
+    // The descriptor table runs from 0xe00 to 0x1200, across the split.
+    let mut fe = TestFrontend::connect_split(daemon.socket(), 1, 0x1000, 0xe00);
+    a_good_read_works(&mut fe);
+    // More requests than one batch, each written and read back.
+    for sector in 0..40u64 {
+        let byte = sector as u8 + 0x40;
+        fe.mem()
+            .write_slice(&[byte; 512], vm_memory::GuestAddress(BUF))
+            .unwrap();
+        assert_eq!(
+            request(&mut fe, VIRTIO_BLK_T_OUT, sector, Some((512, 0))),
+            (S_OK, 1)
+        );
+    }
+    for sector in 0..40u64 {
+        assert_eq!(
+            request(&mut fe, VIRTIO_BLK_T_IN, sector, Some((512, W))),
+            (S_OK, 513)
+        );
+        assert_eq!(fe.byte(BUF + 511), sector as u8 + 0x40);
+    }
+    assert_eq!(
+        request(&mut fe, VIRTIO_BLK_T_GET_ID, 0, Some((20, W))),
+        (S_OK, 21)
+    );
+    assert_eq!(fe.byte(BUF + 4), b't', "the serial, \"split\"");
+    drop(daemon);
+}
