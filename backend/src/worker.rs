@@ -292,6 +292,7 @@ impl Worker {
             self.take_mapped(&mut state, &rings, &mem, &limits, &view);
             return;
         }
+        let mut unsubmitted = 0;
         loop {
             if let Err(e) = state.disable_notification() {
                 self.ctx
@@ -299,28 +300,22 @@ impl Worker {
             }
             let mut taken = 0;
             loop {
-                // Chains are started a few at a time, and what finishes is
-                // published at once: the guest works on the first
-                // completions while later requests are still being parsed.
                 let mut started = 0;
                 match state.get_queue_mut().iter(&*mem) {
                     Ok(chains) => {
-                        for chain in chains.take(SUBMIT_BATCH) {
+                        for chain in chains.take(PUBLISH_BATCH.into()) {
                             started += 1;
                             self.start(chain, &mem, &limits, &view);
                         }
                     }
                     Err(e) => self.ctx.warn(format_args!("bad avail ring: {e}")),
                 }
-                taken += started;
                 if started == 0 {
                     break;
                 }
-                self.run_stalled();
+                taken += started;
+                self.advance(started, &mut unsubmitted);
                 self.publish_to(&mut state);
-                if started < SUBMIT_BATCH {
-                    break;
-                }
             }
             // Re-enabling can reveal chains that raced in; a ring that keeps
             // claiming more while yielding none is broken, so stop there.
@@ -373,16 +368,22 @@ impl Worker {
                 }
             }
             state.get_queue_mut().set_next_avail(next);
-            // I/O queued but not yet submitted is submitted by the caller's
-            // `run` once the ring is empty.
-            unsubmitted += usize::from(n);
-            if unsubmitted >= SUBMIT_BATCH {
-                self.run_stalled();
-                unsubmitted = 0;
-            } else {
-                self.executor.run_until_stalled();
-            }
+            self.advance(n.into(), &mut unsubmitted);
             self.publish_mapped(state, rings);
+        }
+    }
+
+    /// Runs the futures of `started` new chains until they wait, and submits
+    /// io_uring once `SUBMIT_BATCH` chains have gathered. I/O queued but not
+    /// yet submitted is submitted by the caller's `run` once the ring is
+    /// empty.
+    fn advance(&mut self, started: usize, unsubmitted: &mut usize) {
+        *unsubmitted += started;
+        if *unsubmitted >= SUBMIT_BATCH {
+            self.run_stalled();
+            *unsubmitted = 0;
+        } else {
+            self.executor.run_until_stalled();
         }
     }
 
