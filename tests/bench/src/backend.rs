@@ -37,26 +37,28 @@ pub struct Backend {
 
 impl Backend {
     /// Starts `bin` with `blockdevs` and a writable vhost-user-blk export
-    /// of node `root`, pinned to `cpu`. `iothread` adds an iothread object
-    /// with that `poll-max-ns` and runs the export in it.
+    /// of node `root` with `queues` queues, pinned to `cpus` (a taskset
+    /// list). `iothread` adds an iothread object with that `poll-max-ns`
+    /// and runs the export in it.
     pub fn start(
         kind: Kind,
         bin: &Path,
         dir: &Path,
         blockdevs: &[String],
         iothread: Option<u64>,
-        cpu: usize,
+        cpus: &str,
+        queues: usize,
     ) -> anyhow::Result<Backend> {
         let socket = dir.join(format!("{}.sock", kind.name()));
         let log = dir.join(format!("{}.log", kind.name()));
         let _ = std::fs::remove_file(&socket);
         let mut cmd = Command::new("taskset");
-        cmd.arg("-c").arg(cpu.to_string()).arg(bin);
+        cmd.arg("-c").arg(cpus).arg(bin);
         for b in blockdevs {
             cmd.arg("--blockdev").arg(b);
         }
         let mut export = format!(
-            "type=vhost-user-blk,id=exp,node-name=root,writable=on,num-queues=1,\
+            "type=vhost-user-blk,id=exp,node-name=root,writable=on,num-queues={queues},\
              addr.type=unix,addr.path={}",
             socket.display()
         );

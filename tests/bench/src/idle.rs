@@ -37,7 +37,7 @@ pub fn measure(kind: Kind, bin: &Path, dir: &Path, window: Duration) -> anyhow::
         format!("driver=file,node-name=file,filename={}", image.display()),
         "driver=qcow2,node-name=root,file=file".to_string(),
     ];
-    let backend = Backend::start(kind, bin, dir, &blockdevs, None, DAEMON_CPU)?;
+    let backend = Backend::start(kind, bin, dir, &blockdevs, None, &DAEMON_CPU.to_string(), 1)?;
 
     let mut b = Blkio::new("virtio-blk-vhost-user")?;
     b.set_str("path", backend.socket.to_str().context("socket path")?)?;

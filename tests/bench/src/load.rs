@@ -1,5 +1,6 @@
-//! The load generator: one libblkio queue kept at a fixed depth of 4k
-//! random requests, timed per batch so the clock costs almost nothing.
+//! The load generator: libblkio queues, each kept at a fixed depth of 4k
+//! random requests by its own thread, timed per batch so the clock costs
+//! almost nothing.
 
 use std::mem::MaybeUninit;
 use std::path::Path;
@@ -55,34 +56,113 @@ impl Rng {
     }
 }
 
-/// Runs `load` against the vhost-user-blk socket. `cpu_ns` reads the
-/// backend's CPU time; it is sampled at the edges of the measured window.
-pub fn run(socket: &Path, load: Load, cpu_ns: &dyn Fn() -> u64) -> anyhow::Result<Outcome> {
+/// Runs `load` against the vhost-user-blk socket, on one queue with the
+/// calling thread's CPU affinity. `cpu_ns` reads the backend's CPU time;
+/// it is sampled at the edges of the measured window.
+pub fn run(
+    socket: &Path,
+    load: Load,
+    cpu_ns: &(dyn Fn() -> u64 + Sync),
+) -> anyhow::Result<Outcome> {
+    run_queues(socket, load, &[None], cpu_ns)
+}
+
+/// Runs `load` on `cpus.len()` queues at once, each kept at `load.depth`
+/// by its own thread, pinned to its entry of `cpus` (or left with the
+/// caller's affinity). IOPS and CPU per request are over all queues.
+pub fn run_queues(
+    socket: &Path,
+    load: Load,
+    cpus: &[Option<usize>],
+    cpu_ns: &(dyn Fn() -> u64 + Sync),
+) -> anyhow::Result<Outcome> {
+    let n = cpus.len();
     let mut b = Blkio::new("virtio-blk-vhost-user")?;
     b.set_str("path", socket.to_str().context("socket path is not UTF-8")?)?;
     b.connect()
         .with_context(|| format!("connecting to {}", socket.display()))?;
-    b.set_i32("num-queues", if load.poll { 0 } else { 1 })?;
-    b.set_i32("num-poll-queues", if load.poll { 1 } else { 0 })?;
+    b.set_i32("num-queues", if load.poll { 0 } else { n as i32 })?;
+    b.set_i32("num-poll-queues", if load.poll { n as i32 } else { 0 })?;
     b.set_i32("queue-size", QUEUE_SIZE)?;
-    let mut started = b.start()?;
-    let mut q = if load.poll {
-        started.poll_queues.remove(0)
+    let started = b.start()?;
+    let queues = if load.poll {
+        started.poll_queues
     } else {
-        started.queues.remove(0)
+        started.queues
     };
     let capacity = b.get_u64("capacity")?;
     let blocks = capacity / BLOCK as u64;
     if blocks == 0 {
         bail!("the disk is smaller than one block");
     }
-    let region = b.alloc_mem_region(load.depth * BLOCK)?;
+    let region = b.alloc_mem_region(n * load.depth * BLOCK)?;
     b.map_mem_region(&region)?;
 
-    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let begin = Instant::now();
+    let window = Window {
+        from: begin + load.warmup,
+        end: begin + load.warmup + load.measure,
+    };
+    std::thread::scope(|s| {
+        let drivers: Vec<_> = queues
+            .into_iter()
+            .zip(cpus)
+            .enumerate()
+            .map(|(i, (q, &cpu))| {
+                let buffers = region.addr + i * load.depth * BLOCK;
+                s.spawn(move || {
+                    if let Some(cpu) = cpu {
+                        crate::suite::pin_self(cpu)?;
+                    }
+                    drive(q, load, buffers, blocks, window, i as u64)
+                })
+            })
+            .collect();
+        std::thread::sleep(window.from.saturating_duration_since(Instant::now()));
+        let cpu_start = cpu_ns();
+        std::thread::sleep(window.end.saturating_duration_since(Instant::now()));
+        let cpu = cpu_ns() - cpu_start;
+        let mut hist = Histogram::<u64>::new(3)?;
+        let mut done = 0;
+        for d in drivers {
+            let (n, h) = d
+                .join()
+                .map_err(|_| anyhow::anyhow!("a client thread panicked"))??;
+            done += n;
+            hist.add(h)?;
+        }
+        Ok(Outcome {
+            iops: done as f64 / load.measure.as_secs_f64(),
+            mean_us: hist.mean() / 1e3,
+            p99_us: hist.value_at_quantile(0.99) as f64 / 1e3,
+            cpu_ns: cpu as f64 / done.max(1) as f64,
+        })
+    })
+}
+
+/// The measured part of a run.
+#[derive(Clone, Copy)]
+struct Window {
+    from: Instant,
+    end: Instant,
+}
+
+/// Keeps queue `q` at `load.depth` requests, with buffers from `buffers`,
+/// until the window ends. Returns the completions inside the window and
+/// their latencies.
+fn drive(
+    mut q: blkio::Blkioq,
+    load: Load,
+    buffers: usize,
+    blocks: u64,
+    window: Window,
+    seed: u64,
+) -> anyhow::Result<(u64, Histogram<u64>)> {
+    // Every backend sees the same sequence; queues differ from each other.
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ seed.wrapping_mul(0x2545_f491_4f6c_dd1d));
     let submit = |q: &mut blkio::Blkioq, slot: usize, rng: &mut Rng| {
         let offset = (rng.next() % blocks) * BLOCK as u64;
-        let buf = region.addr + slot * BLOCK;
+        let buf = buffers + slot * BLOCK;
         if load.write {
             q.write(offset, buf as *const u8, BLOCK, slot, ReqFlags::empty());
         } else {
@@ -97,20 +177,11 @@ pub fn run(socket: &Path, load: Load, cpu_ns: &dyn Fn() -> u64) -> anyhow::Resul
     for slot in 0..load.depth {
         submit(&mut q, slot, &mut rng);
     }
-
-    let begin = Instant::now();
-    let measure_from = begin + load.warmup;
-    let end = measure_from + load.measure;
-    let mut measuring = false;
     let mut done = 0u64;
-    let mut cpu_start = 0;
     loop {
         let got = q.do_io(&mut comps, 1, None, None)?;
         let now = Instant::now();
-        if !measuring && now >= measure_from {
-            measuring = true;
-            cpu_start = cpu_ns();
-        }
+        let measuring = now >= window.from && now < window.end;
         for c in &comps[..got] {
             // SAFETY: do_io initialised the first `got` completions.
             let c = unsafe { c.assume_init_ref() };
@@ -126,7 +197,7 @@ pub fn run(socket: &Path, load: Load, cpu_ns: &dyn Fn() -> u64) -> anyhow::Resul
                 let ns = now.duration_since(issued[slot]).as_nanos() as u64;
                 hist.record(ns.max(1))?;
             }
-            if now < end {
+            if now < window.end {
                 issued[slot] = now;
                 submit(&mut q, slot, &mut rng);
             }
@@ -134,16 +205,9 @@ pub fn run(socket: &Path, load: Load, cpu_ns: &dyn Fn() -> u64) -> anyhow::Resul
         if measuring {
             done += got as u64;
         }
-        if now >= end {
-            let cpu = cpu_ns() - cpu_start;
-            let secs = now.duration_since(measure_from).as_secs_f64();
+        if now >= window.end {
             drain(&mut q, &mut comps, load.depth - got)?;
-            return Ok(Outcome {
-                iops: done as f64 / secs,
-                mean_us: hist.mean() / 1e3,
-                p99_us: hist.value_at_quantile(0.99) as f64 / 1e3,
-                cpu_ns: cpu as f64 / done.max(1) as f64,
-            });
+            return Ok((done, hist));
         }
     }
 }

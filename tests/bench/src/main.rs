@@ -6,6 +6,7 @@ mod chart;
 mod idle;
 mod load;
 mod report;
+mod scaling;
 mod suite;
 mod target;
 
@@ -61,6 +62,9 @@ struct Args {
     /// Skip the idle-daemon memory and CPU measurement.
     #[arg(long)]
     no_idle: bool,
+    /// Skip the multi-queue scaling measurement.
+    #[arg(long)]
+    no_scaling: bool,
     /// Drive an already running backend at this vhost-user socket with one
     /// load (--depth, --write, --poll, --secs) and print what it did; for
     /// profiling.
@@ -75,6 +79,10 @@ struct Args {
     /// A polled queue, for --client.
     #[arg(long)]
     poll: bool,
+    /// Queues driven by --client, a thread each (unpinned when more than
+    /// one).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+    queues: u16,
     /// A few seconds that prove the harness works (null, QD32 reads, one
     /// short run); says nothing about speed. Output goes under --workdir.
     #[arg(long)]
@@ -84,7 +92,9 @@ struct Args {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if let Some(socket) = &args.client {
-        suite::pin_self(suite::CLIENT_CPU)?;
+        if args.queues == 1 {
+            suite::pin_self(suite::CLIENT_CPU)?;
+        }
         let load = load::Load {
             write: args.write,
             depth: args.depth,
@@ -92,7 +102,8 @@ fn main() -> anyhow::Result<()> {
             warmup: secs("--warmup", args.warmup)?,
             measure: secs("--secs", args.secs)?,
         };
-        let o = load::run(socket, load, &|| 0)?;
+        let cpus = vec![None; args.queues.into()];
+        let o = load::run_queues(socket, load, &cpus, &|| 0)?;
         println!(
             "{:.0} IOPS, mean {:.1} us, p99 {:.1} us",
             o.iops, o.mean_us, o.p99_us
@@ -152,8 +163,14 @@ fn main() -> anyhow::Result<()> {
         })
     };
 
+    let scaling = if args.no_scaling || args.smoke {
+        None
+    } else {
+        Some(scaling::run(&plan, &mut |line| eprintln!("{line}"))?)
+    };
+
     let date = date();
-    let section = report::markdown(&plan, &cells, idle.as_ref(), &date);
+    let section = report::markdown(&plan, &cells, idle.as_ref(), scaling.as_ref(), &date);
     println!("{section}");
     let doc = std::fs::read_to_string(&markdown).unwrap_or_else(|_| "# Benchmarks\n".into());
     std::fs::write(&markdown, report::splice(&doc, &section))

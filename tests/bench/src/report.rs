@@ -4,6 +4,7 @@
 use std::fmt::Write as _;
 
 use crate::idle::Idle;
+use crate::scaling::{self, Scaling};
 use crate::suite::{Cell, Plan, Workload};
 use crate::target::Target;
 
@@ -30,8 +31,7 @@ fn machine() -> String {
                 .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
         })
         .unwrap_or_else(|| "unknown CPU".into());
-    // Not available_parallelism: the harness runs pinned to one core.
-    let cores = info.lines().filter(|l| l.starts_with("processor")).count();
+    let cores = crate::suite::cores();
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     format!("{cpu}, {cores} cores, Linux {}", kernel.trim())
 }
@@ -59,7 +59,13 @@ fn find(cells: &[Cell], target: Target, w: Workload) -> Option<&Cell> {
 }
 
 /// The generated section, markers included.
-pub fn markdown(plan: &Plan, cells: &[Cell], idle: Option<&IdlePair>, date: &str) -> String {
+pub fn markdown(
+    plan: &Plan,
+    cells: &[Cell],
+    idle: Option<&IdlePair>,
+    scaling: Option<&Scaling>,
+    date: &str,
+) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "{BEGIN}");
     let _ = writeln!(
@@ -143,7 +149,34 @@ pub fn markdown(plan: &Plan, cells: &[Cell], idle: Option<&IdlePair>, date: &str
         }
     }
 
-    let goals = goals(cells, idle);
+    if let Some(sc) = scaling {
+        let _ = writeln!(
+            s,
+            "\nMulti-queue scaling: a zlib-compressed qcow2 (64 KiB clusters, so each 4 KiB read \
+             inflates a whole cluster and the daemon, not the client, is the limit), random reads \
+             at QD{} per queue; {}. qsd 7.2 serves every queue of an export from one thread.\n",
+            scaling::DEPTH,
+            sc.layout
+        );
+        let _ = writeln!(
+            s,
+            "| backend | 1 queue IOPS | 2 queues IOPS | 2 queues / 1 | CPU/req (ns) 1 / 2 queues |"
+        );
+        let _ = writeln!(s, "|---|--:|--:|--:|--:|");
+        for (name, [one, two]) in [("strata", &sc.strata), ("qsd", &sc.qsd)] {
+            let _ = writeln!(
+                s,
+                "| {name} | {:.0} | {:.0} | **{}** | {:.0} / {:.0} |",
+                one.iops,
+                two.iops,
+                ratio(two.iops, one.iops),
+                one.cpu_ns,
+                two.cpu_ns
+            );
+        }
+    }
+
+    let goals = goals(cells, idle, scaling);
     if !goals.is_empty() {
         let _ = writeln!(s, "\n| target | goal | measured | met |");
         let _ = writeln!(s, "|---|---|--:|---|");
@@ -179,7 +212,7 @@ pub struct Goal {
 }
 
 /// The goals of the performance issue that this run measured.
-pub fn goals(cells: &[Cell], idle: Option<&IdlePair>) -> Vec<Goal> {
+pub fn goals(cells: &[Cell], idle: Option<&IdlePair>, scaling: Option<&Scaling>) -> Vec<Goal> {
     let read = |depth, poll| Workload {
         write: false,
         depth,
@@ -265,6 +298,15 @@ pub fn goals(cells: &[Cell], idle: Option<&IdlePair>) -> Vec<Goal> {
         );
         let pct = i.strata.cpu * 100.0;
         push("idle CPU (% of a core)".into(), "< 1", pct, pct < 1.0);
+    }
+    if let Some(sc) = scaling {
+        let r = sc.strata[1].iops / sc.strata[0].iops;
+        push(
+            "Strata 2 queues / 1 queue, CPU-bound target".into(),
+            ">= 1.80",
+            r,
+            r >= 1.8,
+        );
     }
     out
 }

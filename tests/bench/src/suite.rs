@@ -158,7 +158,15 @@ fn one(
         warm(&f)?;
     }
     let iothread = workload.poll.then_some(POLL_MAX_NS);
-    let backend = Backend::start(kind, bin, dir, blockdevs, iothread, DAEMON_CPU)?;
+    let backend = Backend::start(
+        kind,
+        bin,
+        dir,
+        blockdevs,
+        iothread,
+        &DAEMON_CPU.to_string(),
+        1,
+    )?;
     let load = Load {
         write: workload.write,
         depth: workload.depth,
@@ -169,9 +177,20 @@ fn one(
     load::run(&backend.socket, load, &|| backend.cpu_ns())
 }
 
+/// The machine's cores (not those this thread may run on: the harness
+/// pins itself).
+pub fn cores() -> usize {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.starts_with("processor"))
+        .count()
+        .max(1)
+}
+
 /// Writes `path`'s dirty pages back, so the flusher does not compete with
 /// the run, then reads it once so its pages are cached.
-fn warm(path: &Path) -> anyhow::Result<()> {
+pub fn warm(path: &Path) -> anyhow::Result<()> {
     let mut f = std::fs::File::open(path)?;
     f.sync_all()?;
     std::io::copy(&mut f, &mut std::io::sink())?;
@@ -179,7 +198,7 @@ fn warm(path: &Path) -> anyhow::Result<()> {
 }
 
 /// Each field's median over the runs.
-fn median(runs: &[Outcome]) -> Outcome {
+pub fn median(runs: &[Outcome]) -> Outcome {
     let m = |f: fn(&Outcome) -> f64| {
         let mut v: Vec<f64> = runs.iter().map(f).collect();
         v.sort_by(f64::total_cmp);
