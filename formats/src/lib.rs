@@ -16,6 +16,7 @@ pub mod file;
 pub mod image;
 pub mod jobs;
 pub mod null;
+pub mod offload;
 pub mod options;
 pub mod qcow2;
 pub mod quorum;

@@ -32,6 +32,9 @@ use super::refcount::Refcounts;
 use super::types::Geometry;
 use crate::reactor::block_on;
 
+/// Clusters at least this large inflate on the offload pool.
+const OFFLOAD_FROM: usize = 32 << 10;
+
 /// Options of a qcow2 node.
 #[derive(Clone, Debug, Default)]
 pub struct Qcow2Options {
@@ -379,14 +382,29 @@ impl Qcow2Node {
             )
             .await?;
         }
-        let mut out = AlignedBuf::zeroed(self.g.cluster_size() as usize, 4096);
-        decompress(
-            self.compression,
-            host,
-            &data.as_slice()[..avail as usize],
-            out.as_mut_slice(),
-        )?;
-        Ok(out)
+        let (kind, cluster) = (self.compression, self.g.cluster_size() as usize);
+        let inflate = move || {
+            let mut out = AlignedBuf::zeroed(cluster, 4096);
+            decompress(
+                kind,
+                host,
+                &data.as_slice()[..avail as usize],
+                out.as_mut_slice(),
+            )
+            .map(|()| out)
+        };
+        // Inflating a large cluster takes long enough (hundreds of
+        // microseconds for 64 KiB) to be worth a hand-over: the queue thread
+        // serves other requests meanwhile, and clusters inflate in parallel.
+        if cluster < OFFLOAD_FROM {
+            return inflate();
+        }
+        crate::offload::run(inflate).await.unwrap_or_else(|| {
+            Err(Qcow2Error::Decompress {
+                offset: host,
+                reason: "the decompressor panicked".into(),
+            })
+        })
     }
 
     /// Fills `buf` with `len` bytes at `at` within guest cluster `ci`, as
