@@ -152,9 +152,11 @@ pub fn markdown(
     if let Some(sc) = scaling {
         let _ = writeln!(
             s,
-            "\nMulti-queue scaling: a zlib-compressed qcow2 (64 KiB clusters, so each 4 KiB read \
-             inflates a whole cluster and the daemon, not the client, is the limit), random reads \
-             at QD{} per queue; {}. qsd 7.2 serves every queue of an export from one thread.\n",
+            "\nMulti-queue scaling: a zlib-compressed qcow2 ({} KiB clusters, so each 4 KiB read \
+             inflates a whole cluster on the queue thread and the daemon, not the client, is the \
+             limit), random reads at QD{} per queue; {}. qsd 7.2 serves every queue of an export \
+             from one thread.\n",
+            scaling::CLUSTER >> 10,
             scaling::DEPTH,
             sc.layout
         );
