@@ -14,7 +14,7 @@
 use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Wake, Waker};
 
@@ -31,6 +31,9 @@ struct ReadyQueue {
     executor: usize,
     /// Tasks woken from other threads.
     remote: Mutex<Vec<usize>>,
+    /// Set after a push to `remote`, so the owner takes the lock only when
+    /// there is something behind it.
+    woken: AtomicBool,
     notify: Box<dyn Fn() + Send + Sync>,
 }
 
@@ -53,6 +56,7 @@ impl Wake for TaskWaker {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .push(self.task);
+            self.ready.woken.store(true, Ordering::Release);
             (self.ready.notify)();
         }
     }
@@ -89,6 +93,7 @@ impl<F: Future<Output = ()>> Executor<F> {
             ready: Arc::new(ReadyQueue {
                 executor: id,
                 remote: Mutex::new(Vec::new()),
+                woken: AtomicBool::new(false),
                 notify: Box::new(notify),
             }),
             polling: RefCell::new(Vec::new()),
@@ -124,13 +129,23 @@ impl<F: Future<Output = ()>> Executor<F> {
         LOCAL_READY.with(|r| r.borrow_mut().push(id));
     }
 
+    /// True when a task was woken from another thread and has not been
+    /// polled since: a cheap check for a thread that busy-polls.
+    pub fn woken_remotely(&self) -> bool {
+        self.ready.woken.load(Ordering::Relaxed)
+    }
+
     /// Polls woken tasks until none is ready. Returns how many polls ran.
     pub fn run_until_stalled(&self) -> usize {
         let mut polls = 0;
         loop {
             let mut batch = self.polling.take();
             LOCAL_READY.with(|r| std::mem::swap(&mut *r.borrow_mut(), &mut batch));
-            batch.append(&mut self.ready.remote.lock().unwrap_or_else(|e| e.into_inner()));
+            // The flag is set after the push, so seeing it means the lock
+            // holds that task (or a later round will find it).
+            if self.ready.woken.swap(false, Ordering::Acquire) {
+                batch.append(&mut self.ready.remote.lock().unwrap_or_else(|e| e.into_inner()));
+            }
             if batch.is_empty() {
                 *self.polling.borrow_mut() = batch;
                 return polls;

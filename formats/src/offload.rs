@@ -3,6 +3,7 @@
 //! the job over and goes on with its other requests; the job's result
 //! wakes the waiting future, as a completion from the disk would.
 
+use std::cell::Cell;
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -11,9 +12,36 @@ use futures::channel::oneshot;
 type Job = Box<dyn FnOnce() + Send>;
 
 /// The pool's queue of jobs, or `None` when no thread could be started.
-static POOL: OnceLock<Option<Mutex<Sender<Job>>>> = OnceLock::new();
+static POOL: OnceLock<Option<Sender<Job>>> = OnceLock::new();
 
-fn start() -> Option<Mutex<Sender<Job>>> {
+thread_local! {
+    /// Jobs this thread is waiting for.
+    static PENDING: Cell<usize> = const { Cell::new(0) };
+}
+
+/// How many offloaded jobs this thread's futures are waiting for: work in
+/// flight, as far as a thread deciding whether to busy-poll is concerned.
+pub fn pending() -> usize {
+    PENDING.get()
+}
+
+/// Counts a job as pending while its future lives.
+struct Waiting;
+
+impl Waiting {
+    fn new() -> Self {
+        PENDING.set(PENDING.get() + 1);
+        Waiting
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        let _ = PENDING.try_with(|p| p.set(p.get().saturating_sub(1)));
+    }
+}
+
+fn start() -> Option<Sender<Job>> {
     let (tx, rx) = mpsc::channel::<Job>();
     let rx = Arc::new(Mutex::new(rx));
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
@@ -28,7 +56,7 @@ fn start() -> Option<Mutex<Sender<Job>>> {
             Err(e) => tracing::warn!("cannot start offload thread {i}: {e}"),
         }
     }
-    (started > 0).then(|| Mutex::new(tx))
+    (started > 0).then_some(tx)
 }
 
 fn serve(rx: &Mutex<Receiver<Job>>) {
@@ -38,7 +66,7 @@ fn serve(rx: &Mutex<Receiver<Job>>) {
             Err(_) => return,
         };
         // A panicking job loses its result, not the thread.
-        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
+        catch(job);
     }
 }
 
@@ -47,17 +75,23 @@ fn serve(rx: &Mutex<Receiver<Job>>) {
 /// started), runs it here.
 pub async fn run<T: Send + 'static>(job: impl FnOnce() -> T + Send + 'static) -> Option<T> {
     let Some(pool) = POOL.get_or_init(start) else {
-        return std::panic::catch_unwind(std::panic::AssertUnwindSafe(job)).ok();
+        return catch(job);
     };
     let (tx, rx) = oneshot::channel();
     let job: Job = Box::new(move || {
         let _ = tx.send(job());
     });
-    if let Err(mpsc::SendError(job)) = pool.lock().unwrap_or_else(|e| e.into_inner()).send(job) {
+    if let Err(mpsc::SendError(job)) = pool.send(job) {
         // Every pool thread is gone; the job still owns the sender.
-        job();
+        catch(job);
     }
+    let _waiting = Waiting::new();
     rx.await.ok()
+}
+
+/// Runs `job` here; `None` if it panicked.
+fn catch<T>(job: impl FnOnce() -> T) -> Option<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(job)).ok()
 }
 
 #[cfg(test)]
