@@ -57,7 +57,9 @@ pub(crate) fn handle(dev: &Arc<DeviceInner>, queue: usize, event: Event, vring: 
         let Some(w) = slot.as_mut() else { return };
         w.poll.woke();
         match event {
-            Event::Kick => w.take_requests(vring),
+            Event::Kick => {
+                w.take_requests(vring);
+            }
             Event::Completions => w.on_completions(),
             Event::Wake => {
                 let _ = dev.queues[queue].wake.read();
@@ -127,7 +129,7 @@ impl PollWindow {
         if at.elapsed() > max {
             *window = Duration::ZERO;
         } else if *window < max {
-            *window = (*window * 2).clamp(Self::START, max);
+            *window = (*window * 2).clamp(Self::START.min(max), max);
         }
     }
 }
@@ -137,6 +139,7 @@ impl PollWindow {
 trait Requests {
     fn spawn(&self, ctx: Rc<QueueCtx>, view: LocalView, req: Request);
     fn run_until_stalled(&self) -> usize;
+    fn woken_remotely(&self) -> bool;
 }
 
 struct RequestExecutor<F, G> {
@@ -155,6 +158,10 @@ where
 
     fn run_until_stalled(&self) -> usize {
         self.executor.run_until_stalled()
+    }
+
+    fn woken_remotely(&self) -> bool {
+        self.executor.woken_remotely()
     }
 }
 
@@ -260,16 +267,20 @@ impl Worker {
         }
     }
 
-    fn take_requests(&mut self, vring: &Vring) {
+    /// Starts the available chains; returns how many it took.
+    fn take_requests(&mut self, vring: &Vring) -> usize {
         // A drain sets `paused` and then waits for `busy` to clear: with
         // both SeqCst, either we see the pause or the drain sees us busy.
         let ctx = Rc::clone(&self.ctx);
         let shared = &ctx.dev.queues[ctx.queue];
         shared.busy.store(true, Ordering::SeqCst);
-        if !ctx.export().paused() {
-            self.take_available(vring);
-        }
+        let taken = if ctx.export().paused() {
+            0
+        } else {
+            self.take_available(vring)
+        };
         shared.busy.store(false, Ordering::SeqCst);
+        taken
     }
 
     /// The queue's rings mapped for the fast path, if they can be.
@@ -280,19 +291,19 @@ impl Worker {
         self.rings.clone()
     }
 
-    fn take_available(&mut self, vring: &Vring) {
+    fn take_available(&mut self, vring: &Vring) -> usize {
         let mut state = vring.get_mut();
         if !state.get_queue().ready() || !state.is_enabled() {
-            return;
+            return 0;
         }
         let mem = self.memory();
         let limits = self.ctx.export().limits();
         let view = self.views.current();
         if let Some(rings) = self.rings(state.get_queue(), &mem) {
-            self.take_mapped(&mut state, &rings, &mem, &limits, &view);
-            return;
+            return self.take_mapped(&mut state, &rings, &mem, &limits, &view);
         }
         let mut unsubmitted = 0;
+        let mut total = 0;
         loop {
             if let Err(e) = state.disable_notification() {
                 self.ctx
@@ -317,6 +328,7 @@ impl Worker {
                 self.advance(started, &mut unsubmitted);
                 self.publish_to(&mut state);
             }
+            total += taken;
             // Re-enabling can reveal chains that raced in; a ring that keeps
             // claiming more while yielding none is broken, so stop there.
             match state.enable_notification() {
@@ -329,9 +341,11 @@ impl Worker {
                 }
             }
         }
+        total
     }
 
     /// The fast path of `take_available`, through the mapped rings.
+    /// Returns how many chains it took.
     fn take_mapped(
         &mut self,
         state: &mut VringState,
@@ -339,8 +353,9 @@ impl Worker {
         mem: &MemHandle,
         limits: &Limits,
         view: &LocalView,
-    ) {
+    ) -> usize {
         let mut unsubmitted = 0;
+        let mut taken = 0;
         loop {
             let mut next = state.get_queue().next_avail();
             let avail = rings.avail_idx();
@@ -349,14 +364,14 @@ impl Worker {
                 self.ctx.warn(format_args!(
                     "bad avail ring: index {avail} is {pending} entries ahead of {next}"
                 ));
-                return;
+                return taken;
             }
             if pending == 0 {
                 // Ask for a kick, and look once more for what raced in.
                 if rings.rearm(next) {
                     continue;
                 }
-                return;
+                return taken;
             }
             let n = pending.min(PUBLISH_BATCH);
             for _ in 0..n {
@@ -368,6 +383,7 @@ impl Worker {
                 }
             }
             state.get_queue_mut().set_next_avail(next);
+            taken += usize::from(n);
             self.advance(n.into(), &mut unsubmitted);
             self.publish_mapped(state, rings);
         }
@@ -461,7 +477,9 @@ impl Worker {
     /// the last work, handling what turns up, then lets the thread sleep.
     fn poll_for_work(&mut self, vring: &Vring) {
         let mut last_work = Instant::now();
-        let busy = |r: &Reactor| r.in_flight() > 0;
+        // Offloaded jobs are I/O as far as polling is concerned: their
+        // completion, not the guest, is what the thread waits for.
+        let busy = |r: &Reactor| r.in_flight() > 0 || strata_formats::offload::pending() > 0;
         if !self.poll.window(busy(&self.reactor)).is_zero() {
             let mem = self.memory();
             loop {
@@ -472,6 +490,7 @@ impl Worker {
                     let state = vring.get_mut();
                     let q = state.get_queue();
                     q.ready()
+                        && state.is_enabled()
                         && match self.rings.as_ref().filter(|r| r.matches(q, &mem)) {
                             Some(r) => r.avail_idx() != q.next_avail(),
                             None => q
@@ -479,11 +498,12 @@ impl Worker {
                                 .is_ok_and(|i| i.0 != q.next_avail()),
                         }
                 };
+                // Only progress counts as work: an avail index that moved
+                // but yields no chain (a corrupt ring) must not keep the
+                // thread spinning.
+                let taken = if avail { self.take_requests(vring) } else { 0 };
                 let reaped = self.reactor.reap();
-                if avail || reaped > 0 {
-                    if avail {
-                        self.take_requests(vring);
-                    }
+                if taken > 0 || reaped > 0 || self.executor.woken_remotely() {
                     self.run(vring);
                     last_work = Instant::now();
                     continue;
@@ -639,5 +659,37 @@ async fn dispatch(export: &Export, g: &GraphView, req: &Request) -> Reply {
     match res {
         Ok(()) => Reply::Done(used),
         Err(e) => Reply::Failed(e, used),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_window_below_its_starting_size_still_adapts() {
+        let mut p = PollWindow::new(1000);
+        p.slept_at = Some((Instant::now(), false));
+        p.woke();
+        assert!(p.window(false) <= Duration::from_nanos(1000));
+    }
+
+    #[test]
+    fn a_long_wait_for_io_leaves_the_guest_window_open() {
+        let mut p = PollWindow::new(32_768);
+        for _ in 0..4 {
+            p.slept_at = Some((Instant::now(), false));
+            p.woke();
+        }
+        let open = p.window(false);
+        assert!(!open.is_zero());
+        p.slept_at = Some((Instant::now() - Duration::from_millis(1), true));
+        p.woke();
+        assert_eq!(p.window(true), Duration::ZERO);
+        assert_eq!(p.window(false), open);
+        // The guest going quiet closes its window.
+        p.slept_at = Some((Instant::now() - Duration::from_millis(1), false));
+        p.woke();
+        assert_eq!(p.window(false), Duration::ZERO);
     }
 }

@@ -14,8 +14,10 @@ use crate::{BlockError, GraphView, IoVecs, SlotPerm};
 /// Requests that finish at once (a range error, a null read, a filter
 /// handing its child's future straight through) need no storage; the rest
 /// keep their state machine in a box from the thread's pool, which goes
-/// back to the pool when the future is dropped, so a request allocates
-/// nothing once the pool holds a box large enough. Futures run on the
+/// back to the pool when the future is dropped. A box too small for the
+/// next future is replaced by one that fits, so the pool soon holds only
+/// boxes as large as the largest future in use, and requests then allocate
+/// nothing. (Each thread keeps up to `POOL_MAX` boxes.) Futures run on the
 /// thread that issued the request (one executor per queue thread), so they
 /// need not be `Send`.
 pub enum IoFuture<'a, T = ()> {

@@ -217,6 +217,17 @@ impl TestFrontend {
         first
     }
 
+    /// Publishes `idx` as queue `q`'s avail index, whatever the ring holds,
+    /// and kicks: what a buggy or hostile driver might do.
+    pub fn set_avail_idx(&mut self, q: usize, idx: u16) {
+        let (_, avail, _) = Self::ring_addrs(self.queues[q].base);
+        self.mem
+            .write_obj(idx.to_le(), GuestAddress(avail + 2))
+            .unwrap();
+        fence(Ordering::SeqCst);
+        self.queues[q].kick.write(1).unwrap();
+    }
+
     /// Offers a well-linked chain from table index 0 and waits for it.
     /// Returns the used length.
     pub fn run(&mut self, q: usize, descs: &[Desc]) -> u32 {

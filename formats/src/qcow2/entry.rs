@@ -95,8 +95,9 @@ impl L2Entry {
         Ok(())
     }
 
-    /// What backs `len` bytes at `at` within the cluster, as runs. (Inline:
-    /// a request reads or writes through here, and must not allocate.)
+    /// What backs `len` bytes at `at` within the cluster, as runs: inline
+    /// (no allocation per request) unless extended L2 subclusters split
+    /// the range into more than four.
     pub fn runs(&self, g: &Geometry, at: u64, len: u64) -> Runs {
         if self.compressed() {
             let (host, clen) = self.compressed_span(g);
