@@ -4,15 +4,13 @@
 //! wakes the waiting future, as a completion from the disk would.
 
 use std::cell::Cell;
-use std::sync::mpsc::{self, Receiver, Sender};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::OnceLock;
 
 use futures::channel::oneshot;
 
-type Job = Box<dyn FnOnce() + Send>;
-
-/// The pool's queue of jobs, or `None` when no thread could be started.
-static POOL: OnceLock<Option<Sender<Job>>> = OnceLock::new();
+/// The pool (rayon's, a thread per core), or `None` when it could not be
+/// started.
+static POOL: OnceLock<Option<rayon::ThreadPool>> = OnceLock::new();
 
 thread_local! {
     /// Jobs this thread is waiting for.
@@ -41,50 +39,28 @@ impl Drop for Waiting {
     }
 }
 
-fn start() -> Option<Sender<Job>> {
-    let (tx, rx) = mpsc::channel::<Job>();
-    let rx = Arc::new(Mutex::new(rx));
-    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let mut started = 0;
-    for i in 0..threads {
-        let rx = Arc::clone(&rx);
-        let spawned = std::thread::Builder::new()
-            .name(format!("offload-{i}"))
-            .spawn(move || serve(&rx));
-        match spawned {
-            Ok(_) => started += 1,
-            Err(e) => tracing::warn!("cannot start offload thread {i}: {e}"),
-        }
-    }
-    (started > 0).then_some(tx)
-}
-
-fn serve(rx: &Mutex<Receiver<Job>>) {
-    loop {
-        let job = match rx.lock().unwrap_or_else(|e| e.into_inner()).recv() {
-            Ok(job) => job,
-            Err(_) => return,
-        };
-        // A panicking job loses its result, not the thread.
-        catch(job);
-    }
+fn start() -> Option<rayon::ThreadPool> {
+    rayon::ThreadPoolBuilder::new()
+        .thread_name(|i| format!("offload-{i}"))
+        .build()
+        .inspect_err(|e| tracing::warn!("cannot start the offload pool: {e}"))
+        .ok()
 }
 
 /// Runs `job` on the pool and waits for its result without blocking the
-/// thread; `None` if the job panicked. Without a pool (no thread could be
-/// started), runs it here.
+/// thread; `None` if the job panicked. Without a pool, runs it here.
 pub async fn run<T: Send + 'static>(job: impl FnOnce() -> T + Send + 'static) -> Option<T> {
     let Some(pool) = POOL.get_or_init(start) else {
         return catch(job);
     };
     let (tx, rx) = oneshot::channel();
-    let job: Job = Box::new(move || {
-        let _ = tx.send(job());
+    // A panicking job loses its result (the sender is dropped), not the
+    // pool, which would abort on a panic that escaped.
+    pool.spawn(move || {
+        if let Some(out) = catch(job) {
+            let _ = tx.send(out);
+        }
     });
-    if let Err(mpsc::SendError(job)) = pool.send(job) {
-        // Every pool thread is gone; the job still owns the sender.
-        catch(job);
-    }
     let _waiting = Waiting::new();
     rx.await.ok()
 }

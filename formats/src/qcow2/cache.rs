@@ -5,8 +5,9 @@
 //! consecutive ranges fill consecutive sets: a cache with a slot per
 //! slice of the disk holds all of them and never evicts. Loading, changing
 //! and evicting slices happens only under the image's metadata lock (one
-//! writer), so a stale copy can never replace a newer one. Eviction is CLOCK: a hit marks its slice, and a
-//! slot's marked clean slice gets a second chance before an unmarked one.
+//! writer), so a stale copy can never replace a newer one. Eviction is
+//! CLOCK: a hit marks its slice, and a slot's marked clean slice gets a
+//! second chance before an unmarked one.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;

@@ -45,10 +45,11 @@ pub struct Outcome {
 }
 
 /// A xorshift generator: cheap, and the same sequence for every backend.
-struct Rng(u64);
+pub struct Rng(pub u64);
 
 impl Rng {
-    fn next(&mut self) -> u64 {
+    /// The next number of the sequence.
+    pub fn next(&mut self) -> u64 {
         self.0 ^= self.0 << 13;
         self.0 ^= self.0 >> 7;
         self.0 ^= self.0 << 17;

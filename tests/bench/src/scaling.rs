@@ -13,7 +13,7 @@ use std::process::Command;
 use anyhow::{bail, Context as _};
 
 use crate::backend::{Backend, Kind};
-use crate::load::{self, Load, Outcome};
+use crate::load::{self, Load, Outcome, Rng};
 use crate::suite::{self, Plan};
 
 /// Virtual size of the compressed disk: compressing takes a while.
@@ -121,14 +121,11 @@ fn prepare(dir: &Path, copy_to: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(copy_to)?;
     let raw = dir.join("data.raw");
     let mut f = std::io::BufWriter::new(std::fs::File::create(&raw)?);
-    let mut x = 0x2545_f491_4f6c_dd1d_u64;
+    let mut rng = Rng(0x2545_f491_4f6c_dd1d);
     let mut block = vec![0u8; 1 << 20];
     for _ in 0..SIZE / block.len() {
         for b in block.iter_mut() {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            *b = b'a' + (x >> 60) as u8;
+            *b = b'a' + (rng.next() >> 60) as u8;
         }
         f.write_all(&block)?;
     }
