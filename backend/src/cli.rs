@@ -374,7 +374,7 @@ pub struct ServeArgs {
 /// Parses a size: bytes, or a number with a K, M, G, T or P suffix
 /// (powers of 1024), as qemu-img takes.
 pub fn parse_size(s: &str) -> Result<u64, String> {
-    strata_formats::options::parse_size(s).ok_or_else(|| {
+    strata_blockdev::options::parse_size(s).ok_or_else(|| {
         format!("invalid size '{s}': use bytes, or a number with a K, M, G, T or P suffix")
     })
 }

@@ -6,12 +6,12 @@ use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex};
 
 use serde_json::{json, Value};
-use strata_formats::blockdev::{self, OpenContext};
-use strata_formats::options::Options;
-use strata_formats::reactor::block_on;
-use strata_formats::throttle::group::{Limits, ThrottleGroups};
-use strata_graph::job::Jobs;
+use strata_blockdev::options::Options;
+use strata_blockdev::{self as blockdev, OpenContext};
+use strata_formats::throttle::group::ThrottleGroups;
 use strata_graph::{EventSink, Graph, NodeId};
+use strata_jobs::job::Jobs;
+use strata_runtime::reactor::block_on;
 
 use crate::events::EventBus;
 use crate::export::{Export, ExportOptions};
@@ -279,7 +279,7 @@ impl Daemon {
         let id = o.required("id", id)?;
         match ty.as_str() {
             "throttle-group" => {
-                let limits = Limits::from_options(o)?;
+                let limits = strata_blockdev::throttle::throttle_limits(o)?;
                 self.ctx
                     .throttle_groups
                     .add(&id, limits)

@@ -9,10 +9,10 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use strata_formats::reactor::block_on;
 use strata_graph::{
     BlockError, Graph, GraphError, NodeId, Quiesce, SlotId, SlotPerm, User, UserKind,
 };
+use strata_runtime::reactor::block_on;
 
 use crate::device::DeviceInner;
 use crate::virtio::config::BlkConfig;

@@ -7,17 +7,17 @@ use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context as _};
 use serde_json::{json, Value};
-use strata_formats::blockdev::{self, OpenContext};
+use strata_blockdev::options::{parse_size, Options};
+use strata_blockdev::{self as blockdev, OpenContext};
 use strata_formats::file::{FileNode, FileOptions};
 use strata_formats::image;
-use strata_formats::options::{parse_size, Options};
 use strata_formats::qcow2::check::{check_slot, CheckReport, Repair};
 use strata_formats::qcow2::create::{create as create_qcow2, CreateOptions};
 use strata_formats::qcow2::header::Compression;
 use strata_formats::qcow2::Qcow2Node;
-use strata_formats::reactor::block_on;
 use strata_formats::throttle::group::ThrottleGroups;
 use strata_graph::{BlockDriver, Graph, GraphView, NoEvents, NodeId, SlotPerm, User, UserKind};
+use strata_runtime::reactor::block_on;
 
 use crate::cli::{CheckArgs, CreateArgs, InfoArgs, MapArgs, OutputFormat};
 

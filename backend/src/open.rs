@@ -5,9 +5,9 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use serde_json::json;
+use strata_blockdev::options::Options;
 use strata_formats::file::{FileNode, FileOptions};
 use strata_formats::image::{self, ImageFormat};
-use strata_formats::options::Options;
 use strata_formats::raw::{RawNode, RawOptions};
 use strata_graph::{BlockDriver, NodeId};
 

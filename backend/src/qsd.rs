@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context as _};
-use strata_formats::options::Options;
+use strata_blockdev::options::Options;
 
 use crate::cli::QsdArgs;
 use crate::daemon::Daemon;

@@ -12,9 +12,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use strata_formats::executor::Executor;
-use strata_formats::reactor::Reactor;
 use strata_graph::{BlockError, GraphView, LocalView, LocalViews};
+use strata_runtime::executor::Executor;
+use strata_runtime::reactor::Reactor;
 use vhost_user_backend::VringT;
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP};
 use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
@@ -479,7 +479,7 @@ impl Worker {
         let mut last_work = Instant::now();
         // Offloaded jobs are I/O as far as polling is concerned: their
         // completion, not the guest, is what the thread waits for.
-        let busy = |r: &Reactor| r.in_flight() > 0 || strata_formats::offload::pending() > 0;
+        let busy = |r: &Reactor| r.in_flight() > 0 || strata_runtime::offload::pending() > 0;
         if !self.poll.window(busy(&self.reactor)).is_zero() {
             let mem = self.memory();
             loop {

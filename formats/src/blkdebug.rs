@@ -15,8 +15,6 @@ use strata_graph::{
     NodeBuilder, NodeId, SlotId,
 };
 
-use crate::options::{Options, OptionsError};
-
 /// One `inject-error` rule.
 #[derive(Debug)]
 pub struct Rule {
@@ -28,60 +26,16 @@ pub struct Rule {
 }
 
 impl Rule {
-    /// Parses one element of `inject-error`.
-    pub fn parse(mut o: Options) -> Result<Rule, OptionsError> {
-        let event = o.take_str("event")?;
-        let event = o.required("event", event)?;
-        let iotype = o.take_enum(
-            "iotype",
-            &[
-                "read",
-                "write",
-                "write-zeroes",
-                "discard",
-                "flush",
-                "block-status",
-            ],
-        )?;
-        let op = match (iotype.as_deref(), event.as_str()) {
-            (Some("read"), _) | (None, "read_aio") => IoOp::Read,
-            (Some("write"), _) | (None, "write_aio") => IoOp::Write,
-            (Some("write-zeroes"), _) => IoOp::WriteZeroes,
-            (Some("discard"), _) => IoOp::Discard,
-            (Some("flush"), _) | (None, "flush_to_disk") => IoOp::Flush,
-            _ => {
-                return Err(OptionsError::Value {
-                    param: o.param("event"),
-                    expected: "read_aio, write_aio or flush_to_disk, or an 'iotype' \
-                               (other blkdebug events are not modelled)"
-                        .into(),
-                })
-            }
-        };
-        if o.take_i64("state")?.is_some_and(|s| s != 1) {
-            return Err(OptionsError::Value {
-                param: o.param("state"),
-                expected: "1 (blkdebug states are not modelled)".into(),
-            });
-        }
-        let errno = o.take_i64("errno")?.unwrap_or(libc::EIO as i64);
-        if !(1..=4095).contains(&errno) {
-            return Err(OptionsError::Value {
-                param: o.param("errno"),
-                expected: "an errno between 1 and 4095".into(),
-            });
-        }
-        let sector = o.take_i64("sector")?.unwrap_or(-1);
-        let once = o.take_bool("once")?.unwrap_or(false);
-        o.take_bool("immediately")?;
-        o.finish()?;
-        Ok(Rule {
+    /// A rule failing requests of type `op` that cover `sector` (any
+    /// sector when `None`) with `errno`; with `once`, only the first.
+    pub fn new(op: IoOp, errno: i32, sector: Option<u64>, once: bool) -> Rule {
+        Rule {
             op,
-            errno: errno as i32,
-            sector: u64::try_from(sector).ok(),
+            errno,
+            sector,
             once,
             spent: AtomicBool::new(false),
-        })
+        }
     }
 
     fn fires(&self, op: IoOp, offset: u64, len: u64) -> bool {

@@ -15,7 +15,7 @@ use strata_graph::{
     AlignedBuf, BlockDriver, BlockError, BlockStatus, GraphView, IoFuture, IoOp, IoVecs,
 };
 
-use crate::reactor::Reactor;
+use strata_runtime::reactor::Reactor;
 
 /// Options of a `file` node, spelled as qemu-storage-daemon spells them.
 #[derive(Clone, Debug, Default)]

@@ -34,7 +34,7 @@ impl NullNode {
         }
         IoFuture::new(async move {
             // A failed timer only shortens the simulated latency.
-            let _ = crate::reactor::sleep(latency).await;
+            let _ = strata_runtime::reactor::sleep(latency).await;
             res
         })
     }
@@ -98,7 +98,7 @@ impl BlockDriver for NullNode {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::reactor::block_on;
+    use strata_runtime::reactor::block_on;
 
     fn read(node: &NullNode, offset: u64, buf: &mut [u8]) -> Result<(), BlockError> {
         let g = GraphView::default();

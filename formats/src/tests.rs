@@ -6,7 +6,7 @@ use strata_graph::{BlockDriver, BlockError, Graph, GraphError, IoOp, IoVecs};
 
 use crate::file::{FileNode, FileOptions};
 use crate::raw::{RawError, RawNode, RawOptions};
-use crate::reactor::block_on;
+use strata_runtime::reactor::block_on;
 
 fn graph_with_file(content: &[u8]) -> (tempfile::NamedTempFile, Graph, strata_graph::NodeId) {
     let tmp = tempfile::NamedTempFile::new_in("/var/tmp").unwrap();

@@ -39,7 +39,7 @@ impl fmt::Display for SlotId {
 
 /// QEMU's rule for node names and job ids: a letter, then letters, digits,
 /// `-`, `.` or `_`, at most 127 characters.
-pub(crate) fn valid_id(name: &str) -> bool {
+pub fn valid_id(name: &str) -> bool {
     let mut chars = name.chars();
     chars.next().is_some_and(|c| c.is_ascii_alphabetic())
         && chars.all(|c| c.is_ascii_alphanumeric() || "-._".contains(c))

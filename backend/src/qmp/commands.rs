@@ -1,7 +1,7 @@
 //! The QMP commands and their arguments.
 
 use serde_json::{json, Map, Value};
-use strata_formats::options::Options;
+use strata_blockdev::options::Options;
 
 use crate::daemon::Daemon;
 use crate::qmp::error::QmpError;

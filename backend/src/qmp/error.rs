@@ -3,8 +3,8 @@
 
 use std::fmt;
 
-use strata_formats::blockdev::BlockdevError;
-use strata_formats::options::OptionsError;
+use strata_blockdev::options::OptionsError;
+use strata_blockdev::BlockdevError;
 use strata_graph::GraphError;
 
 use crate::export::ExportError;

@@ -4,9 +4,9 @@
 use std::sync::Arc;
 
 use serde_json::{json, Value};
-use strata_formats::jobs::{self, CommitArgs, NodeRef, StreamArgs};
-use strata_formats::options::Options;
-use strata_graph::job::{Job, JobOptions, OnError};
+use strata_blockdev::options::Options;
+use strata_jobs::job::{Job, JobOptions, OnError};
+use strata_jobs::{self as jobs, CommitArgs, NodeRef, StreamArgs};
 
 use crate::daemon::Daemon;
 use crate::qmp::error::QmpError;

@@ -1,7 +1,7 @@
 use std::os::unix::fs::MetadataExt;
 
 use super::*;
-use crate::reactor::block_on;
+use strata_runtime::reactor::block_on;
 
 fn view() -> GraphView {
     GraphView::default()

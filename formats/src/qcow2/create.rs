@@ -20,7 +20,7 @@ use super::header::{
 use super::node::{Qcow2Node, Qcow2Options};
 use super::refcount::set_entry;
 use crate::file::{FileNode, FileOptions};
-use crate::reactor::block_on;
+use strata_runtime::reactor::block_on;
 
 /// Options of a new qcow2 image.
 #[derive(Clone, Debug)]

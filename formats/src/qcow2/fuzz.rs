@@ -11,7 +11,7 @@ use super::check::{check_slot, Repair};
 use super::header::Header;
 use super::node::{Qcow2Node, Qcow2Options};
 use crate::file::{FileNode, FileOptions};
-use crate::reactor::block_on;
+use strata_runtime::reactor::block_on;
 
 static NEXT: AtomicU64 = AtomicU64::new(0);
 

@@ -30,7 +30,7 @@ use super::io::FileIo;
 use super::meta::Meta;
 use super::refcount::Refcounts;
 use super::types::Geometry;
-use crate::reactor::block_on;
+use strata_runtime::reactor::block_on;
 
 /// Clusters at least this large inflate on the offload pool.
 const OFFLOAD_FROM: usize = 32 << 10;
@@ -399,12 +399,14 @@ impl Qcow2Node {
         if cluster < OFFLOAD_FROM {
             return inflate();
         }
-        crate::offload::run(inflate).await.unwrap_or_else(|| {
-            Err(Qcow2Error::Decompress {
-                offset: host,
-                reason: "the decompressor panicked".into(),
+        strata_runtime::offload::run(inflate)
+            .await
+            .unwrap_or_else(|| {
+                Err(Qcow2Error::Decompress {
+                    offset: host,
+                    reason: "the decompressor panicked".into(),
+                })
             })
-        })
     }
 
     /// Fills `buf` with `len` bytes at `at` within guest cluster `ci`, as

@@ -12,7 +12,7 @@ use super::create::{create, CreateOptions};
 use super::node::{Qcow2Node, Qcow2Options};
 use crate::file::{FileNode, FileOptions};
 use crate::raw::{RawNode, RawOptions};
-use crate::reactor::block_on;
+use strata_runtime::reactor::block_on;
 
 fn qemu_img(args: &[&str]) -> std::process::Output {
     Command::new("qemu-img")

@@ -10,8 +10,8 @@ use strata_graph::{
     NodeId, SlotId,
 };
 
-use crate::reactor::sleep;
 use group::{Direction, ThrottleGroup};
+use strata_runtime::reactor::sleep;
 
 /// An open throttle node.
 pub struct ThrottleNode {

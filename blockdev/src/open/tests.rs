@@ -4,8 +4,8 @@ use serde_json::json;
 use strata_graph::{BlockError, Graph, IoVecs, NoEvents};
 
 use super::*;
-use crate::reactor::block_on;
-use crate::throttle::group::Limits;
+use strata_formats::throttle::group::Limits;
+use strata_runtime::reactor::block_on;
 
 /// Records events.
 #[derive(Default)]

@@ -8,13 +8,16 @@
 //! the bottom is not, so a job further down the same chain can run at the
 //! same time.
 
-use strata_graph::job::{JobBody, JobContext, JobError};
+use crate::job::{JobBody, JobContext, JobError};
 use strata_graph::{AlignedBuf, BlockError, Graph, GraphView, IoOp, NodeId, Perm};
 
-use super::chain::{chain, find_file, held_by};
-use super::{backing_slots, check_free, chunked, job_user, Hold, NodeRef, StepError, CHUNK};
-use crate::blockdev::{self, OpenContext};
-use crate::reactor::block_on;
+use strata_blockdev::{self as blockdev, OpenContext};
+use strata_runtime::reactor::block_on;
+
+use crate::chain::{chain, find_file, held_by};
+use crate::copy::{chunked, StepError, CHUNK};
+use crate::hold::{backing_slots, check_free, job_user, Hold};
+use crate::NodeRef;
 
 /// The arguments of `block-stream`.
 #[derive(Clone, Debug, Default)]

@@ -5,7 +5,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use super::{Job, JobBody, JobOptions, JobStatus, RateLimit, State};
-use crate::{EventSink, Graph};
+use strata_graph::{EventSink, Graph};
 
 #[derive(Default)]
 pub(super) struct Inner {
@@ -127,7 +127,7 @@ fn live(job: &Arc<Job>) -> bool {
 }
 
 fn check_id(id: &str) -> Result<(), String> {
-    if crate::ids::valid_id(id) {
+    if strata_graph::valid_id(id) {
         Ok(())
     } else {
         Err(format!("Invalid job ID '{id}'"))

@@ -26,10 +26,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::{EventSink, Graph, Quiesce};
 use ratelimit::RateLimit;
 pub use registry::Jobs;
 pub use status::{JobStatus, JobVerb};
+use strata_graph::{EventSink, Graph, Quiesce};
 
 /// What a job does when an I/O request fails (QMP's `BlockdevOnError`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

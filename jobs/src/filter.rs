@@ -13,7 +13,7 @@ use strata_graph::{
     NodeId, Perm, SlotId, SlotPerm,
 };
 
-use super::dirty::DirtyMap;
+use crate::dirty::DirtyMap;
 
 /// A commit job's filter node.
 pub struct TopFilter {

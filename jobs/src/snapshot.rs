@@ -5,7 +5,7 @@
 
 use strata_graph::Graph;
 
-use crate::blockdev::{self, OpenContext};
+use strata_blockdev::{self as blockdev, OpenContext};
 
 /// Puts node `overlay` above node `node`.
 pub fn snapshot(graph: &Graph, node: &str, overlay: &str, ctx: &OpenContext) -> Result<(), String> {
@@ -33,7 +33,7 @@ pub fn snapshot(graph: &Graph, node: &str, overlay: &str, ctx: &OpenContext) -> 
             "The overlay '{overlay}' does not support backing images (driver '{driver}')"
         ));
     }
-    super::check_free(v, &[n])?;
+    crate::hold::check_free(v, &[n])?;
     if v.reaches(n, o) {
         return Err(format!("Node '{overlay}' is already below '{node}'"));
     }

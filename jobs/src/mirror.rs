@@ -9,15 +9,17 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use strata_graph::job::{JobBody, JobContext, JobError};
+use crate::job::{JobBody, JobContext, JobError};
 use strata_graph::{AlignedBuf, Graph, GraphError, NodeId};
 
-use super::commit::{attach_users, copy_all, match_sizes, CommitArgs, Range};
-use super::dirty::DirtyMap;
-use super::filter::TopFilter;
-use super::{backing_slots, check_free, Hold, CHUNK};
-use crate::blockdev::OpenContext;
-use crate::reactor::block_on;
+use strata_blockdev::OpenContext;
+use strata_runtime::reactor::block_on;
+
+use crate::commit::{attach_users, copy_all, match_sizes, CommitArgs, Range};
+use crate::copy::CHUNK;
+use crate::dirty::DirtyMap;
+use crate::filter::TopFilter;
+use crate::hold::{backing_slots, check_free, Hold};
 
 /// The granule of the dirty map: small enough that a 4 KiB guest write
 /// costs little to copy again, large enough to keep the map small.
@@ -130,7 +132,7 @@ impl Mirror {
         let mut at = off;
         while at < off + len {
             let n = CHUNK.min(off + len - at);
-            block_on(super::copy_held(
+            block_on(crate::copy::copy_held(
                 &v,
                 self.top,
                 &self.layers,

@@ -12,19 +12,20 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use strata_graph::{BlockDriver, EventSink, GraphError, NodeBuilder, NodeId, Transaction};
 
-use crate::blkdebug::{BlkdebugNode, Rule};
-use crate::blkverify::BlkverifyNode;
-use crate::cor::CopyOnReadNode;
-use crate::file::{FileNode, FileOptions};
-use crate::image;
-use crate::null::{NullNode, NullOptions};
+use strata_formats::blkdebug::{BlkdebugNode, Rule};
+use strata_formats::blkverify::BlkverifyNode;
+use strata_formats::cor::CopyOnReadNode;
+use strata_formats::file::{FileNode, FileOptions};
+use strata_formats::image;
+use strata_formats::null::{NullNode, NullOptions};
+use strata_formats::qcow2::{Qcow2Node, Qcow2Options};
+use strata_formats::quorum::{QuorumNode, QuorumOptions, ReadPattern};
+use strata_formats::raw::{RawNode, RawOptions};
+use strata_formats::throttle::group::ThrottleGroups;
+use strata_formats::throttle::ThrottleNode;
+use strata_runtime::reactor::block_on;
+
 use crate::options::{ChildOption, Options, OptionsError};
-use crate::qcow2::{Qcow2Node, Qcow2Options};
-use crate::quorum::{QuorumNode, QuorumOptions, ReadPattern};
-use crate::raw::{RawNode, RawOptions};
-use crate::reactor::block_on;
-use crate::throttle::group::ThrottleGroups;
-use crate::throttle::ThrottleNode;
 
 /// What opening nodes needs from the daemon.
 #[derive(Clone)]
@@ -472,7 +473,7 @@ fn parse(
                 .take_groups("inject-error")?
                 .unwrap_or_default()
                 .into_iter()
-                .map(Rule::parse)
+                .map(crate::blkdebug::inject_error_rule)
                 .collect::<Result<Vec<_>, _>>()?;
             let image = child(tx, o, "image", &child_common, reopening, ctx)?;
             Spec::Blkdebug(image, rules)

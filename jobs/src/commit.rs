@@ -2,16 +2,19 @@
 //! down to just above `base` into `base`, then points the image above
 //! `top` at `base`. A `commit_top` filter sits above `top` while it runs,
 //! so `base` may be written though it is a backing node. Committing the
-//! active layer is the mirror job in [`super::mirror`].
+//! active layer is the mirror job in [`crate::mirror`].
 
-use strata_graph::job::{JobBody, JobContext, JobError};
+use crate::job::{JobBody, JobContext, JobError};
 use strata_graph::{AlignedBuf, BlockError, Graph, IoOp, NodeId, Perm};
 
-use super::chain::{chain, find_file};
-use super::filter::TopFilter;
-use super::{backing_slots, check_free, chunked, copy_held, job_user, Hold, NodeRef, CHUNK};
-use crate::blockdev::{self, OpenContext};
-use crate::reactor::block_on;
+use strata_blockdev::{self as blockdev, OpenContext};
+use strata_runtime::reactor::block_on;
+
+use crate::chain::{chain, find_file};
+use crate::copy::{chunked, copy_held, CHUNK};
+use crate::filter::TopFilter;
+use crate::hold::{backing_slots, check_free, job_user, Hold};
+use crate::NodeRef;
 
 /// The arguments of `block-commit`.
 #[derive(Clone, Debug, Default)]
@@ -120,7 +123,7 @@ pub fn commit(
         if args.backing_file.is_some() {
             return Err("'backing-file' specified, but 'top' is the active layer".into());
         }
-        return super::mirror::active_commit(graph, job, range, &args, ctx);
+        return crate::mirror::active_commit(graph, job, range, &args, ctx);
     }
     let mut tx = graph.transaction();
     let v = tx.view();
