@@ -14,7 +14,6 @@ use strata_formats::image;
 use strata_formats::qcow2::check::{check_slot, CheckReport, Repair};
 use strata_formats::qcow2::create::{create as create_qcow2, CreateOptions};
 use strata_formats::qcow2::header::Compression;
-use strata_formats::qcow2::Qcow2Node;
 use strata_formats::throttle::group::ThrottleGroups;
 use strata_graph::{BlockDriver, Graph, GraphView, NoEvents, NodeId, SlotPerm, User, UserKind};
 use strata_runtime::reactor::block_on;
@@ -219,7 +218,7 @@ fn info_of(path: &Path, format: Option<&str>) -> anyhow::Result<(Value, Next)> {
                 .expect("attached"),
         )
         .expect("exists");
-    let (h, _) = block_on(Qcow2Node::read_header_from(&v, file.driver()))??;
+    let (h, _) = block_on(strata_formats::qcow2::header::read_from(&v, file.driver()))??;
     out["cluster-size"] = json!(h.geometry.cluster_size());
     out["dirty-flag"] = json!(h.is_dirty());
     let mut data = json!({

@@ -17,7 +17,6 @@ mod dirty;
 mod filter;
 mod hold;
 pub mod job;
-mod mirror;
 mod snapshot;
 mod stream;
 

@@ -1,6 +1,8 @@
 //! The qcow2 header and its extensions, parsed and checked against
 //! everything a hostile image could get wrong.
 
+use strata_graph::{AlignedBuf, BlockDriver, GraphView, SlotId};
+
 use super::error::Qcow2Error;
 use super::types::Geometry;
 
@@ -387,6 +389,40 @@ impl Header {
     pub fn is_corrupt(&self) -> bool {
         self.incompatible & INCOMPAT_CORRUPT != 0
     }
+}
+
+/// Reads the header of the image behind `file` in `g`, with the first
+/// cluster (up to 64 KiB) of the file.
+pub async fn read(g: &GraphView, file: SlotId) -> Result<(Header, AlignedBuf), Qcow2Error> {
+    let driver = g.child(file).map_err(|source| Qcow2Error::Io {
+        what: "read the header",
+        source,
+    })?;
+    read_from(g, driver).await
+}
+
+/// Reads the header of the image in `file`.
+pub async fn read_from(
+    g: &GraphView,
+    file: &dyn BlockDriver,
+) -> Result<(Header, AlignedBuf), Qcow2Error> {
+    let err = |source| Qcow2Error::Io {
+        what: "read the header",
+        source,
+    };
+    let size = file.size(g).map_err(err)?;
+    if size < 72 {
+        return Err(Qcow2Error::Truncated { len: size });
+    }
+    let mut head = AlignedBuf::zeroed(size.min(65536) as usize, 4096);
+    file.read(g, 0, &head.iovecs_mut()).await.map_err(err)?;
+    let bits = u32::from_be_bytes(head.as_slice()[20..24].try_into().expect("4 bytes"));
+    if (9..=21).contains(&bits) && (1u64 << bits) > head.len() as u64 && size > head.len() as u64 {
+        head = AlignedBuf::zeroed(size.min(1 << bits) as usize, 4096);
+        file.read(g, 0, &head.iovecs_mut()).await.map_err(err)?;
+    }
+    let header = Header::parse(head.as_slice(), size)?;
+    Ok((header, head))
 }
 
 #[cfg(test)]

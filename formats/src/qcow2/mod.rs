@@ -8,9 +8,11 @@
 mod alloc;
 mod backing_file;
 mod cache;
+mod census;
 pub mod check;
 mod compress;
 pub mod create;
+mod driver;
 mod entry;
 pub mod error;
 pub mod header;
@@ -18,6 +20,8 @@ mod io;
 mod meta;
 mod node;
 mod refcount;
+mod repair;
+mod report;
 pub mod types;
 mod write;
 

@@ -17,15 +17,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use strata_graph::{
-    AlignedBuf, BlockDriver, BlockError, BlockStatus, GraphError, GraphView, IoFuture, IoOp,
-    IoVecs, NodeBuilder, NodeId, Perm, SlotId, SlotPerm,
+    AlignedBuf, BlockDriver, BlockError, BlockStatus, GraphError, GraphView, IoOp, IoVecs,
+    NodeBuilder, NodeId, SlotId,
 };
 
 use super::cache::L2Cache;
 use super::compress::decompress;
 use super::entry::{L2Entry, Run};
 use super::error::Qcow2Error;
-use super::header::{Compression, Header, AUTOCLEAR_BITMAPS, INCOMPAT_DIRTY};
+use super::header::{Compression, AUTOCLEAR_BITMAPS, INCOMPAT_DIRTY};
 use super::io::FileIo;
 use super::meta::Meta;
 use super::refcount::Refcounts;
@@ -61,7 +61,7 @@ pub struct Qcow2Node {
     pub(super) read_only: bool,
     pub(super) discard: bool,
     /// The image's state, which a reopen carries over to the new node.
-    inner: Arc<Image>,
+    pub(super) inner: Arc<Image>,
 }
 
 /// What an open image knows, shared by a node and the node that replaces
@@ -93,45 +93,6 @@ pub struct BackingInfo {
 }
 
 impl Qcow2Node {
-    /// Reads the header of the image behind `file` in `g`.
-    pub async fn read_header(
-        g: &GraphView,
-        file: SlotId,
-    ) -> Result<(Header, AlignedBuf), Qcow2Error> {
-        let driver = g.child(file).map_err(|source| Qcow2Error::Io {
-            what: "read the header",
-            source,
-        })?;
-        Self::read_header_from(g, driver).await
-    }
-
-    /// Reads the header of the image in `file`.
-    pub async fn read_header_from(
-        g: &GraphView,
-        file: &dyn BlockDriver,
-    ) -> Result<(Header, AlignedBuf), Qcow2Error> {
-        let err = |source| Qcow2Error::Io {
-            what: "read the header",
-            source,
-        };
-        let size = file.size(g).map_err(err)?;
-        if size < 72 {
-            return Err(Qcow2Error::Truncated { len: size });
-        }
-        let mut head = AlignedBuf::zeroed(size.min(65536) as usize, 4096);
-        file.read(g, 0, &head.iovecs_mut()).await.map_err(err)?;
-        let bits = u32::from_be_bytes(head.as_slice()[20..24].try_into().expect("4 bytes"));
-        if (9..=21).contains(&bits)
-            && (1u64 << bits) > head.len() as u64
-            && size > head.len() as u64
-        {
-            head = AlignedBuf::zeroed(size.min(1 << bits) as usize, 4096);
-            file.read(g, 0, &head.iovecs_mut()).await.map_err(err)?;
-        }
-        let header = Header::parse(head.as_slice(), size)?;
-        Ok((header, head))
-    }
-
     /// Reopens `previous` (the node's current driver, if it is a qcow2
     /// node) with new options and children, keeping its caches and
     /// metadata state: nothing is re-read, so nothing can go stale.
@@ -189,7 +150,7 @@ impl Qcow2Node {
         backing: Option<SlotId>,
         opts: &Qcow2Options,
     ) -> Result<Self, Qcow2Error> {
-        let (header, head) = Self::read_header(g, file).await?;
+        let (header, head) = super::header::read(g, file).await?;
         if !opts.read_only {
             if header.is_corrupt() {
                 return Err(Qcow2Error::Corrupt);
@@ -286,7 +247,7 @@ impl Qcow2Node {
         let mut changed = false;
         if meta.header.is_dirty() {
             tracing::warn!("qcow2: image was not closed cleanly; rebuilding refcounts");
-            super::check::rebuild_refcounts(self, io, &mut meta).await?;
+            super::repair::rebuild_refcounts(io, &mut meta, &self.l2).await?;
             meta.header.incompatible &= !INCOMPAT_DIRTY;
             changed = true;
         }
@@ -441,7 +402,7 @@ impl Qcow2Node {
         Ok(())
     }
 
-    async fn read_impl(
+    pub(super) async fn read_impl(
         &self,
         g: &GraphView,
         offset: u64,
@@ -470,7 +431,7 @@ impl Qcow2Node {
         Ok(())
     }
 
-    async fn status_impl(
+    pub(super) async fn status_impl(
         &self,
         g: &GraphView,
         offset: u64,
@@ -532,7 +493,7 @@ impl Qcow2Node {
         g: &GraphView,
         file: &dyn BlockDriver,
     ) -> Result<BackingInfo, Qcow2Error> {
-        let (h, _) = Self::read_header_from(g, file).await?;
+        let (h, _) = super::header::read_from(g, file).await?;
         Ok(BackingInfo {
             file: h.backing_file,
             format: h.backing_format,
@@ -550,142 +511,6 @@ fn head_block(head: &AlignedBuf, cs: u64) -> AlignedBuf {
     let mut b = AlignedBuf::zeroed(n, 4096);
     b.as_mut_slice().copy_from_slice(&head.as_slice()[..n]);
     b
-}
-
-impl BlockDriver for Qcow2Node {
-    fn driver_name(&self) -> &'static str {
-        "qcow2"
-    }
-
-    fn is_read_only(&self) -> bool {
-        self.read_only
-    }
-
-    fn child_perm(&self, role: &str, parents: SlotPerm) -> SlotPerm {
-        let mut p = strata_graph::default_child_perm(role, parents);
-        if role == "file" && !self.read_only {
-            // Metadata is written whether or not the guest writes.
-            p.need |= Perm::WRITE | Perm::RESIZE;
-        }
-        p
-    }
-
-    fn size(&self, _g: &GraphView) -> Result<u64, BlockError> {
-        Ok(self.size.load(Ordering::Relaxed))
-    }
-
-    fn read<'a>(&'a self, g: &'a GraphView, offset: u64, buf: &'a IoVecs<'a>) -> IoFuture<'a> {
-        IoFuture::new(self.read_impl(g, offset, buf))
-    }
-
-    fn write<'a>(&'a self, g: &'a GraphView, offset: u64, buf: &'a IoVecs<'a>) -> IoFuture<'a> {
-        IoFuture::new(self.write_impl(g, offset, buf))
-    }
-
-    fn write_zeroes<'a>(
-        &'a self,
-        g: &'a GraphView,
-        offset: u64,
-        len: u64,
-        may_unmap: bool,
-    ) -> IoFuture<'a> {
-        IoFuture::new(self.zero_impl(
-            g,
-            offset,
-            len,
-            if may_unmap {
-                super::write::Zeroing::Unmap
-            } else {
-                super::write::Zeroing::Keep
-            },
-        ))
-    }
-
-    fn discard<'a>(&'a self, g: &'a GraphView, offset: u64, len: u64) -> IoFuture<'a> {
-        if !self.discard {
-            if let Err(e) = BlockError::check_range(
-                IoOp::Discard,
-                offset,
-                len,
-                self.size.load(Ordering::Relaxed),
-            ) {
-                return IoFuture::ready(Err(e));
-            }
-            return IoFuture::ready(Ok(()));
-        }
-        IoFuture::new(self.zero_impl(g, offset, len, super::write::Zeroing::Discard))
-    }
-
-    fn reopen_state(&self) -> Option<Arc<dyn Any + Send + Sync>> {
-        Some(Arc::clone(&self.inner) as Arc<dyn Any + Send + Sync>)
-    }
-
-    fn flush<'a>(&'a self, g: &'a GraphView) -> IoFuture<'a> {
-        IoFuture::new(async move {
-            // A node reopened read-only may still hold metadata its
-            // writable predecessor changed: write it even then.
-            let mut meta = self.meta.lock().await;
-            meta.write_back(self.io(g), &self.l2, &self.g)
-                .await
-                .map_err(|e| e.to_block(IoOp::Flush, 0))
-        })
-    }
-
-    fn block_status<'a>(
-        &'a self,
-        g: &'a GraphView,
-        offset: u64,
-        len: u64,
-    ) -> IoFuture<'a, BlockStatus> {
-        IoFuture::new(self.status_impl(g, offset, len))
-    }
-
-    fn resize<'a>(&'a self, g: &'a GraphView, size: u64) -> IoFuture<'a> {
-        IoFuture::new(async move {
-            self.resize_impl(g, size)
-                .await
-                .map_err(|e| e.to_block(IoOp::Resize, size))
-        })
-    }
-
-    fn fill_unallocated<'a>(
-        &'a self,
-        g: &'a GraphView,
-        offset: u64,
-        buf: &'a IoVecs<'a>,
-    ) -> IoFuture<'a> {
-        IoFuture::new(self.fill_impl(g, offset, buf))
-    }
-
-    fn change_backing_file<'a>(
-        &'a self,
-        g: &'a GraphView,
-        file: Option<&'a str>,
-        format: Option<&'a str>,
-    ) -> IoFuture<'a> {
-        IoFuture::new(async move {
-            if self.read_only {
-                return Err(BlockError::ReadOnly {
-                    op: IoOp::ChangeBackingFile,
-                });
-            }
-            let mut meta = self.meta.lock().await;
-            // Everything the old chain made visible is in place first.
-            meta.write_back(self.io(g), &self.l2, &self.g)
-                .await
-                .and(Ok(()))
-                .map_err(|e| e.to_block(IoOp::Flush, 0))?;
-            super::backing_file::set_backing_file(
-                &mut meta,
-                self.io(g),
-                self.g.cluster_size(),
-                file,
-                format,
-            )
-            .await
-            .map_err(|e| e.to_block(IoOp::ChangeBackingFile, 0))
-        })
-    }
 }
 
 impl From<GraphError> for Qcow2Error {

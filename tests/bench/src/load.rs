@@ -113,7 +113,7 @@ pub fn run_queues(
                 let buffers = region.addr + i * load.depth * BLOCK;
                 s.spawn(move || {
                     if let Some(cpu) = cpu {
-                        crate::suite::pin_self(cpu)?;
+                        pin_self(cpu)?;
                     }
                     drive(q, load, buffers, blocks, window, i as u64)
                 })
@@ -226,6 +226,14 @@ fn drain(
             bail!("{left} requests never completed");
         }
         left -= got;
+    }
+    Ok(())
+}
+
+/// Pins the calling thread to `cpu`.
+pub fn pin_self(cpu: usize) -> anyhow::Result<()> {
+    if !core_affinity::set_for_current(core_affinity::CoreId { id: cpu }) {
+        anyhow::bail!("could not pin the client to cpu {cpu}");
     }
     Ok(())
 }

@@ -93,7 +93,7 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if let Some(socket) = &args.client {
         if args.queues == 1 {
-            suite::pin_self(suite::CLIENT_CPU)?;
+            load::pin_self(suite::CLIENT_CPU)?;
         }
         let load = load::Load {
             write: args.write,

@@ -89,7 +89,7 @@ pub struct Cell {
 
 /// Runs the whole matrix, reporting each run to `progress`.
 pub fn run(plan: &Plan, progress: &mut dyn FnMut(&str)) -> anyhow::Result<Vec<Cell>> {
-    pin_self(CLIENT_CPU)?;
+    load::pin_self(CLIENT_CPU)?;
     let mut cells = Vec::new();
     for &target in &plan.targets {
         let dirs =
@@ -215,12 +215,4 @@ pub fn median(runs: &[Outcome]) -> Outcome {
         p99_us: m(|o| o.p99_us),
         cpu_ns: m(|o| o.cpu_ns),
     }
-}
-
-/// Pins the calling thread to `cpu`.
-pub fn pin_self(cpu: usize) -> anyhow::Result<()> {
-    if !core_affinity::set_for_current(core_affinity::CoreId { id: cpu }) {
-        anyhow::bail!("could not pin the client to cpu {cpu}");
-    }
-    Ok(())
 }

@@ -9,17 +9,16 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::job::{JobBody, JobContext, JobError};
-use strata_graph::{AlignedBuf, Graph, GraphError, NodeId};
-
 use strata_blockdev::OpenContext;
+use strata_graph::{AlignedBuf, Graph, GraphError, NodeId};
 use strata_runtime::reactor::block_on;
 
-use crate::commit::{attach_users, copy_all, match_sizes, CommitArgs, Range};
+use super::range::{attach_users, copy_all, match_sizes, CommitArgs, Range};
 use crate::copy::CHUNK;
 use crate::dirty::DirtyMap;
 use crate::filter::TopFilter;
 use crate::hold::{backing_slots, check_free, Hold};
+use crate::job::{JobBody, JobContext, JobError};
 
 /// The granule of the dirty map: small enough that a 4 KiB guest write
 /// costs little to copy again, large enough to keep the map small.
@@ -36,7 +35,7 @@ struct Mirror {
 }
 
 /// Sets up an active commit of `range` (whose top is the device).
-pub(super) fn active_commit(
+pub(super) fn start(
     graph: &Graph,
     job: &str,
     range: Range,
