@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
 use serde_json::{json, Value};
 use strata_blockdev::options::Options;
@@ -178,6 +179,9 @@ impl Daemon {
         let iothread = o.take_str("iothread")?;
         o.take_bool("fixed-iothread")?;
         let serial = o.take_str("serial")?;
+        let stop_timeout = o
+            .take_u64("x-stop-timeout-ms")?
+            .map_or(crate::export::DEFAULT_STOP_TIMEOUT, Duration::from_millis);
         Ok(ExportSpec {
             node,
             path: path.into(),
@@ -189,6 +193,7 @@ impl Daemon {
                 writeback: !writethrough,
                 logical_block_size: u32::try_from(logical_block_size).unwrap_or(u32::MAX),
                 poll_max_ns: crate::export::DEFAULT_POLL_MAX_NS,
+                stop_timeout,
             },
             iothread,
         })

@@ -4,19 +4,19 @@
 //!  frontend thread (vhost-user messages)      worker thread i (queue i)
 //!  ───────────────────────────────────       ──────────────────────────
 //!  features, config, memory, vring setup      epoll: kick eventfd ─┐
-//!  GET_VRING_BASE ─▶ stop_vring(i):           epoll: io_uring eventfd ─┤
-//!    waits for queue i's in-flight count      handle_event ─▶ worker::Worker
+//!  GET_VRING_BASE ─▶ stop_vring(i):           epoll: io_uring, wake,  ├▶ worker::handle
+//!    waits until queue i owes nothing         exit eventfds ─────────┘
+//!  disconnect ─▶ Queues::exit_all: each worker tears down on its thread
 //! ```
 //!
 //! The device implements [`VhostUserBackend`] on `&self`: nothing is locked
-//! across queues. Each queue's state lives on its worker thread.
+//! across queues. Each queue's state lives on its worker thread; what
+//! other threads see of it is its [`QueueState`].
 
 use std::io;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringMutex};
@@ -25,49 +25,29 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::export::Export;
+use crate::queue::{QueueState, Queues};
 use crate::virtio::config::{self, CONFIG_LEN, WRITEBACK_OFFSET};
-use crate::worker;
+use crate::worker::{self, QueueRef};
 
 /// Largest virtqueue the device accepts (QEMU's limit too).
 pub const MAX_QUEUE_SIZE: usize = 1024;
 /// Largest config read vhost-user allows.
 const MAX_CONFIG_SIZE: usize = 256;
-/// How long GET_VRING_BASE waits for a queue's requests before giving up.
-const STOP_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a device reset waits for each queue's requests.
+const RESET_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The vring type the device uses: one mutex per queue, never shared.
 pub type Vring = VringMutex<GuestMemoryAtomic<GuestMemoryMmap<()>>>;
 
-/// What other threads may see of one queue.
-pub struct QueueShared {
-    /// Signalled by the queue's io_uring on completions.
-    pub(crate) ring_event: EventFd,
-    /// Signalled to make the worker look at its virtqueue again (after a
-    /// drain ends).
-    pub(crate) wake: EventFd,
-    /// Set while the worker takes requests from the avail ring: a drain
-    /// waits for it to clear (see `Export::paused`).
-    pub(crate) busy: AtomicBool,
-    /// Requests taken from the avail ring and not yet on the used ring.
-    pub(crate) in_flight: AtomicUsize,
-    /// Requests completed since the frontend connected.
-    pub(crate) completed: AtomicU64,
-}
-
 /// One connection's device. Cloning shares it.
 #[derive(Clone)]
 pub struct BlkDevice {
-    inner: Arc<DeviceInner>,
-}
-
-pub(crate) struct DeviceInner {
-    pub(crate) export: Arc<Export>,
-    pub(crate) queues: Vec<QueueShared>,
+    export: Arc<Export>,
+    queues: Arc<Queues>,
     /// The guest's memory, as the frontend last mapped it.
-    pub(crate) mem: GuestMemoryAtomic<GuestMemoryMmap<()>>,
+    mem: GuestMemoryAtomic<GuestMemoryMmap<()>>,
 }
 
 impl BlkDevice {
@@ -77,30 +57,18 @@ impl BlkDevice {
         export: Arc<Export>,
         mem: GuestMemoryAtomic<GuestMemoryMmap<()>>,
     ) -> io::Result<Self> {
-        let queues = (0..export.options().num_queues)
-            .map(|_| {
-                Ok(QueueShared {
-                    ring_event: EventFd::new(EFD_NONBLOCK)?,
-                    wake: EventFd::new(EFD_NONBLOCK)?,
-                    busy: AtomicBool::new(false),
-                    in_flight: AtomicUsize::new(0),
-                    completed: AtomicU64::new(0),
-                })
-            })
-            .collect::<io::Result<_>>()?;
+        let queues = Arc::new(Queues::new(usize::from(export.options().num_queues))?);
         Ok(BlkDevice {
-            inner: Arc::new(DeviceInner {
-                export,
-                queues,
-                mem,
-            }),
+            export,
+            queues,
+            mem,
         })
     }
 
     /// The epoll token of a worker's io_uring eventfd: the first one
     /// vhost-user-backend leaves to the device.
     fn ring_token(&self) -> u64 {
-        self.inner.queues.len() as u64 + 1
+        self.queues.len() as u64 + 1
     }
 
     /// The epoll token of a worker's wake eventfd.
@@ -108,68 +76,34 @@ impl BlkDevice {
         self.ring_token() + 1
     }
 
-    /// Registers each worker's io_uring and wake eventfds in that worker's
-    /// epoll.
+    /// The epoll token of a worker's exit eventfd.
+    fn exit_token(&self) -> u64 {
+        self.ring_token() + 2
+    }
+
+    /// Registers each worker's io_uring, wake and exit eventfds in that
+    /// worker's epoll.
     pub fn register_listeners(&self, handlers: &[Arc<VringEpollHandler<Self>>]) -> io::Result<()> {
-        for (q, h) in self.inner.queues.iter().zip(handlers) {
+        for (q, h) in self.queues.iter().zip(handlers) {
             h.register_listener(q.ring_event.as_raw_fd(), EventSet::IN, self.ring_token())?;
             h.register_listener(q.wake.as_raw_fd(), EventSet::IN, self.wake_token())?;
+            h.register_listener(q.exit.as_raw_fd(), EventSet::IN, self.exit_token())?;
         }
         Ok(())
     }
 
-    /// The device as the export tracks it, for draining.
-    pub(crate) fn inner(&self) -> &Arc<DeviceInner> {
-        &self.inner
+    /// The device's queues, as the export drains them.
+    pub fn queues(&self) -> &Arc<Queues> {
+        &self.queues
     }
 
-    /// Completed requests per queue since the frontend connected.
-    pub fn completed_per_queue(&self) -> Vec<u64> {
-        self.inner
-            .queues
-            .iter()
-            .map(|q| q.completed.load(Ordering::Relaxed))
-            .collect()
-    }
-
-    fn wait_idle(&self, queues: impl Iterator<Item = usize>) -> io::Result<()> {
-        self.inner.wait_idle(queues, STOP_TIMEOUT)
-    }
-}
-
-impl DeviceInner {
-    /// Waits until the given queues have nothing in flight and are not
-    /// taking requests.
-    fn wait_idle(&self, queues: impl Iterator<Item = usize>, timeout: Duration) -> io::Result<()> {
-        let deadline = Instant::now() + timeout;
-        for i in queues {
-            let q = &self.queues[i];
-            while q.busy.load(Ordering::SeqCst) || q.in_flight.load(Ordering::Acquire) > 0 {
-                if Instant::now() > deadline {
-                    return Err(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        format!("queue {i}: requests still in flight after {timeout:?}"),
-                    ));
-                }
-                thread::sleep(Duration::from_micros(200));
-            }
-        }
-        Ok(())
-    }
-
-    /// Waits until no queue has a request in flight. Callers have paused
-    /// the export, so none starts meanwhile.
-    pub(crate) fn wait_quiescent(&self, timeout: Duration) -> io::Result<()> {
-        self.wait_idle(0..self.queues.len(), timeout)
-    }
-
-    /// Makes every worker look at its virtqueue again.
-    pub(crate) fn wake_all(&self) {
-        for q in &self.queues {
-            if let Err(e) = q.wake.write(1) {
-                tracing::error!("cannot wake a queue worker: {e}");
-            }
-        }
+    fn queue(&self, i: u32) -> io::Result<&Arc<QueueState>> {
+        self.queues.get(i as usize).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("no queue {i} (the device has {})", self.queues.len()),
+            )
+        })
     }
 }
 
@@ -178,7 +112,7 @@ impl VhostUserBackend for BlkDevice {
     type Vring = Vring;
 
     fn num_queues(&self) -> usize {
-        self.inner.queues.len()
+        self.queues.len()
     }
 
     fn max_queue_size(&self) -> usize {
@@ -186,7 +120,7 @@ impl VhostUserBackend for BlkDevice {
     }
 
     fn features(&self) -> u64 {
-        config::device_features(self.inner.export.options().read_only)
+        config::device_features(self.export.options().read_only)
             | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
     }
 
@@ -203,7 +137,7 @@ impl VhostUserBackend for BlkDevice {
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
         // Fields past the ones we fill (secure erase, zoned) read as zero,
         // which means "not offered"; frontends ask for the size they know.
-        let bytes = self.inner.export.config().to_bytes();
+        let bytes = self.export.config().to_bytes();
         let mut out = vec![0u8; (size as usize).min(MAX_CONFIG_SIZE)];
         let start = (offset as usize).min(CONFIG_LEN);
         let n = (CONFIG_LEN - start).min(out.len());
@@ -223,7 +157,7 @@ impl VhostUserBackend for BlkDevice {
                 io::ErrorKind::InvalidInput,
                 format!(
                     "config bytes {offset}..{} are read-only",
-                    offset + buf.len()
+                    offset.saturating_add(buf.len())
                 ),
             ));
         };
@@ -232,18 +166,18 @@ impl VhostUserBackend for BlkDevice {
             "guest switched the write cache to {}",
             if on { "write-back" } else { "write-through" }
         );
-        self.inner.export.set_writeback(on);
+        self.export.set_writeback(on);
         Ok(())
     }
 
     fn update_memory(&self, _mem: GuestMemoryAtomic<GuestMemoryMmap<()>>) -> io::Result<()> {
-        // Workers pick the new map up from their vring on the next kick;
-        // requests in flight keep the old one mapped until they finish.
+        // Workers pick the new map up on their next pass; requests in
+        // flight keep the old one mapped until they finish.
         Ok(())
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {
-        (0..self.inner.queues.len()).map(|q| 1u64 << q).collect()
+        (0..self.queues.len()).map(|q| 1u64 << q).collect()
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
@@ -252,15 +186,28 @@ impl VhostUserBackend for BlkDevice {
             .ok()
     }
 
+    /// GET_VRING_BASE: the ring stops once everything taken from it is on
+    /// the used ring. A request that does not finish in time is abandoned:
+    /// the queue starts a new generation, so it can never complete into a
+    /// ring the frontend sets up again, and the error ends the connection
+    /// (QEMU then resubmits from the used index).
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
-        self.wait_idle(
-            std::iter::once(queue_index as usize).filter(|&q| q < self.inner.queues.len()),
-        )
+        let q = self.queue(queue_index)?;
+        let timeout = self.export.options().stop_timeout;
+        if let Err(e) = q.wait_published(queue_index as usize, timeout) {
+            q.bump_generation();
+            tracing::error!("GET_VRING_BASE: {e}; abandoning them");
+            return Err(io::Error::new(io::ErrorKind::TimedOut, e));
+        }
+        Ok(())
     }
 
     fn reset_device(&self) {
-        if let Err(e) = self.wait_idle(0..self.inner.queues.len()) {
-            tracing::error!("device reset: {e}");
+        for (i, q) in self.queues.iter().enumerate() {
+            if let Err(e) = q.wait_published(i, RESET_TIMEOUT) {
+                tracing::error!("device reset: {e}; abandoning them");
+            }
+            q.bump_generation();
         }
     }
 
@@ -276,11 +223,19 @@ impl VhostUserBackend for BlkDevice {
         let event = match u64::from(device_event) {
             t if t == self.ring_token() => worker::Event::Completions,
             t if t == self.wake_token() => worker::Event::Wake,
+            t if t == self.exit_token() => worker::Event::Exit,
             _ => worker::Event::Kick,
         };
-        if let Some(vring) = vrings.first() {
-            worker::handle(&self.inner, thread_id, event, vring);
-        }
+        let (Some(vring), Some(state)) = (vrings.first(), self.queues.get(thread_id)) else {
+            return Ok(());
+        };
+        let q = QueueRef {
+            export: &self.export,
+            state,
+            mem: &self.mem,
+            queue: thread_id,
+        };
+        worker::handle(q, event, vring);
         Ok(())
     }
 }

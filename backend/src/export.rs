@@ -14,7 +14,7 @@ use strata_graph::{
 };
 use strata_runtime::reactor::block_on;
 
-use crate::device::DeviceInner;
+use crate::queue::Queues;
 use crate::virtio::config::BlkConfig;
 use crate::virtio::request::Limits;
 
@@ -44,10 +44,15 @@ pub struct ExportOptions {
     /// adapts below this: it grows while work keeps arriving soon after,
     /// and shrinks to nothing when the disk is idle.
     pub poll_max_ns: u64,
+    /// How long GET_VRING_BASE waits for a queue's requests before it
+    /// abandons them and fails (`x-stop-timeout-ms`).
+    pub stop_timeout: Duration,
 }
 
 /// QEMU's default `poll-max-ns` for iothreads.
 pub const DEFAULT_POLL_MAX_NS: u64 = 32768;
+/// How long GET_VRING_BASE waits for requests by default.
+pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl ExportOptions {
     /// Defaults for export `id`: one queue, writable, write-back, 512-byte
@@ -61,6 +66,7 @@ impl ExportOptions {
             writeback: true,
             poll_max_ns: DEFAULT_POLL_MAX_NS,
             logical_block_size: 512,
+            stop_timeout: DEFAULT_STOP_TIMEOUT,
         }
     }
 }
@@ -117,10 +123,11 @@ pub struct Export {
     block_size: u32,
     capacity: AtomicU64,
     writeback: AtomicBool,
-    /// Quiesce depth: while non-zero, workers take no new requests.
+    /// Quiesce depth: while non-zero, workers take no new requests (see
+    /// [`crate::queue`] for how a drain and the workers meet).
     paused: AtomicU32,
-    /// The connected frontend's device, if any.
-    device: Mutex<Option<Arc<DeviceInner>>>,
+    /// The connected frontend's queues, if any.
+    queues: Mutex<Option<Arc<Queues>>>,
 }
 
 impl Export {
@@ -185,7 +192,7 @@ impl Export {
             block_size,
             capacity: AtomicU64::new(size / 512),
             paused: AtomicU32::new(0),
-            device: Mutex::new(None),
+            queues: Mutex::new(None),
         });
         graph.register_quiesce(
             &export.opts.id,
@@ -247,18 +254,30 @@ impl Export {
 
     /// True while a frontend is connected.
     pub fn connected(&self) -> bool {
-        self.device().is_some()
+        self.queues().is_some()
     }
 
-    fn device(&self) -> Option<Arc<DeviceInner>> {
-        self.device
+    fn queues(&self) -> Option<Arc<Queues>> {
+        self.queues
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
     }
 
-    pub(crate) fn set_device(&self, dev: Option<Arc<DeviceInner>>) {
-        *self.device.lock().unwrap_or_else(|e| e.into_inner()) = dev;
+    /// Records the connected frontend's queues (or that none is).
+    pub fn set_queues(&self, queues: Option<Arc<Queues>>) {
+        *self.queues.lock().unwrap_or_else(|e| e.into_inner()) = queues;
+    }
+
+    /// Before a stop: takes no more requests, and waits (up to `timeout`)
+    /// for those in flight to reach the guest. The export stays paused.
+    pub fn pause_for_stop(&self, timeout: Duration) {
+        self.paused.fetch_add(1, Ordering::SeqCst);
+        if let Some(queues) = self.queues() {
+            if let Err(e) = queues.wait_idle(timeout) {
+                tracing::warn!("export '{}': stopping with {e}", self.opts.id);
+            }
+        }
     }
 
     /// What request validation checks against.
@@ -301,8 +320,8 @@ impl Quiesce for Drainable {
             return Ok(());
         };
         export.paused.fetch_add(1, Ordering::SeqCst);
-        if let Some(dev) = export.device() {
-            if let Err(e) = dev.wait_quiescent(DRAIN_TIMEOUT) {
+        if let Some(queues) = export.queues() {
+            if let Err(e) = queues.wait_idle(DRAIN_TIMEOUT) {
                 self.resume();
                 return Err(e.into());
             }
@@ -315,8 +334,8 @@ impl Quiesce for Drainable {
             return;
         };
         if export.paused.fetch_sub(1, Ordering::SeqCst) == 1 {
-            if let Some(dev) = export.device() {
-                dev.wake_all();
+            if let Some(queues) = export.queues() {
+                queues.wake_all();
             }
         }
     }

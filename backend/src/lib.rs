@@ -12,6 +12,7 @@ pub mod keyval;
 pub mod open;
 pub mod qmp;
 pub mod qsd;
+pub mod queue;
 mod ratelimit;
 pub mod serve;
 pub mod signals;

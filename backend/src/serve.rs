@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use vhost::vhost_user::{Error as VhostUserError, Listener};
@@ -14,6 +15,12 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::device::BlkDevice;
 use crate::export::Export;
+
+/// How long a stop lets the guest's requests in flight finish and reach
+/// it before the connection goes.
+const STOP_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the workers of a connection that ended get to tear down.
+const TEARDOWN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Asks a serving loop to finish: the current frontend is disconnected and
 /// its in-flight requests complete.
@@ -89,13 +96,17 @@ impl RunningExport {
         &self.path
     }
 
-    /// Disconnects any frontend, waits for its requests, and stops
-    /// listening.
+    /// Lets the requests in flight finish and reach the guest, then
+    /// disconnects any frontend and stops listening.
     pub fn stop(mut self) {
         self.halt();
     }
 
     fn halt(&mut self) {
+        if self.thread.is_none() {
+            return;
+        }
+        self.export.pause_for_stop(STOP_DRAIN_TIMEOUT);
         self.stop.stop();
         if let Some(t) = self.thread.take() {
             if t.join().is_err() {
@@ -149,14 +160,18 @@ fn serve_one(
     daemon
         .start(listener)
         .map_err(|e| anyhow::anyhow!("frontend connection failed: {e}"))?;
-    export.set_device(Some(Arc::clone(dev.inner())));
+    export.set_queues(Some(Arc::clone(dev.queues())));
     stop.set_connection(daemon.shutdown_handle());
     tracing::info!("export '{id}': frontend connected");
     let res = daemon.wait();
     stop.set_connection(None);
-    // Joins the workers, which first let their in-flight I/O finish.
+    // Each worker tears down on its own thread: nothing more reaches the
+    // rings, and the kernel lets go of guest memory before it is unmapped.
+    if let Err(e) = dev.queues().exit_all(TEARDOWN_TIMEOUT) {
+        tracing::error!("export '{id}': {e}");
+    }
     drop(daemon);
-    export.set_device(None);
+    export.set_queues(None);
     match res {
         Ok(())
         | Err(vhost_user_backend::Error::HandleRequest(
@@ -166,7 +181,7 @@ fn serve_one(
     }
     tracing::info!(
         "export '{id}': requests completed per queue: {:?}",
-        dev.completed_per_queue()
+        dev.queues().completed()
     );
     if let Err(e) = export.flush_blocking() {
         tracing::error!("export '{id}': flush after disconnect failed: {e}");

@@ -49,7 +49,9 @@ impl Wake for TaskWaker {
 
     fn wake_by_ref(self: &Arc<Self>) {
         if OWNED.get() == self.ready.executor {
-            LOCAL_READY.with(|r| r.borrow_mut().push(self.task));
+            // While the thread exits its ready list may already be gone; so
+            // is the executor then, and the wake has nothing left to do.
+            let _ = LOCAL_READY.try_with(|r| r.borrow_mut().push(self.task));
         } else {
             self.ready
                 .remote
@@ -86,7 +88,7 @@ impl<F: Future<Output = ()>> Executor<F> {
     pub fn new(notify: impl Fn() + Send + Sync + 'static) -> Self {
         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
         OWNED.set(id);
-        LOCAL_READY.with(|r| r.borrow_mut().clear());
+        let _ = LOCAL_READY.try_with(|r| r.borrow_mut().clear());
         Executor {
             slots: RefCell::new(Vec::new()),
             free: RefCell::new(Vec::new()),
@@ -126,7 +128,7 @@ impl<F: Future<Output = ()>> Executor<F> {
             }
         };
         self.live.set(self.live.get() + 1);
-        LOCAL_READY.with(|r| r.borrow_mut().push(id));
+        let _ = LOCAL_READY.try_with(|r| r.borrow_mut().push(id));
     }
 
     /// True when a task was woken from another thread and has not been
@@ -140,7 +142,7 @@ impl<F: Future<Output = ()>> Executor<F> {
         let mut polls = 0;
         loop {
             let mut batch = self.polling.take();
-            LOCAL_READY.with(|r| std::mem::swap(&mut *r.borrow_mut(), &mut batch));
+            let _ = LOCAL_READY.try_with(|r| std::mem::swap(&mut *r.borrow_mut(), &mut batch));
             // The flag is set after the push, so seeing it means the lock
             // holds that task (or a later round will find it).
             if self.ready.woken.swap(false, Ordering::Acquire) {

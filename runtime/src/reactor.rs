@@ -16,7 +16,7 @@ use std::task::{Context, Poll, Wake, Waker};
 use std::thread::{self, Thread};
 use std::time::Duration;
 
-use io_uring::{opcode, squeue, IoUring};
+use io_uring::{opcode, squeue, types, IoUring};
 use slab::Slab;
 
 /// Submission entries per ring. Completions get four times as many slots,
@@ -61,17 +61,20 @@ impl Reactor {
         }))
     }
 
-    /// This thread's reactor, set up on first use.
+    /// This thread's reactor, set up on first use. Fails while the thread
+    /// is exiting (its locals are being destroyed).
     pub fn current() -> io::Result<Rc<Reactor>> {
-        CURRENT.with(|cur| {
-            let mut cur = cur.borrow_mut();
-            if let Some(r) = &*cur {
-                return Ok(Rc::clone(r));
-            }
-            let r = Reactor::new()?;
-            *cur = Some(Rc::clone(&r));
-            Ok(r)
-        })
+        CURRENT
+            .try_with(|cur| {
+                let mut cur = cur.borrow_mut();
+                if let Some(r) = &*cur {
+                    return Ok(Rc::clone(r));
+                }
+                let r = Reactor::new()?;
+                *cur = Some(Rc::clone(&r));
+                Ok(r)
+            })
+            .unwrap_or_else(|_| Err(io::Error::other("the thread is exiting")))
     }
 
     /// Makes the ring signal `fd` whenever it posts a completion.
@@ -177,6 +180,21 @@ impl Reactor {
         }
     }
 
+    /// Submits, then sleeps in the kernel until a completion or until
+    /// `timeout` passes.
+    pub fn wait_for(&self, timeout: Duration) -> io::Result<()> {
+        self.submit()?;
+        let ts = types::Timespec::from(timeout);
+        let args = types::SubmitArgs::new().timespec(&ts);
+        loop {
+            match self.ring.borrow().submitter().submit_with_args(1, &args) {
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                Err(e) if e.raw_os_error() == Some(libc::ETIME) => return Ok(()),
+                r => return r.map(drop),
+            }
+        }
+    }
+
     /// Blocks until nothing is in flight. For thread teardown: guest memory
     /// must not be unmapped while the kernel may still write into it.
     pub fn wait_idle(&self) {
@@ -250,7 +268,7 @@ impl Drop for Op {
 /// Waits for `d`, on this thread's ring.
 pub async fn sleep(d: Duration) -> io::Result<()> {
     let reactor = Reactor::current()?;
-    let ts = Box::new(io_uring::types::Timespec::from(d));
+    let ts = Box::new(types::Timespec::from(d));
     // SAFETY: the timespec is boxed and outlives the op, which is awaited
     // (or dropped, which waits for the kernel) before `ts` is freed.
     let res = unsafe { reactor.push(opcode::Timeout::new(&*ts).build()) }.await;
@@ -325,6 +343,15 @@ mod tests {
             took >= Duration::from_millis(30) && took < Duration::from_secs(5),
             "{took:?}"
         );
+    }
+
+    #[test]
+    fn wait_for_returns_after_its_timeout_with_nothing_to_wait_for() {
+        let r = Reactor::current().unwrap();
+        let start = std::time::Instant::now();
+        r.wait_for(Duration::from_millis(20)).unwrap();
+        assert!(start.elapsed() >= Duration::from_millis(15));
+        assert!(start.elapsed() < Duration::from_secs(5));
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! A synchronous libblkio client for correctness tests: one request at a
-//! time, each checked, through a 4 MiB bounce region.
+//! time, each checked, through a 4 MiB bounce region split into segments
+//! of the device's `size_max`, as a guest's driver splits them.
 
 use std::mem::MaybeUninit;
 use std::path::Path;
@@ -17,6 +18,8 @@ pub struct SyncClient {
     pub capacity: u64,
     /// How long to wait for a completion; `None` waits forever.
     pub timeout: Option<std::time::Duration>,
+    /// The region as segments no larger than the device's `size_max`.
+    segments: Vec<libc::iovec>,
 }
 
 impl SyncClient {
@@ -30,12 +33,23 @@ impl SyncClient {
         let capacity = b.get_u64("capacity")?;
         let region = b.alloc_mem_region(REGION)?;
         b.map_mem_region(&region)?;
+        let seg = match b.get_i32("max-segment-len")? {
+            n if n > 0 => (n as usize).min(REGION),
+            _ => REGION,
+        };
+        let segments = (0..REGION.div_ceil(seg))
+            .map(|i| libc::iovec {
+                iov_base: (region.addr + i * seg) as *mut libc::c_void,
+                iov_len: seg.min(REGION - i * seg),
+            })
+            .collect();
         Ok(SyncClient {
             q: out.queues.remove(0),
             _blkio: b,
             region,
             capacity,
             timeout: None,
+            segments,
         })
     }
 
@@ -43,6 +57,24 @@ impl SyncClient {
         // SAFETY: the region is mapped for the client's life and no request
         // is in flight whenever this is called (every call waits).
         unsafe { std::slice::from_raw_parts_mut(self.region.addr as *mut u8, REGION) }
+    }
+
+    /// The segments covering the first `n` bytes of the region.
+    fn segments(&self, n: usize) -> Vec<libc::iovec> {
+        let mut left = n;
+        let mut out = Vec::new();
+        for s in &self.segments {
+            if left == 0 {
+                break;
+            }
+            let len = s.iov_len.min(left);
+            out.push(libc::iovec {
+                iov_base: s.iov_base,
+                iov_len: len,
+            });
+            left -= len;
+        }
+        out
     }
 
     /// The request's result; -ETIME when the timeout passed first.
@@ -63,10 +95,11 @@ impl SyncClient {
         let mut done = 0;
         while done < len {
             let n = (len - done).min(REGION);
-            self.q.read(
+            let iov = self.segments(n);
+            self.q.readv(
                 offset + done as u64,
-                self.region.addr as *mut u8,
-                n,
+                iov.as_ptr(),
+                iov.len() as u32,
                 0,
                 ReqFlags::empty(),
             );
@@ -85,10 +118,11 @@ impl SyncClient {
         while done < data.len() {
             let n = (data.len() - done).min(REGION);
             self.buf()[..n].copy_from_slice(&data[done..done + n]);
-            self.q.write(
+            let iov = self.segments(n);
+            self.q.writev(
                 offset + done as u64,
-                self.region.addr as *const u8,
-                n,
+                iov.as_ptr(),
+                iov.len() as u32,
                 0,
                 ReqFlags::empty(),
             );

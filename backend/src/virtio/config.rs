@@ -4,8 +4,12 @@ use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 
-/// Segments per request the guest may use, as qemu-storage-daemon offers.
+/// Data segments per request the guest may use, as qemu-storage-daemon
+/// offers (enforced: more is IOERR).
 pub const SEG_MAX: u32 = 126;
+/// The largest segment (descriptor) the guest may use, in bytes (enforced:
+/// larger is IOERR). With SEG_MAX it bounds a request to 126 MiB.
+pub const SIZE_MAX: u32 = 1 << 20;
 /// The largest discard or write-zeroes request, in 512-byte sectors.
 pub const MAX_DISCARD_SECTORS: u32 = 32768;
 /// Length of the config space we expose: up to `write_zeroes_may_unmap`
@@ -17,6 +21,7 @@ pub const WRITEBACK_OFFSET: usize = 32;
 /// The virtio feature bits the device offers.
 pub fn device_features(read_only: bool) -> u64 {
     let bits = [
+        VIRTIO_BLK_F_SIZE_MAX,
         VIRTIO_BLK_F_SEG_MAX,
         VIRTIO_BLK_F_BLK_SIZE,
         VIRTIO_BLK_F_TOPOLOGY,
@@ -56,7 +61,7 @@ impl BlkConfig {
         let mut put = |at: usize, v: &[u8]| b[at..at + v.len()].copy_from_slice(v);
         let sectors_per_block = self.blk_size / 512;
         put(0, &self.capacity.to_le_bytes()); // capacity
-        put(8, &0u32.to_le_bytes()); // size_max: not offered
+        put(8, &SIZE_MAX.to_le_bytes()); // size_max
         put(12, &SEG_MAX.to_le_bytes()); // seg_max
                                          // 16..20: geometry, not offered
         put(20, &self.blk_size.to_le_bytes()); // blk_size

@@ -2,60 +2,28 @@
 //! layout, direction, length, alignment and range — before any I/O starts.
 
 use std::ops::Deref;
-use std::ptr::NonNull;
-use std::rc::Rc;
-use std::sync::Arc;
 
 use smallvec::SmallVec;
-use strata_graph::{IoVecs, MAX_IOVECS};
+use strata_graph::IoVecs;
 use virtio_bindings::virtio_blk::*;
 use virtio_queue::DescriptorChain;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
-use crate::virtio::ring::RawDesc;
-
-/// The guest's memory, as vhost-user maps it.
-pub type GuestMemory = GuestMemoryMmap<()>;
+use crate::virtio::config::{MAX_DISCARD_SECTORS, SEG_MAX, SIZE_MAX};
+use crate::virtio::desc::RawDesc;
+use crate::virtio::memory::{GuestMemory, MapError, MemHandle, StatusByte};
 
 /// Bytes in a request header: type, reserved, sector.
 const HEADER_LEN: u64 = 16;
 /// Bytes in one discard / write-zeroes segment: sector, num_sectors, flags.
 const SEGMENT_LEN: u64 = 16;
-/// Largest guest address range a single descriptor may map to host
-/// segments (a descriptor crossing memory regions maps to several).
-const MAX_DATA_SEGMENTS: usize = MAX_IOVECS;
-
-/// A thread-local handle on a guest memory map. While one exists, every
-/// region of that map stays mapped, so pointers into it stay valid.
-/// The outer `Rc` keeps clones off the shared reference count.
-#[derive(Clone)]
-#[allow(clippy::redundant_allocation)]
-pub struct MemHandle(Rc<Arc<GuestMemory>>);
-
-impl MemHandle {
-    /// Wraps a memory map.
-    pub fn new(mem: Arc<GuestMemory>) -> Self {
-        MemHandle(Rc::new(mem))
-    }
-
-    /// True when this handle is on `mem`.
-    pub fn is(&self, mem: &Arc<GuestMemory>) -> bool {
-        Arc::ptr_eq(&self.0, mem)
-    }
-
-    /// True when both handles are on the same memory map.
-    pub fn same(&self, other: &MemHandle) -> bool {
-        Arc::ptr_eq(&self.0, &other.0)
-    }
-}
-
-impl Deref for MemHandle {
-    type Target = GuestMemory;
-
-    fn deref(&self) -> &GuestMemory {
-        &self.0
-    }
-}
+/// Descriptors a chain may have: the header, SEG_MAX data segments and the
+/// status. Intake stops collecting beyond this, so a chain costs bounded
+/// memory however long the guest makes it.
+pub const MAX_DESCS: usize = SEG_MAX as usize + 2;
+/// Host segments the data of one request may map to (a descriptor that
+/// crosses memory regions maps to several).
+const MAX_HOST_SEGMENTS: usize = strata_graph::MAX_IOVECS;
 
 /// What the device currently is, as far as validation cares.
 #[derive(Clone, Copy, Debug)]
@@ -136,9 +104,18 @@ pub enum RequestError {
         /// Its length.
         len: u64,
     },
-    /// More data segments than one request may have.
-    #[error("more than {MAX_DATA_SEGMENTS} data segments")]
+    /// More descriptors than SEG_MAX data segments allow.
+    #[error("the chain has more than {MAX_DESCS} descriptors (seg_max is {SEG_MAX})")]
     TooManySegments,
+    /// A descriptor longer than SIZE_MAX.
+    #[error("a {len}-byte descriptor is larger than size_max ({SIZE_MAX} bytes)")]
+    SegmentTooLarge {
+        /// Its length.
+        len: u32,
+    },
+    /// The data maps to more host segments than one request may have.
+    #[error("the data maps to more than {MAX_HOST_SEGMENTS} host memory segments")]
+    TooManyHostSegments,
     /// A request that only writes to the guest has device-readable data.
     #[error("{len} device-readable bytes after the header of a request that has none")]
     UnexpectedReadable {
@@ -225,22 +202,6 @@ impl RequestError {
             }
             _ => Some(VIRTIO_BLK_S_IOERR as u8),
         }
-    }
-}
-
-/// Where a request's status byte goes. Holds the memory it points into.
-pub struct StatusByte {
-    ptr: NonNull<u8>,
-    _mem: MemHandle,
-}
-
-impl StatusByte {
-    /// Stores the status. Must happen before the chain goes on the used ring.
-    pub fn set(&self, status: u8) {
-        // SAFETY: `ptr` was mapped from a device-writable descriptor of the
-        // guest memory that `_mem` keeps mapped. The guest may race with us,
-        // which a volatile byte store tolerates.
-        unsafe { self.ptr.as_ptr().write_volatile(status) }
     }
 }
 
@@ -344,36 +305,47 @@ pub fn parse_descs(
         status,
         error,
     };
+    // GUEST-INPUT: the chain's shape. Collect at most MAX_DESCS; past
+    // that, only the last descriptor (where the status byte is) is kept.
     let mut descs: SmallVec<[Desc; 8]> = SmallVec::new();
-    let mut ends_with_next = false;
+    let mut last = None;
+    let mut too_many = false;
+    let mut too_large = None;
     for d in chain {
-        ends_with_next = d.has_next;
+        last = Some(d);
+        if d.len > SIZE_MAX {
+            too_large.get_or_insert(d.len);
+        }
+        if descs.len() == MAX_DESCS {
+            too_many = true;
+            continue;
+        }
         descs.push(Desc {
             addr: GuestAddress(d.addr),
             len: u64::from(d.len),
             writable: d.writable,
         });
     }
-    if ends_with_next {
-        return Err(reject(None, RequestError::Truncated));
-    }
-    let status_desc = match descs.last() {
-        Some(d) if d.writable && d.len > 0 => *d,
+    let status_desc = match last {
+        Some(d) if d.has_next => return Err(reject(None, RequestError::Truncated)),
+        Some(d) if d.writable && d.len > 0 => d,
         _ => return Err(reject(None, RequestError::NoStatus)),
     };
-    let status_addr = status_desc.addr.0.wrapping_add(status_desc.len - 1);
-    let status = match mem.get_slice(GuestAddress(status_addr), 1) {
-        Ok(s) => StatusByte {
-            ptr: NonNull::new(s.ptr_guard_mut().as_ptr()).expect("mapped memory is not null"),
-            _mem: mem.clone(),
-        },
-        Err(_) => {
-            return Err(reject(
-                None,
-                RequestError::UnmappedStatus { addr: status_addr },
-            ))
-        }
+    let status_addr = status_desc
+        .addr
+        .wrapping_add(u64::from(status_desc.len) - 1);
+    let Some(status) = StatusByte::at(mem, status_addr) else {
+        return Err(reject(
+            None,
+            RequestError::UnmappedStatus { addr: status_addr },
+        ));
     };
+    if too_many {
+        return Err(reject(Some(status), RequestError::TooManySegments));
+    }
+    if let Some(len) = too_large {
+        return Err(reject(Some(status), RequestError::SegmentTooLarge { len }));
+    }
     match build(&descs, mem, limits) {
         Ok((kind, data)) => Ok(Request {
             head,
@@ -475,10 +447,10 @@ fn build(
             if limits.read_only {
                 return Err(RequestError::ReadOnly);
             }
-            if sectors > crate::virtio::config::MAX_DISCARD_SECTORS {
+            if sectors > MAX_DISCARD_SECTORS {
                 return Err(RequestError::TooManySectors {
                     sectors,
-                    max: crate::virtio::config::MAX_DISCARD_SECTORS,
+                    max: MAX_DISCARD_SECTORS,
                 });
             }
             let len = u64::from(sectors) * 512;
@@ -547,20 +519,13 @@ fn ranges(descs: &[Desc], mut skip: u64, mut len: u64) -> impl Iterator<Item = R
 }
 
 /// The request type and sector of a header that lies whole in `d`, read
-/// from one mapping; `None` sends the caller the general way.
-fn read_header(mem: &GuestMemory, d: &Desc) -> Option<(u32, u64)> {
+/// with one volatile load; `None` sends the caller the general way.
+fn read_header(mem: &MemHandle, d: &Desc) -> Option<(u32, u64)> {
     if d.len < HEADER_LEN {
         return None;
     }
-    let slice = mem.get_slice(d.addr, HEADER_LEN as usize).ok()?;
-    let mut h = [0u8; HEADER_LEN as usize];
-    if slice.len() < h.len() {
-        return None;
-    }
-    // SAFETY: `slice` maps 16 bytes of guest memory that `mem` keeps mapped
-    // for this call. The guest may change them while we copy, which at
-    // worst yields a header it did not mean: validated below like any.
-    unsafe { std::ptr::copy_nonoverlapping(slice.ptr_guard().as_ptr(), h.as_mut_ptr(), h.len()) };
+    // GUEST-INPUT: the header decides the request; it is read once, here.
+    let h = mem.read_bytes::<{ HEADER_LEN as usize }>(d.addr.0)?;
     Some((
         u32::from_le_bytes(h[0..4].try_into().expect("4 bytes")),
         u64::from_le_bytes(h[8..16].try_into().expect("8 bytes")),
@@ -568,12 +533,7 @@ fn read_header(mem: &GuestMemory, d: &Desc) -> Option<(u32, u64)> {
 }
 
 /// Copies `out.len()` bytes starting `skip` bytes into `descs`.
-fn gather(
-    mem: &GuestMemory,
-    descs: &[Desc],
-    skip: u64,
-    out: &mut [u8],
-) -> Result<(), RequestError> {
+fn gather(mem: &MemHandle, descs: &[Desc], skip: u64, out: &mut [u8]) -> Result<(), RequestError> {
     let mut at = 0;
     for r in ranges(descs, skip, out.len() as u64) {
         let n = r.len as usize;
@@ -593,25 +553,17 @@ fn map(
     ranges: impl Iterator<Item = Range>,
 ) -> Result<IoVecs<'static>, RequestError> {
     let mut iov = IoVecs::new();
-    let mut segments = 0;
     for r in ranges {
         let unmapped = RequestError::UnmappedBuffer {
             addr: r.addr.0,
             len: r.len,
         };
         let len = usize::try_from(r.len).map_err(|_| unmapped.clone())?;
-        for slice in GuestMemoryBackend::get_slices(&**mem, r.addr, len) {
-            let slice = slice.map_err(|_| unmapped.clone())?;
-            segments += 1;
-            if segments > MAX_DATA_SEGMENTS {
-                return Err(RequestError::TooManySegments);
-            }
-            // SAFETY: the slice lies in a region of `mem`; the request keeps
-            // a MemHandle on `mem` (in its StatusByte) for as long as the
-            // IoVecs live, and regions are unmapped only when the last handle
-            // goes. Guest accesses race only with our copies and the kernel's.
-            unsafe { iov.push(slice.ptr_guard_mut().as_ptr(), slice.len()) };
-        }
+        mem.map_into(&mut iov, r.addr.0, len, MAX_HOST_SEGMENTS)
+            .map_err(|e| match e {
+                MapError::Unmapped => unmapped,
+                MapError::TooManySegments => RequestError::TooManyHostSegments,
+            })?;
     }
     Ok(iov)
 }

@@ -13,24 +13,10 @@ use std::num::Wrapping;
 use std::ptr::NonNull;
 use std::sync::atomic::{fence, AtomicU16, Ordering};
 
-use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::QueueT;
-use vm_memory::{GuestAddress, GuestMemoryBackend as _};
 
-use crate::virtio::request::{GuestMemory, MemHandle};
-
-/// One descriptor as the rings hold it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RawDesc {
-    /// Guest address of the buffer.
-    pub addr: u64,
-    /// Its length.
-    pub len: u32,
-    /// The device writes it.
-    pub writable: bool,
-    /// Another descriptor follows in the chain.
-    pub has_next: bool,
-}
+use crate::virtio::desc::{RawDesc, TableEntry, DESC_LEN};
+use crate::virtio::memory::MemHandle;
 
 /// Where one queue's rings are, for a given memory map.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -51,14 +37,6 @@ pub struct Rings {
     used: NonNull<u8>,
 }
 
-fn map(mem: &GuestMemory, addr: u64, len: usize, align: usize) -> Option<NonNull<u8>> {
-    let slice = mem.get_slice(GuestAddress(addr), len).ok()?;
-    let ptr = slice.ptr_guard_mut().as_ptr();
-    (ptr as usize % align == 0)
-        .then(|| NonNull::new(ptr))
-        .flatten()
-}
-
 impl Rings {
     /// Maps `queue`'s rings in `mem`, or `None` when a ring is not wholly
     /// inside one region (the slow path then serves the queue).
@@ -72,9 +50,9 @@ impl Rings {
         };
         let n = usize::from(layout.size);
         Some(Rings {
-            desc: map(mem, layout.desc, 16 * n, 16)?,
-            avail: map(mem, layout.avail, 6 + 2 * n, 2)?,
-            used: map(mem, layout.used, 6 + 8 * n, 4)?,
+            desc: mem.host_ptr(layout.desc, DESC_LEN * n, 16)?,
+            avail: mem.host_ptr(layout.avail, 6 + 2 * n, 2)?,
+            used: mem.host_ptr(layout.used, 6 + 8 * n, 4)?,
             layout,
             mem: mem.clone(),
         })
@@ -181,7 +159,8 @@ impl Rings {
         u16::from_le(self.u16_at(self.avail, 2).load(Ordering::Relaxed)) != next_avail
     }
 
-    fn memory(&self) -> &GuestMemory {
+    /// The memory map the rings are in.
+    pub fn memory(&self) -> &MemHandle {
         &self.mem
     }
 }
@@ -198,20 +177,20 @@ pub struct Chain<'a> {
 }
 
 impl Chain<'_> {
-    fn read(&self, index: u16) -> (u64, u32, u16, u16) {
+    fn read(&self, index: u16) -> TableEntry {
         // SAFETY: `table` maps `table_len` descriptors (the queue's table,
         // checked at `Rings::new`, or an indirect table mapped whole by
-        // `enter`), `index < table_len`, and descriptors are 16-byte
-        // structures; the guest must not change them while the chain is
-        // available, and a volatile read tolerates it if it does.
-        unsafe {
-            let p = self.table.as_ptr().add(16 * usize::from(index));
-            let addr = u64::from_le(p.cast::<u64>().read_unaligned());
-            let len = u32::from_le(p.add(8).cast::<u32>().read_unaligned());
-            let flags = u16::from_le(p.add(12).cast::<u16>().read_unaligned());
-            let next = u16::from_le(p.add(14).cast::<u16>().read_unaligned());
-            (addr, len, flags, next)
-        }
+        // `enter`), `index < table_len`, and `[u8; 16]` needs no alignment.
+        // GUEST-INPUT: the guest may rewrite the descriptor while we read;
+        // one volatile load takes a snapshot, and only the snapshot is used.
+        let bytes = unsafe {
+            self.table
+                .as_ptr()
+                .add(DESC_LEN * usize::from(index))
+                .cast::<[u8; DESC_LEN]>()
+                .read_volatile()
+        };
+        TableEntry::from_bytes(bytes)
     }
 
     /// Switches to the indirect table `addr`, `len` bytes long.
@@ -220,7 +199,7 @@ impl Chain<'_> {
             return None;
         }
         let n = (len / 16) as u16;
-        self.table = map(self.rings.memory(), addr, len as usize, 1)?;
+        self.table = self.rings.memory().host_ptr(addr, len as usize, 1)?;
         self.table_len = n;
         self.next = 0;
         self.ttl = n;
@@ -237,25 +216,21 @@ impl Iterator for Chain<'_> {
             if self.ttl == 0 || self.next >= self.table_len {
                 return None;
             }
-            let (addr, len, flags, next) = self.read(self.next);
-            if u32::from(flags) & VRING_DESC_F_INDIRECT != 0 {
-                self.enter(addr, len)?;
+            let d = self.read(self.next);
+            if d.indirect() {
+                self.enter(d.addr, d.len)?;
                 continue;
             }
-            self.bytes = self.bytes.checked_add(len)?;
-            let has_next = u32::from(flags) & VRING_DESC_F_NEXT != 0;
-            if has_next {
-                self.next = next;
+            // The chain's total stays below 4 GiB, so a used length never
+            // wraps.
+            self.bytes = self.bytes.checked_add(d.len)?;
+            if d.has_next() {
+                self.next = d.next;
                 self.ttl -= 1;
             } else {
                 self.ttl = 0;
             }
-            return Some(RawDesc {
-                addr,
-                len,
-                writable: u32::from(flags) & VRING_DESC_F_WRITE != 0,
-                has_next,
-            });
+            return Some(d.raw());
         }
     }
 }

@@ -1,0 +1,191 @@
+//! Block semantics: what a validated request does to the export's node, and
+//! the executor its future runs on.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use strata_graph::{BlockError, GraphView, LocalView};
+use strata_runtime::executor::Executor;
+use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP};
+
+use crate::export::{Export, SERIAL_LEN};
+use crate::queue::QueueState;
+use crate::ratelimit::RateLimit;
+use crate::virtio::request::{Request, RequestKind};
+
+/// A finished chain, waiting for the used ring.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Completion {
+    /// The chain's head.
+    pub head: u16,
+    /// Bytes written into the chain, status byte included.
+    pub len: u32,
+    /// The ring generation it was taken in.
+    pub generation: u64,
+}
+
+/// What the request futures of one queue share with their worker.
+pub(crate) struct QueueCtx {
+    pub export: Arc<Export>,
+    pub state: Arc<QueueState>,
+    pub queue: usize,
+    /// Finished chains waiting for the used ring.
+    pub done: RefCell<Vec<Completion>>,
+    errors: RefCell<RateLimit>,
+}
+
+impl QueueCtx {
+    pub fn new(export: Arc<Export>, state: Arc<QueueState>, queue: usize) -> Self {
+        QueueCtx {
+            export,
+            state,
+            queue,
+            done: RefCell::new(Vec::new()),
+            errors: RefCell::new(RateLimit::new(10, std::time::Duration::from_secs(5))),
+        }
+    }
+
+    /// Records a finished chain.
+    pub fn finish(&self, head: u16, len: u32, generation: u64) {
+        self.done.borrow_mut().push(Completion {
+            head,
+            len,
+            generation,
+        });
+    }
+
+    /// Logs a warning, rate-limited: a guest controls how often these
+    /// happen.
+    pub fn warn(&self, what: std::fmt::Arguments<'_>) {
+        if let Some(dropped) = self.errors.borrow_mut().check() {
+            let q = self.queue;
+            if dropped > 0 {
+                tracing::warn!("queue {q}: {what} ({dropped} similar messages suppressed)");
+            } else {
+                tracing::warn!("queue {q}: {what}");
+            }
+        }
+    }
+}
+
+/// A request to run: what it is, and the generation it was taken in.
+pub(crate) struct Job {
+    pub req: Request,
+    pub generation: u64,
+}
+
+/// The queue's executor, for request futures. Behind a trait because the
+/// future's type (that of `execute`) has no name to store it by.
+pub(crate) trait Requests {
+    fn spawn(&self, ctx: Rc<QueueCtx>, view: LocalView, job: Job);
+    fn run_until_stalled(&self) -> usize;
+    fn woken_remotely(&self) -> bool;
+    fn is_empty(&self) -> bool;
+}
+
+struct RequestExecutor<F, G> {
+    executor: Executor<F>,
+    make: G,
+}
+
+impl<F, G> Requests for RequestExecutor<F, G>
+where
+    F: std::future::Future<Output = ()>,
+    G: Fn(Rc<QueueCtx>, LocalView, Job) -> F,
+{
+    fn spawn(&self, ctx: Rc<QueueCtx>, view: LocalView, job: Job) {
+        self.executor.spawn((self.make)(ctx, view, job));
+    }
+
+    fn run_until_stalled(&self) -> usize {
+        self.executor.run_until_stalled()
+    }
+
+    fn woken_remotely(&self) -> bool {
+        self.executor.woken_remotely()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.executor.is_empty()
+    }
+}
+
+/// An executor for this thread's requests; `notify` pokes the thread when
+/// a request is woken from another thread.
+pub(crate) fn executor(notify: impl Fn() + Send + Sync + 'static) -> Box<dyn Requests> {
+    Box::new(RequestExecutor {
+        executor: Executor::new(notify),
+        make: execute,
+    })
+}
+
+/// How a request ended, with the used length: the bytes written into the
+/// chain, status byte included.
+enum Reply {
+    Done(u32),
+    Failed(BlockError, u32),
+    Unsupported,
+}
+
+/// Runs one request to completion and records it as finished.
+async fn execute(ctx: Rc<QueueCtx>, view: LocalView, job: Job) {
+    let Job { req, generation } = job;
+    let (status, used) = match dispatch(&ctx.export, &view, &req).await {
+        Reply::Done(used) => (VIRTIO_BLK_S_OK, used),
+        Reply::Failed(e, used) => {
+            ctx.warn(format_args!("{:?} failed: {e}", req.kind));
+            let status = if e.is_unsupported() {
+                VIRTIO_BLK_S_UNSUPP
+            } else {
+                VIRTIO_BLK_S_IOERR
+            };
+            (status, used)
+        }
+        Reply::Unsupported => (VIRTIO_BLK_S_UNSUPP, 1),
+    };
+    req.status.set(status as u8);
+    ctx.finish(req.head, used, generation);
+}
+
+/// Runs a request against the export's root node.
+async fn dispatch(export: &Export, g: &GraphView, req: &Request) -> Reply {
+    let data = req.data();
+    let node = match g.child(export.root()) {
+        Ok(n) => n,
+        Err(e) => return Reply::Failed(e, 1),
+    };
+    // The parser bounds a request to SEG_MAX * SIZE_MAX bytes, far below
+    // 4 GiB, so the used length cannot wrap.
+    let data_len = u32::try_from(data.len()).unwrap_or(u32::MAX - 1);
+    let (res, used) = match req.kind {
+        RequestKind::Read { offset } => (node.read(g, offset, data).await, data_len + 1),
+        RequestKind::Write { offset } => (node.write(g, offset, data).await, 1),
+        RequestKind::Flush => (node.flush(g).await, 1),
+        RequestKind::GetId => {
+            let Some(serial) = export.serial() else {
+                return Reply::Unsupported;
+            };
+            let n = (data.len() as usize).min(SERIAL_LEN);
+            data.copy_from_slice(0, &serial[..n]);
+            (Ok(()), n as u32 + 1)
+        }
+        RequestKind::Discard { offset, len } => (node.discard(g, offset, len).await, 1),
+        RequestKind::WriteZeroes { offset, len, unmap } => {
+            (node.write_zeroes(g, offset, len, unmap).await, 1)
+        }
+    };
+    // Write-through: a write completes only once it is durable.
+    let is_write = matches!(
+        req.kind,
+        RequestKind::Write { .. } | RequestKind::WriteZeroes { .. }
+    );
+    let res = match res {
+        Ok(()) if is_write && !export.writeback() => node.flush(g).await,
+        res => res,
+    };
+    match res {
+        Ok(()) => Reply::Done(used),
+        Err(e) => Reply::Failed(e, used),
+    }
+}
