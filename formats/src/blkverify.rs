@@ -8,6 +8,9 @@ use strata_graph::{
     NodeBuilder, NodeId, SlotId,
 };
 
+/// Bytes a read compares at a time.
+const COMPARE_CHUNK: u64 = 1 << 20;
+
 /// An open blkverify node.
 pub struct BlkverifyNode {
     test: SlotId,
@@ -32,35 +35,48 @@ impl BlkverifyNode {
         t.and(r)
     }
 
+    /// Reads both children into buffers of its own, [`COMPARE_CHUNK`]
+    /// bytes at a time, compares them, and hands the guest only what both
+    /// agree on.
     async fn read_compared(
         &self,
         g: &GraphView,
         offset: u64,
         buf: &IoVecs<'_>,
     ) -> Result<(), BlockError> {
-        let len = buf.len();
-        let mut reference = AlignedBuf::zeroed(len as usize, 4096);
-        let ref_iov = reference.iovecs_mut();
-        let (t, r) = join(
-            g.via(self.test, |c| c.read(g, offset, buf)),
-            g.via(self.raw, |c| c.read(g, offset, &ref_iov)),
-        )
-        .await;
-        t?;
-        r?;
-        drop(ref_iov);
-        let mut got = vec![0u8; len as usize];
-        buf.copy_to_slice(0, &mut got);
-        if let Some(at) = got
-            .iter()
-            .zip(reference.as_slice())
-            .position(|(a, b)| a != b)
-        {
-            tracing::error!(
-                "blkverify: read of {len} bytes at byte {offset}: test and raw differ at byte {}",
-                offset + at as u64
-            );
-            return Err(BlockError::errno(IoOp::Read, offset + at as u64, libc::EIO));
+        let chunk = buf.len().min(COMPARE_CHUNK) as usize;
+        let mut test = AlignedBuf::zeroed(chunk, 4096)?;
+        let mut raw = AlignedBuf::zeroed(chunk, 4096)?;
+        let mut at = 0;
+        while at < buf.len() {
+            let len = (buf.len() - at).min(COMPARE_CHUNK);
+            let n = len as usize;
+            let pos = offset + at;
+            {
+                let (t_iov, r_iov) = (test.iovecs_mut(), raw.iovecs_mut());
+                let (t_iov, r_iov) = (t_iov.slice(0, len), r_iov.slice(0, len));
+                let (t, r) = join(
+                    g.via(self.test, |c| c.read(g, pos, &t_iov)),
+                    g.via(self.raw, |c| c.read(g, pos, &r_iov)),
+                )
+                .await;
+                t?;
+                r?;
+            }
+            if let Some(i) = test.as_slice()[..n]
+                .iter()
+                .zip(&raw.as_slice()[..n])
+                .position(|(a, b)| a != b)
+            {
+                tracing::error!(
+                    "blkverify: read of {} bytes at byte {offset}: test and raw differ at byte {}",
+                    buf.len(),
+                    pos + i as u64
+                );
+                return Err(BlockError::errno(IoOp::Read, pos + i as u64, libc::EIO));
+            }
+            buf.copy_from_slice(at, &test.as_slice()[..n]);
+            at += len;
         }
         Ok(())
     }

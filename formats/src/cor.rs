@@ -7,6 +7,9 @@ use strata_graph::{
     NodeBuilder, NodeId, Perm, SlotId, SlotPerm,
 };
 
+/// Bytes copied up at a time.
+const COPY_CHUNK: u64 = 1 << 20;
+
 /// An open copy-on-read node.
 pub struct CopyOnReadNode {
     file: SlotId,
@@ -31,13 +34,13 @@ impl CopyOnReadNode {
         let mut at = 0;
         while at < buf.len() {
             let st = child.block_status(g, offset + at, buf.len() - at).await?;
-            let run = st.len.clamp(1, buf.len() - at);
+            // At most a chunk at a time: the copy below is bounded.
+            let run = st.len.clamp(1, buf.len() - at).min(COPY_CHUNK);
             if !st.allocated {
-                // Copy through a private buffer: the guest may change its
-                // own while we write. A guest write that lands meanwhile
-                // wins: fill_unallocated never replaces mapped data.
-                let mut copy = AlignedBuf::zeroed(run as usize, 4096);
-                buf.copy_to_slice(at, copy.as_mut_slice());
+                // Copy through a snapshot: the guest may change its buffer
+                // while we write. A guest write that lands meanwhile wins:
+                // fill_unallocated never replaces mapped data.
+                let mut copy = AlignedBuf::snapshot(buf, at, run as usize, 4096)?;
                 child
                     .fill_unallocated(g, offset + at, &copy.iovecs_mut())
                     .await?;

@@ -69,6 +69,9 @@ pub enum FileError {
 
 /// Largest single zero-fill write when the host cannot zero in place.
 const ZERO_CHUNK: usize = 1 << 20;
+/// Bytes bounced at a time for O_DIRECT (a multiple of every O_DIRECT
+/// alignment).
+const BOUNCE_CHUNK: u64 = 1 << 20;
 
 /// An open host file.
 pub struct FileNode {
@@ -170,16 +173,26 @@ impl FileNode {
         Ok(())
     }
 
-    /// Reads or writes through an aligned bounce buffer: O_DIRECT refuses
-    /// guest buffers that are not aligned in memory.
+    /// Reads or writes through an aligned bounce buffer, [`BOUNCE_CHUNK`]
+    /// bytes at a time: O_DIRECT refuses guest buffers that are not
+    /// aligned in memory, and a bounce as large as the request would let a
+    /// guest choose how much memory the daemon uses.
     async fn rw_bounced(&self, op: IoOp, offset: u64, buf: &IoVecs<'_>) -> Result<(), BlockError> {
-        let mut bounce = AlignedBuf::zeroed(buf.len() as usize, self.mem_align.max(4096));
-        if op == IoOp::Write {
-            buf.copy_to_slice(0, bounce.as_mut_slice());
-        }
-        self.rw(op, offset, &bounce.iovecs_mut()).await?;
-        if op == IoOp::Read {
-            buf.copy_from_slice(0, bounce.as_slice());
+        let chunk = buf.len().min(BOUNCE_CHUNK);
+        let mut bounce = AlignedBuf::zeroed(chunk as usize, self.mem_align.max(4096))?;
+        let mut done = 0;
+        while done < buf.len() {
+            let n = (buf.len() - done).min(BOUNCE_CHUNK);
+            let part = &mut bounce.as_mut_slice()[..n as usize];
+            if op == IoOp::Write {
+                buf.copy_to_slice(done, part);
+            }
+            self.rw(op, offset + done, &IoVecs::from_slice(part))
+                .await?;
+            if op == IoOp::Read {
+                buf.copy_from_slice(done, part);
+            }
+            done += n;
         }
         Ok(())
     }
@@ -198,7 +211,8 @@ impl FileNode {
 
     /// Writes zeroes from a buffer, for hosts that cannot zero in place.
     async fn write_zero_buffer(&self, offset: u64, len: u64) -> Result<(), BlockError> {
-        let mut zeroes = AlignedBuf::zeroed(ZERO_CHUNK.min(len as usize), self.mem_align.max(4096));
+        let mut zeroes =
+            AlignedBuf::zeroed(ZERO_CHUNK.min(len as usize), self.mem_align.max(4096))?;
         let iov = zeroes.iovecs_mut();
         let mut done = 0;
         while done < len {

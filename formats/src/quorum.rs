@@ -20,6 +20,9 @@ pub enum ReadPattern {
     Fifo,
 }
 
+/// Bytes a voted read compares at a time.
+const VOTE_CHUNK: u64 = 1 << 20;
+
 /// Options of a quorum node.
 #[derive(Clone, Debug)]
 pub struct QuorumOptions {
@@ -121,24 +124,48 @@ impl QuorumNode {
         BlockError::errno(op, offset, libc::EIO)
     }
 
+    /// Reads from every child and returns what most of them agree on,
+    /// [`VOTE_CHUNK`] bytes at a time, so the buffers a read needs are
+    /// bounded however large the request is.
     async fn read_voted(
         &self,
         g: &GraphView,
         offset: u64,
         buf: &IoVecs<'_>,
     ) -> Result<(), BlockError> {
-        let len = buf.len();
-        let mut copies: Vec<AlignedBuf> = self
+        let chunk = buf.len().min(VOTE_CHUNK) as usize;
+        let mut copies = self
             .children
             .iter()
-            .map(|_| AlignedBuf::zeroed(len as usize, 4096))
-            .collect();
+            .map(|_| AlignedBuf::zeroed(chunk, 4096))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut at = 0;
+        while at < buf.len() {
+            let n = (buf.len() - at).min(VOTE_CHUNK);
+            self.vote(g, offset + at, &buf.slice(at, n), &mut copies)
+                .await?;
+            at += n;
+        }
+        Ok(())
+    }
+
+    /// One chunk of [`QuorumNode::read_voted`], through `copies` (one
+    /// buffer per child, each at least `buf.len()` bytes).
+    async fn vote(
+        &self,
+        g: &GraphView,
+        offset: u64,
+        buf: &IoVecs<'_>,
+        copies: &mut [AlignedBuf],
+    ) -> Result<(), BlockError> {
+        let len = buf.len();
+        let n = len as usize;
         let reads = self
             .children
             .iter()
             .zip(copies.iter_mut())
             .map(|(&slot, copy)| async move {
-                let iov = copy.iovecs_mut();
+                let iov = copy.iovecs_mut().slice(0, len);
                 g.child(slot)?.read(g, offset, &iov).await
             });
         let results = join_all(reads).await;
@@ -150,7 +177,7 @@ impl QuorumNode {
             }
             match groups
                 .iter_mut()
-                .find(|grp| copies[grp[0]].as_slice() == copies[i].as_slice())
+                .find(|grp| copies[grp[0]].as_slice()[..n] == copies[i].as_slice()[..n])
             {
                 Some(grp) => grp.push(i),
                 None => groups.push(vec![i]),
@@ -171,12 +198,10 @@ impl QuorumNode {
         if winner.len() < self.opts.vote_threshold {
             return Err(self.failure(IoOp::Read, offset, len));
         }
-        let best = &copies[winner[0]];
-        buf.copy_from_slice(0, best.as_slice());
+        let best = winner[0];
+        buf.copy_from_slice(0, &copies[best].as_slice()[..n]);
         if self.opts.rewrite_corrupted {
-            let mut fixed = AlignedBuf::zeroed(len as usize, 4096);
-            fixed.as_mut_slice().copy_from_slice(best.as_slice());
-            let iov = fixed.iovecs_mut();
+            let iov = copies[best].iovecs_mut().slice(0, len);
             for (i, r) in results.iter().enumerate() {
                 if r.is_ok() && !winner.contains(&i) {
                     if let Err(e) = g.child(self.children[i])?.write(g, offset, &iov).await {

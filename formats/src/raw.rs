@@ -3,8 +3,8 @@
 
 use crate::image::{format_of, ImageFormat, PROBE_LEN};
 use strata_graph::{
-    BlockDriver, BlockError, BlockStatus, GraphError, GraphView, IoFuture, IoOp, IoVecs,
-    NodeBuilder, NodeId, SlotId,
+    AlignedBuf, BlockDriver, BlockError, BlockStatus, GraphError, GraphView, IoFuture, IoOp,
+    IoVecs, NodeBuilder, NodeId, SlotId,
 };
 
 /// Options of a `raw` node.
@@ -114,17 +114,36 @@ impl RawNode {
 }
 
 impl RawNode {
-    /// True when writing `buf` at `offset` could make the image probe as
-    /// something other than raw.
-    fn would_change_format(&self, offset: u64, buf: &IoVecs<'_>) -> bool {
-        // With the guard on, requests are 512-aligned (see
-        // request_alignment), so one touching the probed bytes covers them.
+    /// Writes `buf` at `offset` (which touches the probed bytes) as long
+    /// as the image still probes as raw afterwards.
+    ///
+    /// GUEST-INPUT: the first block decides whether the write is allowed,
+    /// so it is snapshotted once; the check reads the snapshot and the
+    /// snapshot is what is written, whatever the guest does to its buffer
+    /// meanwhile.
+    async fn guarded_write(
+        &self,
+        g: &GraphView,
+        child: &dyn BlockDriver,
+        offset: u64,
+        buf: &IoVecs<'_>,
+    ) -> Result<(), BlockError> {
+        let refuse = || BlockError::errno(IoOp::Write, offset, libc::EPERM);
+        // With the guard on, requests are aligned to at least 512 bytes
+        // (see request_alignment), so one touching the probed bytes starts
+        // at 0 and covers them.
         if offset != 0 || buf.len() < PROBE_LEN as u64 {
-            return true;
+            return Err(refuse());
         }
-        let mut head = [0u8; PROBE_LEN];
-        buf.copy_to_slice(0, &mut head);
-        format_of(&head) != ImageFormat::Raw
+        let block = u64::from(self.request_alignment(g)).max(PROBE_LEN as u64);
+        let head_len = buf.len().min(block);
+        let mut head = AlignedBuf::snapshot(buf, 0, head_len as usize, 4096)?;
+        if format_of(&head.as_slice()[..PROBE_LEN]) != ImageFormat::Raw {
+            return Err(refuse());
+        }
+        let mut iov = head.iovecs_mut();
+        iov.append(&buf.slice(head_len, buf.len() - head_len));
+        child.write(g, self.offset, &iov).await
     }
 }
 
@@ -168,8 +187,11 @@ impl BlockDriver for RawNode {
     }
 
     fn write<'a>(&'a self, g: &'a GraphView, offset: u64, buf: &'a IoVecs<'a>) -> IoFuture<'a> {
-        if self.guard_format && offset < PROBE_LEN as u64 && self.would_change_format(offset, buf) {
-            return IoFuture::ready(Err(BlockError::errno(IoOp::Write, offset, libc::EPERM)));
+        if self.guard_format && offset < PROBE_LEN as u64 {
+            return match self.route(g, IoOp::Write, offset, buf.len()) {
+                Ok(c) => IoFuture::new(self.guarded_write(g, c, offset, buf)),
+                Err(e) => IoFuture::ready(Err(e)),
+            };
         }
         forward!(self, g, IoOp::Write, offset, buf.len(), |c, at| c
             .write(g, at, buf))

@@ -1,5 +1,9 @@
 //! Heap buffers aligned for O_DIRECT, for the few paths that cannot work in
-//! place (misaligned guest buffers, zero-fill, metadata).
+//! place (misaligned guest buffers, zero-fill, metadata), and snapshots of
+//! guest bytes that a decision is made on.
+//!
+//! Allocation failure is an error, never an abort: a guest or an image
+//! decides how large some of these are.
 
 use std::alloc::{self, Layout};
 use std::ptr::NonNull;
@@ -17,18 +21,36 @@ unsafe impl Send for AlignedBuf {}
 // SAFETY: shared access only hands out shared slices.
 unsafe impl Sync for AlignedBuf {}
 
+/// A buffer that could not be allocated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("cannot allocate a {len}-byte buffer")]
+pub struct AllocError {
+    /// The size asked for.
+    pub len: usize,
+}
+
 impl AlignedBuf {
     /// Allocates `len` zeroed bytes aligned to `align` (a power of two).
-    ///
-    /// # Panics
-    ///
-    /// When `align` is not a power of two or the allocation fails.
-    pub fn zeroed(len: usize, align: usize) -> Self {
-        let layout = Layout::from_size_align(len.max(1), align).expect("valid buffer layout");
+    pub fn zeroed(len: usize, align: usize) -> Result<Self, AllocError> {
+        let layout = Layout::from_size_align(len.max(1), align).map_err(|_| AllocError { len })?;
         // SAFETY: the layout has a non-zero size.
         let ptr = unsafe { alloc::alloc_zeroed(layout) };
-        let ptr = NonNull::new(ptr).unwrap_or_else(|| alloc::handle_alloc_error(layout));
-        AlignedBuf { ptr, layout }
+        let ptr = NonNull::new(ptr).ok_or(AllocError { len })?;
+        Ok(AlignedBuf { ptr, layout })
+    }
+
+    /// A snapshot of `len` bytes of `src` from `offset`: each byte is read
+    /// once, and whatever happens to `src` afterwards, the snapshot is what
+    /// a decision about those bytes is made on, and what is used after.
+    pub fn snapshot(
+        src: &IoVecs<'_>,
+        offset: u64,
+        len: usize,
+        align: usize,
+    ) -> Result<Self, AllocError> {
+        let mut buf = Self::zeroed(len, align)?;
+        src.copy_to_slice(offset, buf.as_mut_slice());
+        Ok(buf)
     }
 
     /// Length in bytes.

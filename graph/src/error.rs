@@ -84,6 +84,9 @@ pub enum BlockError {
         /// The slot.
         slot: SlotId,
     },
+    /// A buffer the request needs could not be allocated.
+    #[error(transparent)]
+    NoMemory(#[from] crate::AllocError),
 }
 
 impl BlockError {

@@ -9,6 +9,7 @@
 use std::marker::PhantomData;
 
 use smallvec::SmallVec;
+use vm_memory::VolatileSlice;
 
 /// The most segments one list may hold (Linux's `IOV_MAX`).
 pub const MAX_IOVECS: usize = 1024;
@@ -52,6 +53,14 @@ impl<'m> IoVecs<'m> {
             iov_len: len,
         });
         self.len += len as u64;
+    }
+
+    /// Appends the segments of `other`, which must be valid for as long.
+    pub fn append(&mut self, other: &IoVecs<'m>) {
+        for v in other.as_iovecs() {
+            // SAFETY: `other` vouches for its segments for 'm.
+            unsafe { self.push(v.iov_base.cast(), v.iov_len) };
+        }
     }
 
     /// A list over `buf`, borrowed for as long as the list lives.
@@ -161,21 +170,26 @@ impl<'m> IoVecs<'m> {
         self.zero_range(0, self.len);
     }
 
-    /// Copies `src` into the list, starting `offset` bytes in.
+    /// Copies `src` into the list, starting `offset` bytes in, with
+    /// vm-memory's volatile copy (the list may be guest memory).
     pub fn copy_from_slice(&self, offset: u64, src: &[u8]) {
         self.for_each_piece(offset, src.len() as u64, |p, n, at| {
-            // SAFETY: `p..p+n` lies in a segment valid for writes, and cannot
-            // overlap `src`, which is a live Rust borrow (see `push`).
-            unsafe { std::ptr::copy_nonoverlapping(src[at..].as_ptr(), p, n) }
+            // SAFETY: `p..p+n` lies in a segment valid for reads and writes
+            // for as long as the list lives (see `push`); it cannot overlap
+            // `src`, which is a live Rust borrow.
+            let dst = unsafe { VolatileSlice::<()>::new(p, n) };
+            dst.copy_from(&src[at..at + n]);
         });
     }
 
-    /// Copies `dst.len()` bytes out of the list, starting `offset` bytes in.
+    /// Copies `dst.len()` bytes out of the list, starting `offset` bytes
+    /// in, with vm-memory's volatile copy: each byte is read once, so `dst`
+    /// is a snapshot even while a guest writes the list.
     pub fn copy_to_slice(&self, offset: u64, dst: &mut [u8]) {
         self.for_each_piece(offset, dst.len() as u64, |p, n, at| {
-            // SAFETY: `p..p+n` lies in a segment valid for reads, and cannot
-            // overlap `dst`, which is a live Rust borrow (see `push`).
-            unsafe { std::ptr::copy_nonoverlapping(p, dst[at..].as_mut_ptr(), n) }
+            // SAFETY: as in `copy_from_slice`.
+            let src = unsafe { VolatileSlice::<()>::new(p, n) };
+            src.copy_to(&mut dst[at..at + n]);
         });
     }
 }
@@ -230,7 +244,7 @@ mod tests {
 
     #[test]
     fn alignment_checks_every_segment() {
-        let mut buf = crate::AlignedBuf::zeroed(8192, 4096);
+        let mut buf = crate::AlignedBuf::zeroed(8192, 4096).unwrap();
         let v = buf.iovecs_mut();
         assert!(v.is_aligned(4096));
         assert!(!v.slice(512, 4096).is_aligned(4096));

@@ -33,7 +33,7 @@ mod slot;
 mod transaction;
 mod view;
 
-pub use buffer::AlignedBuf;
+pub use buffer::{AlignedBuf, AllocError};
 pub use drain::Quiesce;
 pub use driver::{BlockDriver, BlockStatus, IoFuture, Pooled};
 pub use error::{BlockError, GraphError, IoOp};

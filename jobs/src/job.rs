@@ -81,6 +81,12 @@ pub enum JobError {
     Failed(String),
 }
 
+impl From<strata_graph::AllocError> for JobError {
+    fn from(e: strata_graph::AllocError) -> Self {
+        JobError::Failed(e.to_string())
+    }
+}
+
 /// What a body should do after an I/O error, per the job's `on-error`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ErrorAction {

@@ -224,7 +224,7 @@ impl JobBody for Stream {
             ctx.progress(size);
             return Ok(());
         }
-        let mut buf = AlignedBuf::zeroed(CHUNK as usize, 4096);
+        let mut buf = AlignedBuf::zeroed(CHUNK as usize, 4096)?;
         let graph = self.graph.clone();
         chunked(ctx, &graph, 0, size, |g, off, n| {
             block_on(self.step(g, off, n, &mut buf))

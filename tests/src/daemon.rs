@@ -49,12 +49,23 @@ impl Daemon {
     /// Runs `strata serve ARGS --socket SOCKET`, logging to LOG, and waits
     /// until it listens.
     pub fn serve(args: &[&str], socket: &Path, log: &Path) -> Daemon {
+        let mut all = vec!["serve"];
+        all.extend_from_slice(args);
+        all.push("--socket");
+        all.push(socket.to_str().expect("a UTF-8 socket path"));
+        Self::run(&all, socket, log)
+    }
+
+    /// Runs `strata ARGS` (qemu-storage-daemon's command line), whose
+    /// export listens on `socket`, and waits until it listens.
+    pub fn qsd(args: &[&str], socket: &Path, log: &Path) -> Daemon {
+        Self::run(args, socket, log)
+    }
+
+    fn run(args: &[&str], socket: &Path, log: &Path) -> Daemon {
         let out = File::create(log).expect("create daemon log");
         let child = Command::new(strata_bin())
-            .arg("serve")
             .args(args)
-            .arg("--socket")
-            .arg(socket)
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
@@ -112,6 +123,18 @@ impl Daemon {
     /// True while the process runs.
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    /// Peak resident memory so far, in bytes (VmHWM).
+    pub fn peak_rss(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .expect("read the daemon's /proc status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .expect("VmHWM in /proc status")
+            * 1024
     }
 
     /// Sends SIGTERM and waits for the exit; returns the status and log.

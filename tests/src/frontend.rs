@@ -188,7 +188,43 @@ impl TestFrontend {
     /// Places descriptors at table indices starting at `first`, linked in
     /// order unless `links` overrides a `next` field, and offers the chain.
     pub fn offer_raw(&mut self, q: usize, first: u16, descs: &[(u64, u32, u16, u16)]) -> u16 {
-        let (desc, avail, _) = Self::ring_addrs(self.queues[q].base);
+        self.place(q, first, descs);
+        self.offer_head(q, first);
+        first
+    }
+
+    /// Makes the chain already in the table at `head` available again,
+    /// and kicks.
+    pub fn offer_head(&mut self, q: usize, head: u16) {
+        self.offer_head_quietly(q, head);
+        self.kick(q);
+    }
+
+    /// Kicks queue `q`.
+    pub fn kick(&self, q: usize) {
+        self.queues[q].kick.write(1).unwrap();
+    }
+
+    /// Makes the chain at `head` available again without kicking.
+    pub fn offer_head_quietly(&mut self, q: usize, head: u16) {
+        let (_, avail, _) = Self::ring_addrs(self.queues[q].base);
+        let queue = &mut self.queues[q];
+        let slot = queue.next_avail % QUEUE_SIZE;
+        self.mem
+            .write_obj(head.to_le(), GuestAddress(avail + 4 + 2 * u64::from(slot)))
+            .unwrap();
+        queue.next_avail = queue.next_avail.wrapping_add(1);
+        fence(Ordering::SeqCst);
+        self.mem
+            .write_obj(queue.next_avail.to_le(), GuestAddress(avail + 2))
+            .unwrap();
+        fence(Ordering::SeqCst);
+    }
+
+    /// Places descriptors at table indices starting at `first` without
+    /// offering them.
+    pub fn place(&mut self, q: usize, first: u16, descs: &[(u64, u32, u16, u16)]) {
+        let (desc, _, _) = Self::ring_addrs(self.queues[q].base);
         for (i, &(addr, len, flags, next)) in descs.iter().enumerate() {
             let at = GuestAddress(desc + 16 * u64::from(first + i as u16));
             self.mem.write_obj(addr.to_le(), at).unwrap(); // addr
@@ -202,19 +238,6 @@ impl TestFrontend {
                 .write_obj(next.to_le(), at.unchecked_add(14))
                 .unwrap(); // next
         }
-        let queue = &mut self.queues[q];
-        let slot = queue.next_avail % QUEUE_SIZE;
-        self.mem
-            .write_obj(first.to_le(), GuestAddress(avail + 4 + 2 * u64::from(slot)))
-            .unwrap();
-        queue.next_avail = queue.next_avail.wrapping_add(1);
-        fence(Ordering::SeqCst);
-        self.mem
-            .write_obj(queue.next_avail.to_le(), GuestAddress(avail + 2))
-            .unwrap();
-        fence(Ordering::SeqCst);
-        queue.kick.write(1).unwrap();
-        first
     }
 
     /// Publishes `idx` as queue `q`'s avail index, whatever the ring holds,
@@ -231,6 +254,16 @@ impl TestFrontend {
     /// Offers a well-linked chain from table index 0 and waits for it.
     /// Returns the used length.
     pub fn run(&mut self, q: usize, descs: &[Desc]) -> u32 {
+        let head = self.offer(q, descs);
+        let (id, len) = self
+            .wait_used(q, Duration::from_secs(10))
+            .expect("request completed");
+        assert_eq!(id, u32::from(head), "completed the chain we offered");
+        len
+    }
+
+    /// Offers a well-linked chain from table index 0 without waiting.
+    pub fn offer(&mut self, q: usize, descs: &[Desc]) -> u16 {
         let n = descs.len();
         let linked: Vec<(u64, u32, u16, u16)> = descs
             .iter()
@@ -243,35 +276,57 @@ impl TestFrontend {
                 }
             })
             .collect();
-        let head = self.offer_raw(q, 0, &linked);
-        let (id, len) = self
-            .wait_used(q, Duration::from_secs(10))
-            .expect("request completed");
-        assert_eq!(id, u32::from(head), "completed the chain we offered");
-        len
+        self.offer_raw(q, 0, &linked)
+    }
+
+    /// The used index the device last published on queue `q`.
+    pub fn used_idx(&self, q: usize) -> u16 {
+        let (_, _, used) = Self::ring_addrs(self.queues[q].base);
+        fence(Ordering::SeqCst);
+        u16::from_le(self.mem.read_obj(GuestAddress(used + 2)).unwrap())
+    }
+
+    /// Sends GET_VRING_BASE for queue `q`: the device stops the ring.
+    pub fn get_vring_base(&mut self, q: usize) -> vhost::Result<u32> {
+        self.fe.get_vring_base(q)
     }
 
     /// Waits for the next used element of queue `q`: (id, len).
     pub fn wait_used(&mut self, q: usize, timeout: Duration) -> Option<(u32, u32)> {
-        let (_, _, used) = Self::ring_addrs(self.queues[q].base);
-        let deadline = Instant::now() + timeout;
+        let start = Instant::now();
         loop {
-            fence(Ordering::SeqCst);
-            let idx: u16 = self.mem.read_obj(GuestAddress(used + 2)).unwrap();
-            let queue = &mut self.queues[q];
-            if u16::from_le(idx) != queue.last_used {
-                let slot = u64::from(queue.last_used % QUEUE_SIZE);
-                let elem = GuestAddress(used + 4 + 8 * slot);
-                let id: u32 = self.mem.read_obj(elem).unwrap();
-                let len: u32 = self.mem.read_obj(elem.unchecked_add(4)).unwrap();
-                queue.last_used = queue.last_used.wrapping_add(1);
-                return Some((u32::from_le(id), u32::from_le(len)));
+            if let Some(e) = self.poll_used(q) {
+                return Some(e);
             }
-            if Instant::now() > deadline {
+            let waited = start.elapsed();
+            if waited > timeout {
                 return None;
             }
-            std::thread::sleep(Duration::from_millis(1));
+            // Most requests finish within microseconds: yield before
+            // sleeping.
+            if waited < Duration::from_millis(2) {
+                std::thread::yield_now();
+            } else {
+                std::thread::sleep(Duration::from_millis(1));
+            }
         }
+    }
+
+    /// The next used element of queue `q`, if the device published one.
+    pub fn poll_used(&mut self, q: usize) -> Option<(u32, u32)> {
+        let (_, _, used) = Self::ring_addrs(self.queues[q].base);
+        fence(Ordering::SeqCst);
+        let idx: u16 = self.mem.read_obj(GuestAddress(used + 2)).unwrap();
+        let queue = &mut self.queues[q];
+        if u16::from_le(idx) == queue.last_used {
+            return None;
+        }
+        let slot = u64::from(queue.last_used % QUEUE_SIZE);
+        let elem = GuestAddress(used + 4 + 8 * slot);
+        let id: u32 = self.mem.read_obj(elem).unwrap();
+        let len: u32 = self.mem.read_obj(elem.unchecked_add(4)).unwrap();
+        queue.last_used = queue.last_used.wrapping_add(1);
+        Some((u32::from_le(id), u32::from_le(len)))
     }
 
     /// Writes a request header at `at`.

@@ -189,3 +189,116 @@ fn swapping_file_1000_times_under_random_reads() {
     );
     qmp.execute("quit", json!({})).unwrap();
 }
+
+/// A frontend that keeps its avail ring full while the device works on
+/// it: a drain must still get in between two batches.
+#[test]
+fn a_ring_that_never_runs_dry_does_not_hold_off_a_drain() {
+    use strata_tests::frontend::{TestFrontend, DATA, NEXT, QUEUE_SIZE, W};
+    use virtio_bindings::virtio_blk::VIRTIO_BLK_T_IN;
+
+    let dir = tempfile::tempdir().unwrap();
+    let qmp_sock = dir.path().join("qmp.sock");
+    let vhost_sock = dir.path().join("vhost.sock");
+    let log = std::fs::File::create(dir.path().join("strata.log")).unwrap();
+    let child = Command::new(strata_bin())
+        .args(["--blockdev", "driver=null-co,node-name=null0,size=64M"])
+        .args(["--blockdev", "driver=raw,node-name=disk,file=null0"])
+        .args([
+            "--export",
+            &format!(
+                "type=vhost-user-blk,id=e0,node-name=disk,addr.type=unix,addr.path={},writable=on",
+                vhost_sock.display()
+            ),
+        ])
+        .args([
+            "--chardev",
+            &format!(
+                "socket,id=m0,path={},server=on,wait=off",
+                qmp_sock.display()
+            ),
+        ])
+        .args(["--monitor", "chardev=m0"])
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let _child = Kill(child);
+    let mut qmp = Qmp::connect(&qmp_sock);
+
+    // 32 chains of two descriptors each: a header, then 1 MiB of data and
+    // the status byte in one device-writable buffer (the same one for
+    // every chain). Zeroing it takes the device far longer than
+    // re-offering a chain takes the frontend, so a full ring holds
+    // milliseconds of work even when the frontend is descheduled.
+    const CHAINS: u16 = 32;
+    const LEN: u32 = (1 << 20) - 512;
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let spinner = {
+        let (stop, done) = (stop.clone(), done.clone());
+        std::thread::spawn(move || {
+            let mut fe = TestFrontend::connect(&vhost_sock, 1);
+            for c in 0..CHAINS {
+                let at = DATA + u64::from(c) * 0x100;
+                fe.header(at, VIRTIO_BLK_T_IN, u64::from(c) * 2048);
+                fe.place(
+                    0,
+                    2 * c,
+                    &[(at, 16, NEXT, 2 * c + 1), (DATA + 0x10_0000, LEN + 1, W, 0)],
+                );
+                fe.offer_head(0, 2 * c);
+            }
+            // Keep the ring as full as it may be: up to a ring's worth
+            // ahead of what the device completed, re-offering the chains in
+            // turn without waiting to hear which completed.
+            let mut next = 0;
+            let mut offered: u16 = CHAINS;
+            while !stop.load(Ordering::Relaxed) {
+                while let Some((head, len)) = fe.poll_used(0) {
+                    assert_eq!(len, LEN + 1, "chain {head} completed whole");
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+                if offered.wrapping_sub(fe.used_idx(0)) < QUEUE_SIZE {
+                    fe.offer_head_quietly(0, 2 * next);
+                    next = (next + 1) % CHAINS;
+                    offered = offered.wrapping_add(1);
+                    if offered % 64 == 0 {
+                        fe.kick(0);
+                    }
+                }
+            }
+        })
+    };
+    let start = Instant::now();
+    while done.load(Ordering::Relaxed) < 2_000 {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "I/O did not get going"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    for i in 0..6 {
+        let t = Instant::now();
+        qmp.execute(
+            "blockdev-reopen",
+            json!({"options": [{"driver": "raw", "node-name": "disk", "file": "null0"}]}),
+        )
+        .unwrap_or_else(|e| panic!("reopen {i}: {e}"));
+        let took = t.elapsed();
+        println!(
+            "reopen {i}: {took:?}, {} done",
+            done.load(Ordering::Relaxed)
+        );
+        assert!(took < Duration::from_secs(1), "reopen {i} took {took:?}");
+    }
+    let before = done.load(Ordering::Relaxed);
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(
+        done.load(Ordering::Relaxed) > before,
+        "I/O goes on after the drains"
+    );
+    stop.store(true, Ordering::Relaxed);
+    spinner.join().expect("every chain completed whole");
+    qmp.execute("quit", json!({})).unwrap();
+}

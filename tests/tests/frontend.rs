@@ -347,3 +347,58 @@ fn a_corrupt_avail_index_does_not_keep_the_queue_spinning() {
     );
     assert!(daemon.log_text().contains("bad avail ring"));
 }
+
+/// The probe guard decides on a snapshot of the first sector and writes
+/// that snapshot: a guest flipping its buffer between zeroes and a qcow2
+/// magic while writing sector 0 never gets the magic onto the disk.
+#[test]
+fn a_guest_racing_the_probe_guard_cannot_make_its_disk_a_qcow2() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.img");
+    std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
+    // No --format: the image is probed, so the guard is on.
+    let daemon = Daemon::serve(
+        &[image.to_str().unwrap()],
+        &dir.path().join("vm.sock"),
+        &dir.path().join("strata.log"),
+    );
+    let mut fe = TestFrontend::connect(daemon.socket(), 1);
+    // The rest of the sector is a plausible v3 header, so only the magic
+    // is missing.
+    let mut sector = [0u8; 512];
+    sector[4..8].copy_from_slice(&3u32.to_be_bytes()); // version
+    sector[20..24].copy_from_slice(&16u32.to_be_bytes()); // cluster_bits
+    sector[24..32].copy_from_slice(&(1u64 << 20).to_be_bytes()); // size
+    fe.mem()
+        .write_slice(&sector, vm_memory::GuestAddress(BUF))
+        .unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flipper = {
+        let (mem, stop) = (fe.mem().clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for v in [*b"QFI\xfb", [0; 4]] {
+                    mem.write_obj(v, vm_memory::GuestAddress(BUF)).unwrap();
+                }
+            }
+        })
+    };
+    let (mut ok, mut refused) = (0, 0);
+    for _ in 0..20_000 {
+        match request(&mut fe, VIRTIO_BLK_T_OUT, 0, Some((512, 0))) {
+            (S_OK, 1) => ok += 1,
+            (S_IOERR, 1) => refused += 1,
+            other => panic!("unexpected completion {other:?}"),
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    flipper.join().unwrap();
+    assert!(ok > 0 && refused > 0, "{ok} written, {refused} refused");
+    drop(fe);
+    let (status, log) = daemon.stop();
+    assert!(status.success(), "{log}");
+    let head = std::fs::read(&image).unwrap();
+    assert_ne!(&head[..4], b"QFI\xfb", "the guest made its disk a qcow2");
+    let info = strata_tests::qemu::qemu_img_ok(&["info", "--output=json", image.to_str().unwrap()]);
+    assert!(info.contains("\"format\": \"raw\""), "{info}");
+}

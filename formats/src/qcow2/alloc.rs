@@ -30,7 +30,7 @@ impl Refcounts {
             }
             let place = bi * per_block;
             let offset = place * self.g.cluster_size();
-            self.add_empty(offset);
+            self.add_empty(offset)?;
             self.table[bi as usize] = offset;
             self.table_dirty = true;
             // The block describes itself.

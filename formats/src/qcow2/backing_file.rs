@@ -80,7 +80,7 @@ pub(super) async fn set_backing_file(
     let file_size = io.size()?;
     let room = (cluster_size as usize).min(64 << 10);
     let len = round_up(room.min(file_size as usize).max(SECTOR), SECTOR);
-    let mut buf = AlignedBuf::zeroed(len, 4096);
+    let mut buf = AlignedBuf::zeroed(len, 4096)?;
     io.read("read the header cluster", 0, buf.as_mut_slice())
         .await?;
     let head = buf.as_mut_slice();

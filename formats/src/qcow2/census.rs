@@ -62,7 +62,7 @@ pub(super) async fn read_table(
     offset: u64,
     entries: u64,
 ) -> Result<Vec<u64>, Qcow2Error> {
-    let mut buf = AlignedBuf::zeroed((entries * 8).max(8) as usize, 4096);
+    let mut buf = AlignedBuf::zeroed((entries * 8).max(8) as usize, 4096)?;
     if entries > 0 {
         io.read(
             what,
@@ -106,7 +106,7 @@ async fn walk_l1(
         if (table / cs) as usize >= refs.counts.len() {
             continue;
         }
-        let mut buf = AlignedBuf::zeroed(cs as usize, 4096);
+        let mut buf = AlignedBuf::zeroed(cs as usize, 4096)?;
         io.read("read an L2 table", table, buf.as_mut_slice())
             .await?;
         let words: Vec<u64> = buf

@@ -414,11 +414,11 @@ pub async fn read_from(
     if size < 72 {
         return Err(Qcow2Error::Truncated { len: size });
     }
-    let mut head = AlignedBuf::zeroed(size.min(65536) as usize, 4096);
+    let mut head = AlignedBuf::zeroed(size.min(65536) as usize, 4096)?;
     file.read(g, 0, &head.iovecs_mut()).await.map_err(err)?;
     let bits = u32::from_be_bytes(head.as_slice()[20..24].try_into().expect("4 bytes"));
     if (9..=21).contains(&bits) && (1u64 << bits) > head.len() as u64 && size > head.len() as u64 {
-        head = AlignedBuf::zeroed(size.min(1 << bits) as usize, 4096);
+        head = AlignedBuf::zeroed(size.min(1 << bits) as usize, 4096)?;
         file.read(g, 0, &head.iovecs_mut()).await.map_err(err)?;
     }
     let header = Header::parse(head.as_slice(), size)?;

@@ -74,7 +74,7 @@ impl Meta {
                 guest: ci * g.cluster_size(),
             });
         }
-        let mut buf = AlignedBuf::zeroed(l2.slice_bytes() as usize, 4096);
+        let mut buf = AlignedBuf::zeroed(l2.slice_bytes() as usize, 4096)?;
         io.read("read an L2 table", at.offset, buf.as_mut_slice())
             .await?;
         self.sanitize(g, ci, buf.as_mut_slice(), file_size);
@@ -193,7 +193,7 @@ impl Meta {
         if self.l1[l1i] & OFFSET_MASK == 0 {
             // A new L2 table must be zeroes on disk before L1 points at it.
             let table = self.refs.alloc(io, 1).await?;
-            let mut zero = AlignedBuf::zeroed(g.cluster_size() as usize, 4096);
+            let mut zero = AlignedBuf::zeroed(g.cluster_size() as usize, 4096)?;
             io.write("write a new L2 table", table, zero.as_mut_slice())
                 .await?;
             self.l1[l1i] = table | COPIED;
@@ -261,7 +261,7 @@ impl Meta {
         }
         io.flush().await?;
         // 3. L2 tables and L1.
-        let mut buf = AlignedBuf::zeroed(l2.slice_bytes() as usize, 4096);
+        let mut buf = AlignedBuf::zeroed(l2.slice_bytes() as usize, 4096)?;
         for s in dirty {
             s.to_bytes(buf.as_mut_slice());
             io.write("write an L2 table", s.offset, buf.as_mut_slice())
@@ -270,7 +270,7 @@ impl Meta {
         }
         if self.l1_dirty {
             let bytes = (self.l1.len() * 8).div_ceil(512) * 512;
-            let mut l1 = AlignedBuf::zeroed(bytes.max(512), 4096);
+            let mut l1 = AlignedBuf::zeroed(bytes.max(512), 4096)?;
             for (chunk, e) in l1.as_mut_slice().chunks_exact_mut(8).zip(&self.l1) {
                 chunk.copy_from_slice(&e.to_be_bytes());
             }

@@ -164,7 +164,7 @@ impl Qcow2Node {
         let io = FileIo { g, slot: file };
         let geo = header.geometry;
         let cs = geo.cluster_size();
-        let mut raw = AlignedBuf::zeroed((u64::from(header.l1_size) * 8).max(8) as usize, 4096);
+        let mut raw = AlignedBuf::zeroed((u64::from(header.l1_size) * 8).max(8) as usize, 4096)?;
         if header.l1_size > 0 {
             io.read(
                 "read the L1 table",
@@ -180,7 +180,7 @@ impl Qcow2Node {
         let mut rt = AlignedBuf::zeroed(
             (u64::from(header.refcount_table_clusters) * cs) as usize,
             4096,
-        );
+        )?;
         io.read(
             "read the refcount table",
             header.refcount_table_offset,
@@ -226,7 +226,7 @@ impl Qcow2Node {
                 meta: futures::lock::Mutex::new(Meta {
                     l1_offset: header.l1_table_offset,
                     header,
-                    head_block: head_block(&head, cs),
+                    head_block: head_block(&head, cs)?,
                     l1,
                     l1_dirty: false,
                     refs,
@@ -334,7 +334,7 @@ impl Qcow2Node {
     ) -> Result<AlignedBuf, Qcow2Error> {
         let io = self.io(g);
         let avail = io.size()?.saturating_sub(host).min(len);
-        let mut data = AlignedBuf::zeroed(avail.max(1) as usize, 4096);
+        let mut data = AlignedBuf::zeroed(avail.max(1) as usize, 4096)?;
         if avail > 0 {
             io.read(
                 "read a compressed cluster",
@@ -345,7 +345,7 @@ impl Qcow2Node {
         }
         let (kind, cluster) = (self.compression, self.g.cluster_size() as usize);
         let inflate = move || {
-            let mut out = AlignedBuf::zeroed(cluster, 4096);
+            let mut out = AlignedBuf::zeroed(cluster, 4096)?;
             decompress(
                 kind,
                 host,
@@ -506,11 +506,20 @@ impl Qcow2Node {
     }
 }
 
-fn head_block(head: &AlignedBuf, cs: u64) -> AlignedBuf {
+fn head_block(head: &AlignedBuf, cs: u64) -> Result<AlignedBuf, Qcow2Error> {
     let n = (cs.min(4096) as usize).min(head.len());
-    let mut b = AlignedBuf::zeroed(n, 4096);
+    let mut b = AlignedBuf::zeroed(n, 4096)?;
     b.as_mut_slice().copy_from_slice(&head.as_slice()[..n]);
-    b
+    Ok(b)
+}
+
+impl From<strata_graph::AllocError> for Qcow2Error {
+    fn from(e: strata_graph::AllocError) -> Self {
+        Qcow2Error::Io {
+            what: "allocate a buffer",
+            source: e.into(),
+        }
+    }
 }
 
 impl From<GraphError> for Qcow2Error {

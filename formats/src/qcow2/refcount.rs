@@ -116,7 +116,7 @@ impl Refcounts {
         if self.blocks.len() >= self.capacity {
             self.evict(io).await?;
         }
-        let mut data = AlignedBuf::zeroed(self.g.cluster_size() as usize, 4096);
+        let mut data = AlignedBuf::zeroed(self.g.cluster_size() as usize, 4096)?;
         if offset < io.size()? {
             io.read("read a refcount block", offset, data.as_mut_slice())
                 .await?;
@@ -133,9 +133,9 @@ impl Refcounts {
     }
 
     /// Starts a new, empty block at `offset` (no read).
-    pub(super) fn add_empty(&mut self, offset: u64) {
+    pub(super) fn add_empty(&mut self, offset: u64) -> Result<(), Qcow2Error> {
         self.clock += 1;
-        let data = AlignedBuf::zeroed(self.g.cluster_size() as usize, 4096);
+        let data = AlignedBuf::zeroed(self.g.cluster_size() as usize, 4096)?;
         self.blocks.insert(
             offset,
             Block {
@@ -144,6 +144,7 @@ impl Refcounts {
                 last: self.clock,
             },
         );
+        Ok(())
     }
 
     async fn evict(&mut self, io: FileIo<'_>) -> Result<(), Qcow2Error> {
@@ -229,7 +230,7 @@ impl Refcounts {
             return Ok(());
         }
         let bytes = (self.table_clusters * self.g.cluster_size()) as usize;
-        let mut buf = AlignedBuf::zeroed(bytes, 4096);
+        let mut buf = AlignedBuf::zeroed(bytes, 4096)?;
         for (chunk, e) in buf.as_mut_slice().chunks_exact_mut(8).zip(&self.table) {
             chunk.copy_from_slice(&e.to_be_bytes());
         }

@@ -65,9 +65,9 @@ pub(super) async fn rebuild(
         table_clusters = tc.max(table_clusters);
     }
     let table_off = (end + blocks) * cs;
-    let mut table = AlignedBuf::zeroed((table_clusters * cs) as usize, 4096);
+    let mut table = AlignedBuf::zeroed((table_clusters * cs) as usize, 4096)?;
     for b in 0..blocks {
-        let mut block = AlignedBuf::zeroed(cs as usize, 4096);
+        let mut block = AlignedBuf::zeroed(cs as usize, 4096)?;
         for i in 0..per_block {
             let c = b * per_block + i;
             let n = if c < counts.len() as u64 {
@@ -113,7 +113,7 @@ pub(super) async fn rebuild(
             }
         }
         if changed {
-            let mut buf = AlignedBuf::zeroed(cs as usize, 4096);
+            let mut buf = AlignedBuf::zeroed(cs as usize, 4096)?;
             for (k, e) in fixed.iter().enumerate() {
                 if g.extended {
                     buf.as_mut_slice()[k * 16..k * 16 + 8].copy_from_slice(&e.word.to_be_bytes());
@@ -143,7 +143,7 @@ pub(super) async fn rebuild(
     }
     if l1_changed {
         let bytes = (new_l1.len() * 8).div_ceil(512) * 512;
-        let mut buf = AlignedBuf::zeroed(bytes, 4096);
+        let mut buf = AlignedBuf::zeroed(bytes, 4096)?;
         for (chunk, e) in buf.as_mut_slice().chunks_exact_mut(8).zip(&new_l1) {
             chunk.copy_from_slice(&e.to_be_bytes());
         }

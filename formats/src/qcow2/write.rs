@@ -371,7 +371,7 @@ impl Qcow2Node {
                     source,
                 });
         }
-        let mut data = AlignedBuf::zeroed((to - from) as usize, 4096);
+        let mut data = AlignedBuf::zeroed((to - from) as usize, 4096)?;
         {
             let iov = data.iovecs_mut();
             if at > from {
@@ -440,7 +440,7 @@ impl Qcow2Node {
                     .await
                     .map_err(|e| e.to_block(op, guest))?;
             } else if how != Zeroing::Discard {
-                let mut zeroes = AlignedBuf::zeroed(n as usize, 4096);
+                let mut zeroes = AlignedBuf::zeroed(n as usize, 4096)?;
                 let iov = zeroes.iovecs_mut();
                 self.write_impl(g, guest, &iov).await?;
             }
@@ -483,7 +483,7 @@ impl Qcow2Node {
                     if how == Zeroing::Discard {
                         return Ok(());
                     }
-                    let mut z = AlignedBuf::zeroed(n as usize, 4096);
+                    let mut z = AlignedBuf::zeroed(n as usize, 4096)?;
                     let iov = z.iovecs_mut();
                     return self.write_cluster(g, ci, at, &iov).await;
                 }
@@ -527,7 +527,7 @@ impl Qcow2Node {
                 return Ok(());
             } else {
                 drop(meta);
-                let mut z = AlignedBuf::zeroed(n as usize, 4096);
+                let mut z = AlignedBuf::zeroed(n as usize, 4096)?;
                 let iov = z.iovecs_mut();
                 return self.write_cluster(g, ci, at, &iov).await;
             };
@@ -578,7 +578,7 @@ impl Qcow2Node {
             let cs = self.g.cluster_size();
             let clusters = (needed * 8).div_ceil(cs);
             let new_off = meta.refs.alloc(io, clusters).await?;
-            let mut table = AlignedBuf::zeroed((clusters * cs) as usize, 4096);
+            let mut table = AlignedBuf::zeroed((clusters * cs) as usize, 4096)?;
             for (chunk, e) in table.as_mut_slice().chunks_exact_mut(8).zip(&meta.l1) {
                 chunk.copy_from_slice(&e.to_be_bytes());
             }

@@ -127,7 +127,7 @@ impl Mirror {
     fn copy_now(&self, off: u64, len: u64) -> Result<(), JobError> {
         let v = self.graph.view();
         let fail = |e: &dyn std::fmt::Display| JobError::Failed(e.to_string());
-        let mut buf = AlignedBuf::zeroed(CHUNK as usize, 4096);
+        let mut buf = AlignedBuf::zeroed(CHUNK as usize, 4096)?;
         let mut at = off;
         while at < off + len {
             let n = CHUNK.min(off + len - at);

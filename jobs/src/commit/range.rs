@@ -151,7 +151,7 @@ pub(super) fn copy_all(
     start: u64,
     len: u64,
 ) -> Result<(), JobError> {
-    let mut buf = AlignedBuf::zeroed(CHUNK as usize, 4096);
+    let mut buf = AlignedBuf::zeroed(CHUNK as usize, 4096)?;
     chunked(ctx, graph, start, len, |g, off, n| {
         block_on(copy_held(g, top, layers, base, off, n, &mut buf))
             .unwrap_or_else(|e| Err((BlockError::io(IoOp::Read, off, e), true)))
