@@ -56,6 +56,10 @@ impl Refcounts {
                 });
             }
             let old = (self.table_offset, self.table_clusters);
+            // Blocks made for the new table's clusters go in its new
+            // entries, so the table is longer from here on; until the move
+            // is recorded below, an abandoned future leaves it half done.
+            self.interrupted = true;
             self.table.resize(want as usize, 0);
             let offset = self.alloc(io, clusters).await?;
             match self.moved_from {
@@ -70,6 +74,7 @@ impl Refcounts {
             self.table_offset = offset;
             self.table_clusters = clusters;
             self.table_dirty = true;
+            self.interrupted = false;
             Ok(())
         })
     }

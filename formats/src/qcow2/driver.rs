@@ -84,10 +84,12 @@ impl BlockDriver for Qcow2Node {
         IoFuture::new(async move {
             // A node reopened read-only may still hold metadata its
             // writable predecessor changed: write it even then.
-            let mut meta = self.meta.lock().await;
-            meta.write_back(self.io(g), &self.l2, &self.g)
-                .await
-                .map_err(|e| e.to_block(IoOp::Flush, 0))
+            let io = self.io(g);
+            let res = match self.lock_meta(io).await {
+                Ok(mut meta) => meta.write_back(io, &self.l2, &self.g).await,
+                Err(e) => Err(e),
+            };
+            res.map_err(|e| e.to_block(IoOp::Flush, 0))
         })
     }
 

@@ -1,14 +1,19 @@
 //! The metadata behind the image's lock: the authoritative L1 table, the
-//! refcounts, clusters waiting to be freed, and guest clusters being
-//! allocated. L2 slices are loaded, changed and evicted only from here.
+//! refcounts and clusters waiting to be freed. L2 slices are loaded,
+//! changed and evicted only from here.
+//!
+//! Every change here is safe to abandon at any await point (a request
+//! future may be dropped): what is marked clean was written, what is taken
+//! off a list was done, and the rare multi-step change that cannot be
+//! ordered so (growing the refcount table) marks itself interrupted for the
+//! next lock holder to repair.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
-use futures::channel::oneshot;
 use strata_graph::AlignedBuf;
 
 use super::cache::{L2Cache, L2Slice};
+use super::claim::Orphans;
 use super::entry::L2Entry;
 use super::error::Qcow2Error;
 use super::header::Header;
@@ -34,8 +39,6 @@ pub struct Meta {
     /// Host clusters to decrement once the L2 change that dropped them is
     /// on disk.
     pub pending_free: Vec<u64>,
-    /// Guest clusters with an allocating write in flight, and who waits.
-    pub busy: HashMap<u64, Vec<oneshot::Sender<()>>>,
 }
 
 impl Meta {
@@ -178,6 +181,7 @@ impl Meta {
         &mut self,
         io: FileIo<'_>,
         l2: &L2Cache,
+        orphans: &Orphans,
         g: &Geometry,
         ci: u64,
         e: L2Entry,
@@ -193,10 +197,12 @@ impl Meta {
         if self.l1[l1i] & OFFSET_MASK == 0 {
             // A new L2 table must be zeroes on disk before L1 points at it.
             let table = self.refs.alloc(io, 1).await?;
+            let fresh = orphans.guard(table / g.cluster_size());
             let mut zero = AlignedBuf::zeroed(g.cluster_size() as usize, 4096)?;
             io.write("write a new L2 table", table, zero.as_mut_slice())
                 .await?;
             self.l1[l1i] = table | COPIED;
+            fresh.keep();
             self.l1_dirty = true;
             l2.set_l1(&self.l1);
         } else if self.l1[l1i] & COPIED == 0 {
@@ -268,31 +274,53 @@ impl Meta {
                 .await?;
             s.mark_clean();
         }
-        if self.l1_dirty {
-            let bytes = (self.l1.len() * 8).div_ceil(512) * 512;
-            let mut l1 = AlignedBuf::zeroed(bytes.max(512), 4096)?;
-            for (chunk, e) in l1.as_mut_slice().chunks_exact_mut(8).zip(&self.l1) {
-                chunk.copy_from_slice(&e.to_be_bytes());
-            }
-            io.write(
-                "write the L1 table",
-                self.l1_offset,
-                &mut l1.as_mut_slice()[..bytes],
-            )
-            .await?;
-            self.l1_dirty = false;
-        }
+        self.write_l1(io).await?;
         io.flush().await?;
         // 4. Nothing on disk refers to the released clusters any more:
-        //    free them, durably, so a clean close leaks nothing.
-        let freed = std::mem::take(&mut self.pending_free);
-        if !freed.is_empty() {
-            for c in freed {
+        //    free them, durably, so a clean close leaks nothing. Each comes
+        //    off the list only once it is freed.
+        if !self.pending_free.is_empty() {
+            while let Some(&c) = self.pending_free.last() {
                 self.refs.adjust(io, c, -1).await?;
+                self.pending_free.pop();
             }
             self.refs.write_blocks(io).await?;
             io.flush().await?;
         }
+        Ok(())
+    }
+
+    /// Writes the L2 tables and the L1 table (after the data they point
+    /// at), but not the refcounts: for a repair that rebuilds those.
+    pub async fn write_tables(&mut self, io: FileIo<'_>, l2: &L2Cache) -> Result<(), Qcow2Error> {
+        io.flush().await?;
+        let mut buf = AlignedBuf::zeroed(l2.slice_bytes() as usize, 4096)?;
+        for s in l2.dirty() {
+            s.to_bytes(buf.as_mut_slice());
+            io.write("write an L2 table", s.offset, buf.as_mut_slice())
+                .await?;
+            s.mark_clean();
+        }
+        self.write_l1(io).await?;
+        io.flush().await
+    }
+
+    async fn write_l1(&mut self, io: FileIo<'_>) -> Result<(), Qcow2Error> {
+        if !self.l1_dirty {
+            return Ok(());
+        }
+        let bytes = (self.l1.len() * 8).div_ceil(512) * 512;
+        let mut l1 = AlignedBuf::zeroed(bytes.max(512), 4096)?;
+        for (chunk, e) in l1.as_mut_slice().chunks_exact_mut(8).zip(&self.l1) {
+            chunk.copy_from_slice(&e.to_be_bytes());
+        }
+        io.write(
+            "write the L1 table",
+            self.l1_offset,
+            &mut l1.as_mut_slice()[..bytes],
+        )
+        .await?;
+        self.l1_dirty = false;
         Ok(())
     }
 

@@ -10,6 +10,7 @@ mod backing_file;
 mod cache;
 mod census;
 pub mod check;
+mod claim;
 mod compress;
 pub mod create;
 mod driver;

@@ -12,7 +12,6 @@
 //! clusters and to link them; the data itself is written without it.
 
 use std::any::Any;
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -22,6 +21,7 @@ use strata_graph::{
 };
 
 use super::cache::L2Cache;
+use super::claim::{Busy, Orphans};
 use super::compress::decompress;
 use super::entry::{L2Entry, Run};
 use super::error::Qcow2Error;
@@ -73,6 +73,10 @@ pub struct Image {
     pub(super) size: AtomicU64,
     pub(super) l2: L2Cache,
     pub(super) meta: futures::lock::Mutex<Meta>,
+    /// Guest clusters being allocated (see [`super::claim`]).
+    pub(super) busy: Busy,
+    /// Host clusters allocated for requests that went away.
+    pub(super) orphans: Orphans,
 }
 
 impl std::ops::Deref for Qcow2Node {
@@ -231,8 +235,9 @@ impl Qcow2Node {
                     l1_dirty: false,
                     refs,
                     pending_free: Vec::new(),
-                    busy: HashMap::new(),
                 }),
+                busy: Busy::default(),
+                orphans: Orphans::default(),
             }),
         };
         if !opts.read_only {
@@ -265,6 +270,30 @@ impl Qcow2Node {
             io.flush().await?;
         }
         Ok(())
+    }
+
+    /// Takes the metadata lock for a change: first frees the host clusters
+    /// cancelled requests left allocated, and repairs the refcounts if a
+    /// cancelled request stopped in the middle of changing their tables.
+    pub(super) async fn lock_meta(
+        &self,
+        io: FileIo<'_>,
+    ) -> Result<futures::lock::MutexGuard<'_, Meta>, Qcow2Error> {
+        let mut meta = self.meta.lock().await;
+        if meta.refs.interrupted {
+            tracing::warn!(
+                "qcow2: a cancelled request left the refcount tables half changed; rebuilding them"
+            );
+            meta.write_tables(io, &self.l2).await?;
+            super::repair::rebuild_refcounts(io, &mut meta, &self.l2).await?;
+        }
+        while let Some(c) = self.orphans.peek() {
+            meta.refs.adjust(io, c, -1).await?;
+            // No await between the decrement and this: a cancellation
+            // cannot free the cluster twice.
+            self.orphans.freed(c);
+        }
+        Ok(meta)
     }
 
     pub(super) fn io<'a>(&self, g: &'a GraphView) -> FileIo<'a> {

@@ -33,6 +33,9 @@ pub struct Refcounts {
     capacity: usize,
     /// Where the search for free clusters starts.
     pub(super) free_hint: u64,
+    /// A change to the table was abandoned half done (its future was
+    /// dropped): the in-memory refcounts cannot be trusted until rebuilt.
+    pub(super) interrupted: bool,
 }
 
 /// Refcount entry `i` of a block in the encoding of `order`.
@@ -87,6 +90,7 @@ impl Refcounts {
             clock: 0,
             capacity: (cache_bytes / g.cluster_size()).max(4) as usize,
             free_hint: 0,
+            interrupted: false,
         }
     }
 
@@ -151,18 +155,16 @@ impl Refcounts {
         let Some((&off, _)) = self.blocks.iter().min_by_key(|(_, b)| b.last) else {
             return Ok(());
         };
-        let mut b = self.blocks.remove(&off).expect("chosen above");
+        let b = self.blocks.get_mut(&off).expect("chosen above");
         if b.dirty {
             // Refcounts may always reach the disk ahead of the L2 tables
             // (decrements are applied only once the L2 change is durable).
-            if let Err(e) = io
-                .write("write a refcount block", off, b.data.as_mut_slice())
-                .await
-            {
-                self.blocks.insert(off, b);
-                return Err(e);
-            }
+            // The block stays cached until it is written, so abandoning
+            // the write loses nothing.
+            io.write("write a refcount block", off, b.data.as_mut_slice())
+                .await?;
         }
+        self.blocks.remove(&off);
         Ok(())
     }
 

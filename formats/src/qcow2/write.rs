@@ -5,13 +5,15 @@
 //! refcount) a host cluster, once to point the L2 entry at it. The data
 //! and the copy-on-write fill are written in between, without the lock, so
 //! allocating writes to different clusters run in parallel. A guest
-//! cluster being allocated is marked busy; other writes to it wait.
+//! cluster being allocated is claimed ([`super::claim`]); other writes to
+//! it wait. Claims and fresh clusters are guards, so a write dropped at any
+//! await point leaves the cluster writable and leaks nothing.
 
 use std::sync::atomic::Ordering;
 
-use futures::channel::oneshot;
 use strata_graph::{AlignedBuf, BlockError, GraphView, IoOp, IoVecs};
 
+use super::claim::Fresh;
 use super::entry::L2Entry;
 use super::error::Qcow2Error;
 use super::node::Qcow2Node;
@@ -30,12 +32,12 @@ pub enum Zeroing {
 }
 
 /// What an allocating write decided under the lock.
-struct Plan {
+struct Plan<'a> {
     /// The host cluster the data goes to.
     host: u64,
-    /// True when `host` was allocated for this write (and must be freed if
-    /// the write fails).
-    fresh: bool,
+    /// When `host` was allocated for this write: the guard that gives it
+    /// back unless the new entry is linked.
+    fresh: Option<Fresh<'a>>,
     /// The cluster's bytes to write: [from, to).
     from: u64,
     to: u64,
@@ -181,14 +183,15 @@ impl Qcow2Node {
             }
         }
         loop {
-            let mut meta = self.meta.lock().await;
-            if let Some(waiters) = meta.busy.get_mut(&ci) {
-                let (tx, rx) = oneshot::channel();
-                waiters.push(tx);
-                drop(meta);
-                let _ = rx.await;
-                continue;
-            }
+            let mut meta = self.lock_meta(io).await?;
+            let claim = match self.busy.claim(ci) {
+                Ok(claim) => claim,
+                Err(released) => {
+                    drop(meta);
+                    let _ = released.await;
+                    continue;
+                }
+            };
             let e = meta.entry(io, &self.l2, &self.g, ci).await?;
             self.check_entry(&e, ci)?;
             if only_unmapped {
@@ -205,40 +208,26 @@ impl Qcow2Node {
                     return Ok(unmapped);
                 }
             } else if let Some(host) = self.in_place(&e, at, len) {
-                drop(meta);
+                drop((meta, claim));
                 return file_write(host).await.map(|()| Vec::new());
             }
             let plan = self.plan(&mut meta, io, &e, at, len).await?;
-            meta.busy.insert(ci, Vec::new());
             drop(meta);
 
-            let res = self.fill_and_write(g, ci, &e, &plan, at, buf).await;
+            self.fill_and_write(g, ci, &e, &plan, at, buf).await?;
 
-            let mut meta = self.meta.lock().await;
-            let res = match res {
-                Ok(()) => {
-                    let r = meta.set_entry(io, &self.l2, &self.g, ci, plan.entry).await;
-                    if r.is_ok() && plan.host != e.host() {
-                        meta.release(&self.g, &e);
-                    }
-                    r
-                }
-                Err(e) => Err(e),
-            };
-            if res.is_err() && plan.fresh {
-                // Nothing refers to the new cluster: free it now.
-                if let Err(e) = meta
-                    .refs
-                    .free_now(io, plan.host / self.g.cluster_size(), 1)
-                    .await
-                {
-                    tracing::error!("qcow2: cannot free an unused cluster: {e}");
-                }
+            let mut meta = self.lock_meta(io).await?;
+            meta.set_entry(io, &self.l2, &self.orphans, &self.g, ci, plan.entry)
+                .await?;
+            // Linked: no await between the link and these.
+            if let Some(fresh) = plan.fresh {
+                fresh.keep();
             }
-            for w in meta.busy.remove(&ci).unwrap_or_default() {
-                let _ = w.send(());
+            if plan.host != e.host() {
+                meta.release(&self.g, &e);
             }
-            return res.map(|()| Vec::new());
+            drop(claim);
+            return Ok(Vec::new());
         }
     }
 
@@ -250,14 +239,15 @@ impl Qcow2Node {
         e: &L2Entry,
         at: u64,
         len: u64,
-    ) -> Result<Plan, Qcow2Error> {
+    ) -> Result<Plan<'_>, Qcow2Error> {
         let cs = self.g.cluster_size();
         // A cluster we may keep using: ours alone and not compressed.
         let reusable = !e.compressed() && e.copied() && e.host() != 0;
         let (host, fresh) = if reusable {
-            (e.host(), false)
+            (e.host(), None)
         } else {
-            (meta.refs.alloc(io, 1).await?, true)
+            let host = meta.refs.alloc(io, 1).await?;
+            (host, Some(self.orphans.guard(host / cs)))
         };
         if !self.g.extended {
             return Ok(Plan {
@@ -308,12 +298,12 @@ impl Qcow2Node {
         g: &GraphView,
         ci: u64,
         old: &L2Entry,
-        plan: &Plan,
+        plan: &Plan<'_>,
         at: u64,
         buf: &IoVecs<'_>,
     ) -> Result<(), Qcow2Error> {
         let end = at + buf.len();
-        if self.g.extended && !plan.fresh {
+        if self.g.extended && plan.fresh.is_none() {
             let sc = self.g.subcluster_size();
             for i in at / sc..=(end - 1) / sc {
                 let (s0, s1) = (i * sc, (i + 1) * sc);
@@ -461,12 +451,12 @@ impl Qcow2Node {
     ) -> Result<(), Qcow2Error> {
         let io = self.io(g);
         loop {
-            let mut meta = self.meta.lock().await;
-            if let Some(waiters) = meta.busy.get_mut(&ci) {
-                let (tx, rx) = oneshot::channel();
-                waiters.push(tx);
+            let mut meta = self.lock_meta(io).await?;
+            // Wait out an allocating write; the metadata lock keeps others
+            // off the cluster while this changes its entry.
+            if let Err(released) = self.busy.free(ci) {
                 drop(meta);
-                let _ = rx.await;
+                let _ = released.await;
                 continue;
             }
             let e = meta.entry(io, &self.l2, &self.g, ci).await?;
@@ -540,7 +530,9 @@ impl Qcow2Node {
             if e == L2Entry::default() && new == L2Entry::default() {
                 return Ok(());
             }
-            return meta.set_entry(io, &self.l2, &self.g, ci, new).await;
+            return meta
+                .set_entry(io, &self.l2, &self.orphans, &self.g, ci, new)
+                .await;
         }
     }
 

@@ -88,6 +88,16 @@ fn file_node(g: &Graph, name: &str, path: &Path, read_only: bool) -> NodeId {
 
 impl Image {
     fn open(path: &Path, backing_raw: Option<&Path>, read_only: bool) -> Image {
+        let opts = Qcow2Options {
+            read_only,
+            discard: true,
+            ..Default::default()
+        };
+        Self::open_with(path, backing_raw, &opts)
+    }
+
+    fn open_with(path: &Path, backing_raw: Option<&Path>, opts: &Qcow2Options) -> Image {
+        let read_only = opts.read_only;
         let graph = Graph::new();
         let file = file_node(&graph, "file", path, read_only);
         let backing = backing_raw.map(|b| {
@@ -99,15 +109,9 @@ impl Image {
                 })
                 .unwrap()
         });
-        let opts = Qcow2Options {
-            read_only,
-            discard: true,
-            ..Default::default()
-        };
         let node = graph
             .add_node("img", |b| {
-                Qcow2Node::open(b, file, backing, &opts)
-                    .map(|n| Arc::new(n) as Arc<dyn BlockDriver>)
+                Qcow2Node::open(b, file, backing, opts).map(|n| Arc::new(n) as Arc<dyn BlockDriver>)
             })
             .unwrap();
         Image { graph, node }
@@ -523,3 +527,5 @@ fn a_dirty_image_is_repaired_on_open() {
     let after = std::fs::read(&p).unwrap();
     assert_eq!(after[79] & 1, 0, "the dirty bit is cleared");
 }
+
+mod cancel;
