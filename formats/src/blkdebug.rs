@@ -11,8 +11,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use strata_graph::{
-    BlockDriver, BlockError, BlockStatus, GraphError, GraphView, IoFuture, IoOp, IoVecs,
-    NodeBuilder, NodeId, SlotId,
+    BlockError, Filter, GraphError, GraphView, IoFuture, IoOp, IoVecs, NodeBuilder, NodeId, SlotId,
 };
 
 /// One `inject-error` rule.
@@ -79,17 +78,13 @@ impl BlkdebugNode {
     }
 }
 
-impl BlockDriver for BlkdebugNode {
+impl Filter for BlkdebugNode {
     fn driver_name(&self) -> &'static str {
         "blkdebug"
     }
 
-    fn size(&self, g: &GraphView) -> Result<u64, BlockError> {
-        g.child(self.image)?.size(g)
-    }
-
-    fn request_alignment(&self, g: &GraphView) -> u32 {
-        g.child(self.image).map_or(1, |c| c.request_alignment(g))
+    fn child(&self) -> SlotId {
+        self.image
     }
 
     fn read<'a>(&'a self, g: &'a GraphView, offset: u64, buf: &'a IoVecs<'a>) -> IoFuture<'a> {
@@ -131,14 +126,5 @@ impl BlockDriver for BlkdebugNode {
             Some(e) => IoFuture::ready(Err(e)),
             None => g.via(self.image, |c| c.flush(g)),
         }
-    }
-
-    fn block_status<'a>(
-        &'a self,
-        g: &'a GraphView,
-        offset: u64,
-        len: u64,
-    ) -> IoFuture<'a, BlockStatus> {
-        g.via(self.image, |c| c.block_status(g, offset, len))
     }
 }

@@ -3,8 +3,8 @@
 //! so the next read finds it there.
 
 use strata_graph::{
-    AlignedBuf, BlockDriver, BlockError, BlockStatus, GraphError, GraphView, IoFuture, IoVecs,
-    NodeBuilder, NodeId, Perm, SlotId, SlotPerm,
+    AlignedBuf, BlockError, Filter, GraphError, GraphView, IoFuture, IoVecs, NodeBuilder, NodeId,
+    Perm, SlotId, SlotPerm,
 };
 
 /// Bytes copied up at a time.
@@ -51,9 +51,13 @@ impl CopyOnReadNode {
     }
 }
 
-impl BlockDriver for CopyOnReadNode {
+impl Filter for CopyOnReadNode {
     fn driver_name(&self) -> &'static str {
         "copy-on-read"
+    }
+
+    fn child(&self) -> SlotId {
+        self.file
     }
 
     fn child_perm(&self, role: &str, parents: SlotPerm) -> SlotPerm {
@@ -62,58 +66,10 @@ impl BlockDriver for CopyOnReadNode {
         p
     }
 
-    fn size(&self, g: &GraphView) -> Result<u64, BlockError> {
-        g.child(self.file)?.size(g)
-    }
-
-    fn request_alignment(&self, g: &GraphView) -> u32 {
-        g.child(self.file).map_or(1, |c| c.request_alignment(g))
-    }
-
     fn read<'a>(&'a self, g: &'a GraphView, offset: u64, buf: &'a IoVecs<'a>) -> IoFuture<'a> {
         IoFuture::new(async move {
             g.child(self.file)?.read(g, offset, buf).await?;
             self.copy_up(g, offset, buf).await
         })
-    }
-
-    fn write<'a>(&'a self, g: &'a GraphView, offset: u64, buf: &'a IoVecs<'a>) -> IoFuture<'a> {
-        g.via(self.file, |c| c.write(g, offset, buf))
-    }
-
-    fn write_zeroes<'a>(
-        &'a self,
-        g: &'a GraphView,
-        offset: u64,
-        len: u64,
-        unmap: bool,
-    ) -> IoFuture<'a> {
-        g.via(self.file, |c| c.write_zeroes(g, offset, len, unmap))
-    }
-
-    fn discard<'a>(&'a self, g: &'a GraphView, offset: u64, len: u64) -> IoFuture<'a> {
-        g.via(self.file, |c| c.discard(g, offset, len))
-    }
-
-    fn flush<'a>(&'a self, g: &'a GraphView) -> IoFuture<'a> {
-        g.via(self.file, |c| c.flush(g))
-    }
-
-    fn fill_unallocated<'a>(
-        &'a self,
-        g: &'a GraphView,
-        offset: u64,
-        buf: &'a IoVecs<'a>,
-    ) -> IoFuture<'a> {
-        g.via(self.file, |c| c.fill_unallocated(g, offset, buf))
-    }
-
-    fn block_status<'a>(
-        &'a self,
-        g: &'a GraphView,
-        offset: u64,
-        len: u64,
-    ) -> IoFuture<'a, BlockStatus> {
-        g.via(self.file, |c| c.block_status(g, offset, len))
     }
 }

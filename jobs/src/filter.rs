@@ -9,8 +9,7 @@
 use std::sync::Arc;
 
 use strata_graph::{
-    BlockDriver, BlockError, BlockStatus, GraphError, GraphView, IoFuture, IoVecs, NodeBuilder,
-    NodeId, Perm, SlotId, SlotPerm,
+    Filter, GraphError, GraphView, IoFuture, IoVecs, NodeBuilder, NodeId, Perm, SlotId, SlotPerm,
 };
 
 use crate::dirty::DirtyMap;
@@ -54,9 +53,13 @@ impl TopFilter {
     }
 }
 
-impl BlockDriver for TopFilter {
+impl Filter for TopFilter {
     fn driver_name(&self) -> &'static str {
         self.name
+    }
+
+    fn child(&self) -> SlotId {
+        self.child
     }
 
     fn child_perm(&self, _role: &str, parents: SlotPerm) -> SlotPerm {
@@ -64,18 +67,6 @@ impl BlockDriver for TopFilter {
             need: parents.need,
             share: Perm::all(),
         }
-    }
-
-    fn size(&self, g: &GraphView) -> Result<u64, BlockError> {
-        g.child(self.child)?.size(g)
-    }
-
-    fn request_alignment(&self, g: &GraphView) -> u32 {
-        g.child(self.child).map_or(1, |c| c.request_alignment(g))
-    }
-
-    fn read<'a>(&'a self, g: &'a GraphView, offset: u64, buf: &'a IoVecs<'a>) -> IoFuture<'a> {
-        g.via(self.child, |c| c.read(g, offset, buf))
     }
 
     fn write<'a>(&'a self, g: &'a GraphView, offset: u64, buf: &'a IoVecs<'a>) -> IoFuture<'a> {
@@ -119,18 +110,5 @@ impl BlockDriver for TopFilter {
             buf.len(),
             g.via(self.child, |c| c.fill_unallocated(g, offset, buf)),
         )
-    }
-
-    fn flush<'a>(&'a self, g: &'a GraphView) -> IoFuture<'a> {
-        g.via(self.child, |c| c.flush(g))
-    }
-
-    fn block_status<'a>(
-        &'a self,
-        g: &'a GraphView,
-        offset: u64,
-        len: u64,
-    ) -> IoFuture<'a, BlockStatus> {
-        g.via(self.child, |c| c.block_status(g, offset, len))
     }
 }

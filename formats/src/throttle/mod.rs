@@ -5,10 +5,7 @@ pub mod group;
 
 use std::sync::Arc;
 
-use strata_graph::{
-    BlockDriver, BlockError, BlockStatus, GraphError, GraphView, IoFuture, IoVecs, NodeBuilder,
-    NodeId, SlotId,
-};
+use strata_graph::{Filter, GraphError, GraphView, IoFuture, IoVecs, NodeBuilder, NodeId, SlotId};
 
 use group::{Direction, ThrottleGroup};
 use strata_runtime::reactor::sleep;
@@ -48,17 +45,13 @@ impl ThrottleNode {
     }
 }
 
-impl BlockDriver for ThrottleNode {
+impl Filter for ThrottleNode {
     fn driver_name(&self) -> &'static str {
         "throttle"
     }
 
-    fn size(&self, g: &GraphView) -> Result<u64, BlockError> {
-        g.child(self.file)?.size(g)
-    }
-
-    fn request_alignment(&self, g: &GraphView) -> u32 {
-        g.child(self.file).map_or(1, |c| c.request_alignment(g))
+    fn child(&self) -> SlotId {
+        self.file
     }
 
     fn read<'a>(&'a self, g: &'a GraphView, offset: u64, buf: &'a IoVecs<'a>) -> IoFuture<'a> {
@@ -95,27 +88,5 @@ impl BlockDriver for ThrottleNode {
             self.admit(Direction::Write, len).await;
             g.child(self.file)?.discard(g, offset, len).await
         })
-    }
-
-    fn flush<'a>(&'a self, g: &'a GraphView) -> IoFuture<'a> {
-        g.via(self.file, |c| c.flush(g))
-    }
-
-    fn fill_unallocated<'a>(
-        &'a self,
-        g: &'a GraphView,
-        offset: u64,
-        buf: &'a IoVecs<'a>,
-    ) -> IoFuture<'a> {
-        g.via(self.file, |c| c.fill_unallocated(g, offset, buf))
-    }
-
-    fn block_status<'a>(
-        &'a self,
-        g: &'a GraphView,
-        offset: u64,
-        len: u64,
-    ) -> IoFuture<'a, BlockStatus> {
-        g.via(self.file, |c| c.block_status(g, offset, len))
     }
 }
