@@ -15,6 +15,8 @@ use std::sync::atomic::{fence, AtomicU16, Ordering};
 
 use virtio_queue::QueueT;
 
+use vm_memory::{Bytes, GuestAddress};
+
 use crate::virtio::desc::{RawDesc, TableEntry, DESC_LEN};
 use crate::virtio::memory::MemHandle;
 
@@ -99,7 +101,7 @@ impl Rings {
     pub fn chain(&self, head: u16) -> Chain<'_> {
         Chain {
             rings: self,
-            table: self.desc,
+            table: Table::Mapped(self.desc),
             table_len: self.layout.size,
             next: head,
             ttl: self.layout.size,
@@ -168,7 +170,7 @@ impl Rings {
 /// The descriptors of one chain.
 pub struct Chain<'a> {
     rings: &'a Rings,
-    table: NonNull<u8>,
+    table: Table,
     table_len: u16,
     next: u16,
     ttl: u16,
@@ -176,21 +178,36 @@ pub struct Chain<'a> {
     bytes: u32,
 }
 
+/// Where a chain's descriptors are read from.
+#[derive(Clone, Copy)]
+enum Table {
+    /// Mapped whole into this process.
+    Mapped(NonNull<u8>),
+    /// An indirect table across memory regions, read descriptor by
+    /// descriptor at this guest address.
+    Guest(u64),
+}
+
 impl Chain<'_> {
-    fn read(&self, index: u16) -> TableEntry {
-        // SAFETY: `table` maps `table_len` descriptors (the queue's table,
-        // checked at `Rings::new`, or an indirect table mapped whole by
-        // `enter`), `index < table_len`, and `[u8; 16]` needs no alignment.
+    fn read(&self, index: u16) -> Option<TableEntry> {
+        let at = DESC_LEN * usize::from(index);
         // GUEST-INPUT: the guest may rewrite the descriptor while we read;
-        // one volatile load takes a snapshot, and only the snapshot is used.
-        let bytes = unsafe {
-            self.table
-                .as_ptr()
-                .add(DESC_LEN * usize::from(index))
-                .cast::<[u8; DESC_LEN]>()
-                .read_volatile()
+        // one load takes a snapshot, and only the snapshot is used.
+        let bytes = match self.table {
+            // SAFETY: `p` maps `table_len` descriptors (the queue's table,
+            // checked at `Rings::new`, or an indirect table mapped whole by
+            // `enter`), `index < table_len`, and `[u8; 16]` needs no
+            // alignment. A volatile load reads each byte once.
+            Table::Mapped(p) => unsafe {
+                p.as_ptr().add(at).cast::<[u8; DESC_LEN]>().read_volatile()
+            },
+            Table::Guest(addr) => self
+                .rings
+                .memory()
+                .read_obj::<[u8; DESC_LEN]>(GuestAddress(addr + at as u64))
+                .ok()?,
         };
-        TableEntry::from_bytes(bytes)
+        Some(TableEntry::from_bytes(bytes))
     }
 
     /// Switches to the indirect table `addr`, `len` bytes long.
@@ -199,7 +216,10 @@ impl Chain<'_> {
             return None;
         }
         let n = (len / 16) as u16;
-        self.table = self.rings.memory().host_ptr(addr, len as usize, 1)?;
+        self.table = match self.rings.memory().host_ptr(addr, len as usize, 1) {
+            Some(p) => Table::Mapped(p),
+            None => Table::Guest(addr),
+        };
         self.table_len = n;
         self.next = 0;
         self.ttl = n;
@@ -216,7 +236,7 @@ impl Iterator for Chain<'_> {
             if self.ttl == 0 || self.next >= self.table_len {
                 return None;
             }
-            let d = self.read(self.next);
+            let d = self.read(self.next)?;
             if d.indirect() {
                 self.enter(d.addr, d.len)?;
                 continue;

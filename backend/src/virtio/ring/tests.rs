@@ -103,6 +103,97 @@ proptest! {
     }
 }
 
+/// Guest memory of two regions split at `split`: they are contiguous in
+/// guest addresses but not in this process.
+fn two_regions(split: u64) -> Arc<GuestMemoryMmap> {
+    Arc::new(
+        GuestMemoryMmap::<()>::from_ranges(&[
+            (GuestAddress(0), split as usize),
+            (GuestAddress(split), MEM_SIZE - split as usize),
+        ])
+        .unwrap(),
+    )
+}
+
+fn chains_of(queue: &mut virtio_queue::Queue, mem: &GuestMemoryMmap) -> Vec<Vec<RawDesc>> {
+    queue
+        .iter(mem)
+        .unwrap()
+        .map(|chain| {
+            chain
+                .map(|d| RawDesc {
+                    addr: d.addr().0,
+                    len: d.len(),
+                    writable: d.is_write_only(),
+                    has_next: d.has_next(),
+                })
+                .collect()
+        })
+        .collect()
+}
+
+proptest! {
+    /// With memory in two regions, rings anywhere around the split: the
+    /// rings are mapped exactly when none of them crosses it, and then (with
+    /// indirect tables and buffers that may cross it) every chain reads as
+    /// virtio-queue reads it.
+    #[test]
+    fn chains_match_virtio_queue_across_memory_regions(
+        split_pages in 2u64..15,
+        ring_at in 0u64..0x1800,
+        table in prop::collection::vec(desc(), SIZE as usize),
+        indirect in prop::collection::vec(prop::collection::vec(desc(), 8), 4),
+        heads in prop::collection::vec(0u16..20, 1..6),
+    ) {
+        let split = split_pages * 0x1000;
+        let mem = two_regions(split);
+        // The rings start up to 6 KiB before the split, 16-aligned.
+        let start = (split - 0x1800 + ring_at) & !0xf;
+        let vq = MockSplitQueue::create(&*mem, GuestAddress(start), SIZE);
+        let mut queue: virtio_queue::Queue = vq.create_queue().unwrap();
+        // The indirect tables move next to the split: the second one
+        // crosses it.
+        let tables = split - 0x240;
+        let moved = |d: &(u64, u32, u16, u16)| {
+            let mut d = *d;
+            if d.2 & VRING_DESC_F_INDIRECT as u16 != 0 {
+                d.0 = tables + (d.0 - TABLES);
+            }
+            d
+        };
+        let table: Vec<_> = table.iter().map(moved).collect();
+        write_table(&mem, vq.desc_table_addr().0, &table);
+        for (i, t) in indirect.iter().enumerate() {
+            let t: Vec<_> = t.iter().map(moved).collect();
+            write_table(&mem, tables + 0x200 * i as u64, &t);
+        }
+        let avail = vq.avail_addr().0;
+        for (i, &h) in heads.iter().enumerate() {
+            mem.write_obj(h.to_le(), GuestAddress(avail + 4 + 2 * i as u64)).unwrap();
+        }
+        mem.write_obj((heads.len() as u16).to_le(), GuestAddress(avail + 2)).unwrap();
+
+        let n = u64::from(SIZE);
+        let crosses = |at: u64, len: u64| at < split && at + len > split;
+        let straddles = crosses(vq.desc_table_addr().0, 16 * n)
+            || crosses(avail, 6 + 2 * n)
+            || crosses(vq.used_addr().0, 6 + 8 * n);
+        let handle = MemHandle::new(Arc::clone(&mem));
+        let rings = Rings::new(&queue, &handle);
+        prop_assert_eq!(rings.is_none(), straddles);
+        let reference = chains_of(&mut queue, &mem);
+        prop_assert_eq!(reference.len(), heads.len());
+        if let Some(rings) = rings {
+            for (i, want) in reference.iter().enumerate() {
+                let head = rings.avail_head(i as u16);
+                prop_assert_eq!(head, heads[i]);
+                let got: Vec<RawDesc> = rings.chain(head).collect();
+                prop_assert_eq!(&got, want);
+            }
+        }
+    }
+}
+
 #[test]
 fn used_elements_are_published_once_with_the_index() {
     let mem = Arc::new(GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap());
