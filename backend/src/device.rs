@@ -6,7 +6,8 @@
 //!  features, config, memory, vring setup      epoll: kick eventfd ─┐
 //!  GET_VRING_BASE ─▶ stop_vring(i):           epoll: io_uring, wake,  ├▶ worker::handle
 //!    waits until queue i owes nothing         exit eventfds ─────────┘
-//!  disconnect ─▶ Queues::exit_all: each worker tears down on its thread
+//!  disconnect ─▶ Queues::exit_all: each worker tears down on its thread,
+//!                and its epoll loop ends
 //! ```
 //!
 //! The device implements [`VhostUserBackend`] on `&self`: nothing is locked
@@ -22,9 +23,7 @@ use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatu
 use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringMutex};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{
-    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
-};
+use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
 use crate::export::Export;
 use crate::queue::{QueueState, Queues};
@@ -180,10 +179,12 @@ impl VhostUserBackend for BlkDevice {
         (0..self.queues.len()).map(|q| 1u64 << q).collect()
     }
 
+    // vhost-user-backend registers its exit event's descriptor in the
+    // worker's epoll and never closes it: one leaked eventfd per queue per
+    // connection. The device ends its workers with exit eventfds of its
+    // own instead (see `handle_event`).
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        new_event_consumer_and_notifier(EventFlag::NONBLOCK)
-            .inspect_err(|e| tracing::error!("cannot create a worker exit event: {e}"))
-            .ok()
+        None
     }
 
     /// GET_VRING_BASE: the ring stops once everything taken from it is on
@@ -218,8 +219,9 @@ impl VhostUserBackend for BlkDevice {
         vrings: &[Vring],
         thread_id: usize,
     ) -> io::Result<()> {
-        // An error here would end the worker thread, so every failure is
-        // handled (and logged) inside.
+        // An error ends the worker thread's epoll loop: only the exit event
+        // returns one, once the worker has torn down. Every other failure
+        // is handled (and logged) inside.
         let event = match u64::from(device_event) {
             t if t == self.ring_token() => worker::Event::Completions,
             t if t == self.wake_token() => worker::Event::Wake,
@@ -236,6 +238,9 @@ impl VhostUserBackend for BlkDevice {
             queue: thread_id,
         };
         worker::handle(q, event, vring);
+        if event == worker::Event::Exit {
+            return Err(io::Error::other("the queue's worker has torn down"));
+        }
         Ok(())
     }
 }

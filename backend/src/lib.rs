@@ -6,6 +6,8 @@ pub mod daemon;
 pub mod device;
 pub mod events;
 pub mod export;
+#[cfg(any(test, fuzzing))]
+pub mod fuzzing;
 pub mod img;
 pub mod job_cli;
 pub mod keyval;

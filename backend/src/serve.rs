@@ -25,7 +25,7 @@ const TEARDOWN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Asks a serving loop to finish: the current frontend is disconnected and
 /// its in-flight requests complete.
 #[derive(Clone, Default)]
-struct StopHandle {
+pub(crate) struct StopHandle {
     stop: Arc<AtomicBool>,
     conn: Arc<Mutex<Option<ShutdownHandle>>>,
 }
@@ -144,7 +144,7 @@ fn serve(mut listener: Listener, export: &Arc<Export>, stop: &StopHandle) {
 }
 
 /// Serves one frontend connection until it ends.
-fn serve_one(
+pub(crate) fn serve_one(
     listener: &mut Listener,
     export: &Arc<Export>,
     stop: &StopHandle,
@@ -153,8 +153,14 @@ fn serve_one(
     let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
     let dev =
         BlkDevice::new(Arc::clone(export), mem.clone()).context("cannot set up the device")?;
-    let mut daemon = VhostUserDaemon::new(format!("strata-{id}"), dev.clone(), mem)
+    let daemon = VhostUserDaemon::new(format!("strata-{id}"), dev.clone(), mem)
         .map_err(|e| anyhow::anyhow!("cannot start the device's workers: {e}"))?;
+    let mut workers = Workers {
+        daemon: Some(daemon),
+        queues: Arc::clone(dev.queues()),
+        id: id.clone(),
+    };
+    let daemon = workers.daemon.as_mut().expect("set above");
     dev.register_listeners(&daemon.get_epoll_handlers())
         .context("cannot register the device's eventfds")?;
     daemon
@@ -165,12 +171,7 @@ fn serve_one(
     tracing::info!("export '{id}': frontend connected");
     let res = daemon.wait();
     stop.set_connection(None);
-    // Each worker tears down on its own thread: nothing more reaches the
-    // rings, and the kernel lets go of guest memory before it is unmapped.
-    if let Err(e) = dev.queues().exit_all(TEARDOWN_TIMEOUT) {
-        tracing::error!("export '{id}': {e}");
-    }
-    drop(daemon);
+    drop(workers);
     export.set_queues(None);
     match res {
         Ok(())
@@ -187,6 +188,30 @@ fn serve_one(
         tracing::error!("export '{id}': flush after disconnect failed: {e}");
     }
     Ok(())
+}
+
+/// A connection's worker threads. However serving the connection ends,
+/// each worker tears down on its own thread (nothing more reaches the
+/// rings, and the kernel lets go of guest memory before it is unmapped),
+/// its epoll loop ends, and the threads are joined.
+struct Workers {
+    daemon: Option<VhostUserDaemon<BlkDevice>>,
+    queues: Arc<crate::queue::Queues>,
+    id: String,
+}
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        match self.queues.exit_all(TEARDOWN_TIMEOUT) {
+            Ok(()) => drop(self.daemon.take()),
+            Err(e) => {
+                // Joining a worker that never tore down would hang this
+                // thread, and with it the export: leave it behind instead.
+                tracing::error!("export '{}': {e}; leaving its threads behind", self.id);
+                std::mem::forget(self.daemon.take());
+            }
+        }
+    }
 }
 
 /// Waits up to 200 ms for a connection, so a stop request is noticed.

@@ -150,3 +150,32 @@ fn a_request_abandoned_by_get_vring_base_never_reaches_the_ring() {
     let (st, log) = daemon.stop();
     assert!(st.success(), "{log}");
 }
+
+#[test]
+fn frontends_that_come_and_go_leak_no_descriptors() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut daemon = null_daemon(dir.path(), Duration::ZERO, ",num-queues=2");
+    let fds = |d: &Daemon| {
+        std::fs::read_dir(format!("/proc/{}/fd", d.pid()))
+            .unwrap()
+            .count()
+    };
+    let cycle = || {
+        let mut c = connect(daemon.socket());
+        c.start_reads(4);
+        assert_eq!(c.wait(4), [0; 4]);
+    };
+    cycle();
+    std::thread::sleep(Duration::from_millis(300));
+    let before = fds(&daemon);
+    for _ in 0..20 {
+        cycle();
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let after = fds(&daemon);
+    assert!(daemon.is_running());
+    assert!(
+        after <= before,
+        "{before} descriptors open after one connection, {after} after 21"
+    );
+}

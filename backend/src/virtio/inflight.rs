@@ -1,8 +1,8 @@
-//! In-flight requests of one queue, by descriptor head.
-//!
-//! The record is what a vhost-user inflight region needs to resubmit after
-//! a backend restart: which heads are outstanding and in what order they
-//! were taken from the avail ring.
+//! In-flight requests of one queue, by descriptor head: which heads are
+//! outstanding, in the order they were taken from the avail ring. A head
+//! the driver offers again while it is outstanding is refused (completing
+//! it would complete the first one too), and a teardown names what was
+//! left.
 
 /// The outstanding heads of one queue, in one ring generation (see
 /// [`crate::queue`]): a new generation starts a new record, since the

@@ -375,6 +375,7 @@ fn build(
     let (ty, sector) = match read_header(mem, &readable[0]) {
         Some(h) => h,
         None => {
+            // GUEST-INPUT: a header split across descriptors, copied once.
             let mut header = [0u8; HEADER_LEN as usize];
             gather(mem, readable, 0, &mut header)?;
             (
@@ -427,6 +428,8 @@ fn build(
             if seg_len < SEGMENT_LEN {
                 return Err(RequestError::SegmentTooShort { len: seg_len });
             }
+            // GUEST-INPUT: the segment decides the range; it is copied
+            // once, and only the copy is used.
             let mut seg = [0u8; SEGMENT_LEN as usize];
             gather(mem, readable, HEADER_LEN, &mut seg)?;
             let sector = u64::from_le_bytes(seg[0..8].try_into().unwrap());

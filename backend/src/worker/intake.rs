@@ -132,6 +132,8 @@ impl Worker {
                                 let Some((head, parsed)) = access.take(q, &limits) else {
                                     break;
                                 };
+                                // GUEST-INPUT: a head already in flight
+                                // must not be completed twice.
                                 if self.heads.start(head, generation) {
                                     batch.push((head, parsed));
                                 } else {

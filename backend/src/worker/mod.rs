@@ -79,8 +79,16 @@ thread_local! {
     static WORKER: RefCell<Slot> = const { RefCell::new(Slot::Empty) };
 }
 
+/// How a worker sets up its I/O.
+pub(crate) type Setup = fn(&QueueRef<'_>) -> io::Result<Io>;
+
 /// Handles one event on the worker thread of `q`.
 pub(crate) fn handle<V: VringLock>(q: QueueRef<'_>, event: Event, vring: &V) {
+    handle_with(q, event, vring, setup_io);
+}
+
+/// [`handle`], with the worker's I/O set up by `setup` when it starts.
+pub(crate) fn handle_with<V: VringLock>(q: QueueRef<'_>, event: Event, vring: &V, setup: Setup) {
     let cell = WORKER.with(|cell| {
         let mut slot = cell.borrow_mut();
         match (&*slot, event) {
@@ -95,7 +103,7 @@ pub(crate) fn handle<V: VringLock>(q: QueueRef<'_>, event: Event, vring: &V) {
                 _ => unreachable!("matched above"),
             },
             (Slot::Empty, _) => {
-                *slot = Slot::Running(Box::new(Worker::new(&q, setup_io)));
+                *slot = Slot::Running(Box::new(Worker::new(&q, setup)));
                 Some(Ok(()))
             }
             (Slot::Running(_), _) => Some(Ok(())),
@@ -114,13 +122,13 @@ pub(crate) fn handle<V: VringLock>(q: QueueRef<'_>, event: Event, vring: &V) {
 }
 
 /// A worker's means of doing I/O.
-struct Io {
+pub(crate) struct Io {
     reactor: Rc<Reactor>,
     executor: Box<dyn Requests>,
 }
 
 /// Sets up the thread's io_uring and executor for queue `q`.
-fn setup_io(q: &QueueRef<'_>) -> io::Result<Io> {
+pub(crate) fn setup_io(q: &QueueRef<'_>) -> io::Result<Io> {
     let reactor = Reactor::current()?;
     reactor.register_eventfd(q.state.ring_event.as_raw_fd())?;
     // Requests woken from other threads (a lock another queue held) poke
@@ -137,7 +145,7 @@ pub(crate) struct Worker {
     /// The thread's I/O, or why it could not be set up and when that was
     /// last tried. Without it, requests fail with IOERR.
     io: Result<Io, (io::Error, Instant)>,
-    setup: fn(&QueueRef<'_>) -> io::Result<Io>,
+    setup: Setup,
     mem_map: GuestMemoryAtomic<GuestMemoryMmap<()>>,
     views: LocalViews,
     mem: Option<MemHandle>,
@@ -165,7 +173,7 @@ struct Seen {
 }
 
 impl Worker {
-    fn new(q: &QueueRef<'_>, setup: fn(&QueueRef<'_>) -> io::Result<Io>) -> Worker {
+    fn new(q: &QueueRef<'_>, setup: Setup) -> Worker {
         let io = setup(q).map_err(|e| {
             tracing::error!(
                 "queue {}: cannot set up its I/O ({e}); its requests fail until it can",
@@ -377,3 +385,6 @@ impl Worker {
         self.ctx.state.ledger().gone();
     }
 }
+
+#[cfg(test)]
+mod tests;
