@@ -16,6 +16,7 @@
 
 use std::io;
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -47,6 +48,9 @@ pub struct BlkDevice {
     queues: Arc<Queues>,
     /// The guest's memory, as the frontend last mapped it.
     mem: GuestMemoryAtomic<GuestMemoryMmap<()>>,
+    /// Bumped after every change of `mem`, so workers notice a change with
+    /// one atomic load.
+    map_version: Arc<AtomicU64>,
 }
 
 impl BlkDevice {
@@ -61,6 +65,7 @@ impl BlkDevice {
             export,
             queues,
             mem,
+            map_version: Arc::new(AtomicU64::new(0)),
         })
     }
 
@@ -170,8 +175,11 @@ impl VhostUserBackend for BlkDevice {
     }
 
     fn update_memory(&self, _mem: GuestMemoryAtomic<GuestMemoryMmap<()>>) -> io::Result<()> {
-        // Workers pick the new map up on their next pass; requests in
-        // flight keep the old one mapped until they finish.
+        // vhost-user-backend replaced the map before calling this, and
+        // acknowledges the frontend's message after it returns. Workers
+        // pick the new map up on their next batch; requests in flight keep
+        // the old one mapped until they finish.
+        self.map_version.fetch_add(1, Ordering::Release);
         Ok(())
     }
 
@@ -235,6 +243,7 @@ impl VhostUserBackend for BlkDevice {
             export: &self.export,
             state,
             mem: &self.mem,
+            map_version: &self.map_version,
             queue: thread_id,
         };
         worker::handle(q, event, vring);

@@ -50,6 +50,7 @@ pub struct Harness {
     export: Arc<Export>,
     state: Arc<QueueState>,
     mem: GuestMemoryAtomic<GuestMemoryMmap<()>>,
+    map_version: Arc<std::sync::atomic::AtomicU64>,
     vring: TestVring,
 }
 
@@ -74,6 +75,7 @@ impl Harness {
             export,
             state: Arc::new(QueueState::new().expect("eventfds")),
             mem: GuestMemoryAtomic::new(mem),
+            map_version: Arc::default(),
             vring: TestVring(Mutex::new(queue)),
         }
     }
@@ -83,6 +85,7 @@ impl Harness {
             export: &self.export,
             state: &self.state,
             mem: &self.mem,
+            map_version: &self.map_version,
             queue: 0,
         };
         worker::handle_with(q, event, &self.vring, setup);

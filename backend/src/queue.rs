@@ -17,7 +17,6 @@
 //!   a late completion.
 
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -34,7 +33,6 @@ pub struct QueueState {
     pub(crate) exit: EventFd,
     ledger: Mutex<Ledger>,
     changed: Condvar,
-    completed: AtomicU64,
 }
 
 /// Counts kept under the ledger lock.
@@ -49,6 +47,8 @@ pub struct Ledger {
     owed: usize,
     /// Threads waiting on `changed`.
     waiters: usize,
+    /// Requests completed since the frontend connected.
+    completed: u64,
     /// The worker has torn down.
     gone: bool,
 }
@@ -74,7 +74,6 @@ impl QueueState {
             exit: EventFd::new(EFD_NONBLOCK)?,
             ledger: Mutex::new(Ledger::default()),
             changed: Condvar::new(),
-            completed: AtomicU64::new(0),
         })
     }
 
@@ -88,7 +87,10 @@ impl QueueState {
 
     /// Requests completed since the frontend connected.
     pub fn completed(&self) -> u64 {
-        self.completed.load(Ordering::Relaxed)
+        self.ledger
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .completed
     }
 
     /// Waits until `done` holds of the ledger, or `timeout` passes.
@@ -260,7 +262,7 @@ impl LedgerGuard<'_> {
         let current = generation == self.l.generation;
         if current {
             self.l.owed = self.l.owed.saturating_sub(1);
-            self.state.completed.fetch_add(1, Ordering::Relaxed);
+            self.l.completed += 1;
         }
         if self.l.running == 0 || self.l.owed == 0 {
             self.notify();

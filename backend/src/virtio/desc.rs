@@ -43,6 +43,17 @@ impl TableEntry {
         }
     }
 
+    /// Decodes a descriptor read as two words (already in host order):
+    /// `addr`, then `len | flags << 32 | next << 48`.
+    pub fn from_words(addr: u64, rest: u64) -> TableEntry {
+        TableEntry {
+            addr,
+            len: rest as u32,
+            flags: (rest >> 32) as u16,
+            next: (rest >> 48) as u16,
+        }
+    }
+
     /// The descriptor points at an indirect table.
     pub fn indirect(&self) -> bool {
         u32::from(self.flags) & VRING_DESC_F_INDIRECT != 0

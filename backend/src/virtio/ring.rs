@@ -193,21 +193,29 @@ impl Chain<'_> {
         let at = DESC_LEN * usize::from(index);
         // GUEST-INPUT: the guest may rewrite the descriptor while we read;
         // one load takes a snapshot, and only the snapshot is used.
-        let bytes = match self.table {
+        let entry = match self.table {
             // SAFETY: `p` maps `table_len` descriptors (the queue's table,
             // checked at `Rings::new`, or an indirect table mapped whole by
-            // `enter`), `index < table_len`, and `[u8; 16]` needs no
-            // alignment. A volatile load reads each byte once.
+            // `enter`) and `index < table_len`. An 8-aligned descriptor is
+            // read as two volatile words, any other as one volatile load of
+            // 16 bytes: each byte is read once.
             Table::Mapped(p) => unsafe {
-                p.as_ptr().add(at).cast::<[u8; DESC_LEN]>().read_volatile()
+                let d = p.as_ptr().add(at);
+                if d as usize % 8 == 0 {
+                    let [a, b] = d.cast::<[u64; 2]>().read_volatile();
+                    TableEntry::from_words(u64::from_le(a), u64::from_le(b))
+                } else {
+                    TableEntry::from_bytes(d.cast::<[u8; DESC_LEN]>().read_volatile())
+                }
             },
-            Table::Guest(addr) => self
-                .rings
-                .memory()
-                .read_obj::<[u8; DESC_LEN]>(GuestAddress(addr + at as u64))
-                .ok()?,
+            Table::Guest(addr) => TableEntry::from_bytes(
+                self.rings
+                    .memory()
+                    .read_obj::<[u8; DESC_LEN]>(GuestAddress(addr + at as u64))
+                    .ok()?,
+            ),
         };
-        Some(TableEntry::from_bytes(bytes))
+        Some(entry)
     }
 
     /// Switches to the indirect table `addr`, `len` bytes long.

@@ -22,8 +22,8 @@ pub(crate) type Taken = (u16, Result<Request, Rejected>);
 
 /// One split ring, read and written while the caller holds the queue.
 pub(crate) trait RingAccess {
-    /// The memory map the access reads through.
-    fn memory(&self) -> &MemHandle;
+    /// True while this access still describes `q`'s rings.
+    fn fits(&self, q: &Queue) -> bool;
     /// Entries the driver has made available past `q.next_avail()`; an
     /// error when its index runs further ahead than the ring is long.
     fn pending(&self, q: &Queue) -> Result<u16, String>;
@@ -45,8 +45,8 @@ pub(crate) trait RingAccess {
 pub(crate) struct Mapped(pub Rc<Rings>);
 
 impl RingAccess for Mapped {
-    fn memory(&self) -> &MemHandle {
-        self.0.memory()
+    fn fits(&self, q: &Queue) -> bool {
+        self.0.matches(q, self.0.memory())
     }
 
     fn pending(&self, q: &Queue) -> Result<u16, String> {
@@ -95,8 +95,10 @@ impl RingAccess for Mapped {
 pub(crate) struct Generic(pub MemHandle);
 
 impl RingAccess for Generic {
-    fn memory(&self) -> &MemHandle {
-        &self.0
+    // Reads any layout; a layout that can now be mapped is mapped on the
+    // next pass.
+    fn fits(&self, _q: &Queue) -> bool {
+        true
     }
 
     fn pending(&self, q: &Queue) -> Result<u16, String> {

@@ -1,21 +1,22 @@
 //! Intake: the one loop that takes chains from the avail ring, starts
 //! them, and puts finished ones on the used ring, over either ring access.
 //!
-//! Each batch holds the vring lock and the queue's ledger (see
-//! [`crate::queue`]) only while it publishes what finished and takes the
-//! next few chains; the requests run with both released. A pass stops
-//! when the ring is empty, when a drain pauses the export, or when it has
-//! taken its budget: then it asks to be woken again, so a guest that keeps
-//! its ring full cannot hold off a drain or the frontend's messages.
+//! Each batch publishes what finished, takes the next two chains and runs
+//! them until they wait, under the vring lock and the queue's ledger (see
+//! [`crate::queue`]); every eight batches both are released, so the
+//! frontend's messages and drains get in. Every batch looks at the
+//! export's pause flag first. A pass stops when the ring is empty, when a
+//! drain pauses the export, or when it has taken its budget: then it asks
+//! to be woken again, so a guest that keeps its ring full can hold off
+//! neither a drain nor the frontend's messages.
 
 use std::rc::Rc;
 
-use smallvec::SmallVec;
 use strata_graph::LocalView;
 use virtio_bindings::virtio_blk::VIRTIO_BLK_S_IOERR;
 use virtio_queue::{Queue, QueueT};
 
-use super::access::{Generic, LockedVring, Mapped, RingAccess, Taken, VringLock};
+use super::access::{Generic, LockedVring, Mapped, RingAccess, VringLock};
 use super::dispatch::Job;
 use super::{Seen, Worker};
 use crate::queue::LedgerGuard;
@@ -34,20 +35,11 @@ const BATCH: usize = 2;
 /// Chains started between two io_uring submissions (one system call).
 const SUBMIT_BATCH: usize = 16;
 
+/// Batches between two releases of the vring lock and the ledger.
+const SLICE: usize = 8;
+
 /// Chains one pass takes before it lets the thread's other events in.
 const BUDGET: usize = 256;
-
-/// What a batch under the lock decided.
-enum Next {
-    /// Start these, then go on.
-    Start(u64),
-    /// Entries arrived while re-arming: look again.
-    Again,
-    /// The frontend changed the memory map: look again through the new one.
-    Remap,
-    /// Nothing more for now.
-    Stop,
-}
 
 impl Worker {
     /// Takes and starts available chains, publishing what finishes, until
@@ -57,7 +49,13 @@ impl Worker {
         let mut taken = 0;
         loop {
             let mem = self.memory();
-            let rings = self.rings_for(vring.lock().queue(), &mem);
+            // The rings mapped last time, unless the memory map changed;
+            // a batch checks, under the lock, that they still describe the
+            // queue.
+            let rings = match &self.rings {
+                Some(r) if r.memory().same(&mem) => Some(Rc::clone(r)),
+                _ => self.rings_for(vring.lock().queue(), &mem),
+            };
             let (n, remap) = match rings {
                 Some(r) => self.intake_with(vring, &Mapped(r)),
                 None => self.intake_with(vring, &Generic(mem)),
@@ -97,96 +95,97 @@ impl Worker {
     }
 
     /// One pass through one ring access: how many chains it took, and
-    /// whether it stopped because the memory map changed.
+    /// whether it stopped because the memory map changed or the rings
+    /// moved.
     fn intake_with<V: VringLock, A: RingAccess>(&mut self, vring: &V, access: &A) -> (usize, bool) {
         let limits = self.ctx.export.limits();
         let view = self.views.current();
         let ctx = Rc::clone(&self.ctx);
         let mut taken = 0;
         let mut unsubmitted = 0;
-        let mut batch: SmallVec<[Taken; BATCH]> = SmallVec::new();
         loop {
-            let next = {
-                let mut guard = vring.lock();
-                let enabled = guard.enabled();
-                let mut ledger = ctx.state.ledger();
-                let q = guard.queue();
-                let notify = self.publish_locked(q, access, &mut ledger);
-                let generation = self.check_ring(q, &mut ledger);
-                let next = if ctx.export.paused() || !q.ready() || !enabled {
-                    Next::Stop
-                } else {
-                    match access.pending(q) {
-                        Err(e) => {
-                            ctx.warn(format_args!("bad avail ring: {e}"));
-                            Next::Stop
-                        }
-                        Ok(0) if access.rearm(q) => Next::Again,
-                        Ok(0) => Next::Stop,
-                        // Read after the avail index: a chain the driver made
-                        // available after the frontend changed the map (and
-                        // waited for our ack) must be read through the new one.
-                        Ok(_) if self.map_changed(access.memory()) => Next::Remap,
-                        Ok(n) => {
-                            for _ in 0..usize::from(n).min(BATCH) {
-                                let Some((head, parsed)) = access.take(q, &limits) else {
-                                    break;
-                                };
-                                // GUEST-INPUT: a head already in flight
-                                // must not be completed twice.
-                                if self.heads.start(head, generation) {
-                                    batch.push((head, parsed));
-                                } else {
-                                    // Completing it would complete the first
-                                    // one too: drop it.
-                                    ctx.warn(format_args!(
-                                        "chain {head} is already in flight; ignored"
-                                    ));
-                                }
-                            }
-                            ledger.taken(batch.len());
-                            self.seen = Some(Seen::of(q));
-                            Next::Start(generation)
-                        }
-                    }
-                };
-                drop(ledger);
-                if notify {
+            let mut guard = vring.lock();
+            let enabled = guard.enabled();
+            let mut ledger = ctx.state.ledger();
+            let mut end = None;
+            for _ in 0..SLICE {
+                if self.publish_locked(guard.queue(), access, &mut ledger) {
                     if let Err(e) = guard.notify() {
                         ctx.warn(format_args!("cannot notify the guest: {e}"));
                     }
                 }
-                next
-            };
-            let generation = match next {
-                Next::Start(g) => g,
-                Next::Again => continue,
-                Next::Remap => return (taken, true),
-                Next::Stop => break,
-            };
-            let n = batch.len();
-            for (head, parsed) in batch.drain(..) {
-                self.launch(head, parsed, generation, &view);
+                let q = guard.queue();
+                let generation = self.check_ring(q, &mut ledger);
+                if !access.fits(q) {
+                    self.rings = None;
+                    end = Some(true);
+                    break;
+                }
+                if ctx.export.paused() || !q.ready() || !enabled {
+                    end = Some(false);
+                    break;
+                }
+                let n = match access.pending(q) {
+                    Err(e) => {
+                        ctx.warn(format_args!("bad avail ring: {e}"));
+                        end = Some(false);
+                        break;
+                    }
+                    Ok(0) if access.rearm(q) => continue,
+                    Ok(0) => {
+                        end = Some(false);
+                        break;
+                    }
+                    // Read after the avail index: a chain the driver made
+                    // available after the frontend changed the map (and
+                    // waited for our ack) must be read through the new one.
+                    Ok(_) if self.map_changed() => {
+                        end = Some(true);
+                        break;
+                    }
+                    Ok(n) => n,
+                };
+                let mut started = 0;
+                for _ in 0..usize::from(n).min(BATCH) {
+                    let Some((head, parsed)) = access.take(q, &limits) else {
+                        break;
+                    };
+                    // GUEST-INPUT: a head already in flight must not be
+                    // completed twice.
+                    if self.heads.start(head, generation) {
+                        self.launch(head, parsed, generation, &view);
+                        started += 1;
+                    } else {
+                        ctx.warn(format_args!("chain {head} is already in flight; ignored"));
+                    }
+                }
+                ledger.taken(started);
+                self.seen = Some(Seen::of(q));
+                taken += started;
+                unsubmitted += started;
+                if unsubmitted >= SUBMIT_BATCH {
+                    self.run_stalled();
+                    unsubmitted = 0;
+                } else if let Ok(io) = &self.io {
+                    io.executor.run_until_stalled();
+                }
+                if started == 0 {
+                    // The ring claimed entries but yielded no chain: broken.
+                    end = Some(false);
+                    break;
+                }
+                if taken >= BUDGET {
+                    // Come back after the thread's other events.
+                    let _ = ctx.state.wake.write(1);
+                    end = Some(false);
+                    break;
+                }
             }
-            taken += n;
-            unsubmitted += n;
-            if unsubmitted >= SUBMIT_BATCH {
-                self.run_stalled();
-                unsubmitted = 0;
-            } else if let Ok(io) = &self.io {
-                io.executor.run_until_stalled();
-            }
-            if n == 0 {
-                // The ring claimed entries but yielded no chain: broken.
-                break;
-            }
-            if taken >= BUDGET {
-                // Come back after the thread's other events.
-                let _ = ctx.state.wake.write(1);
-                break;
+            drop((ledger, guard));
+            if let Some(remap) = end {
+                return (taken, remap);
             }
         }
-        (taken, false)
     }
 
     /// Runs a parsed request, or completes a rejected one.

@@ -21,6 +21,7 @@ use std::cell::RefCell;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -58,6 +59,8 @@ pub(crate) struct QueueRef<'a> {
     pub export: &'a Arc<Export>,
     pub state: &'a Arc<QueueState>,
     pub mem: &'a GuestMemoryAtomic<GuestMemoryMmap<()>>,
+    /// Bumped after every change of `mem`: a cheap look for a change.
+    pub map_version: &'a Arc<AtomicU64>,
     pub queue: usize,
 }
 
@@ -147,8 +150,11 @@ pub(crate) struct Worker {
     io: Result<Io, (io::Error, Instant)>,
     setup: Setup,
     mem_map: GuestMemoryAtomic<GuestMemoryMmap<()>>,
+    map_version: Arc<AtomicU64>,
     views: LocalViews,
     mem: Option<MemHandle>,
+    /// The `map_version` `mem` was taken at.
+    mem_version: u64,
     /// The rings, mapped for the fast path.
     rings: Option<Rc<Rings>>,
     /// Heads in flight in the current generation.
@@ -190,8 +196,10 @@ impl Worker {
             io,
             setup,
             mem_map: q.mem.clone(),
+            map_version: Arc::clone(q.map_version),
             views: q.export.graph().local_views(),
             mem: None,
+            mem_version: 0,
             rings: None,
             heads: InFlight::default(),
             seen: None,
@@ -235,6 +243,7 @@ impl Worker {
             export: &self.ctx.export,
             state: &self.ctx.state,
             mem: &self.mem_map,
+            map_version: &self.map_version,
             queue: self.ctx.queue,
         };
         let io = (self.setup)(&q);
@@ -250,16 +259,27 @@ impl Worker {
     /// A handle on the current guest memory, reusing the last one if the
     /// map has not changed.
     fn memory(&mut self) -> MemHandle {
-        let current = self.mem_map.memory().into_inner();
+        let version = self.map_version.load(Ordering::Acquire);
+        if let Some(m) = self.mem.as_ref().filter(|_| version == self.mem_version) {
+            return m.clone();
+        }
+        // The version is read before the map: a change after this bumps it
+        // again, and the next look takes the map again.
+        let current = self.mem_map.memory();
+        self.mem_version = version;
         match &self.mem {
-            Some(m) if m.is(&current) => m.clone(),
-            _ => self.mem.insert(MemHandle::new(current)).clone(),
+            Some(m) if m.is_current(&current) => m.clone(),
+            _ => self
+                .mem
+                .insert(MemHandle::new(current.into_inner()))
+                .clone(),
         }
     }
 
-    /// True when `mem` is no longer the frontend's current map.
-    fn map_changed(&self, mem: &MemHandle) -> bool {
-        !mem.is_current(&self.mem_map.memory())
+    /// True when the frontend changed the memory map since the last
+    /// [`Worker::memory`].
+    fn map_changed(&self) -> bool {
+        self.map_version.load(Ordering::Acquire) != self.mem_version
     }
 
     /// Runs requests until all wait on I/O, submits their I/O, and repeats
@@ -326,9 +346,17 @@ impl Worker {
         self.poll.slept_at = Some((last_work, self.busy()));
     }
 
-    /// Cheaply: did the driver make entries available?
+    /// Cheaply: did the driver make entries available? Through the mapped
+    /// rings this takes no lock: it compares the avail index with where
+    /// this worker last left the ring (a frontend that moved it only costs
+    /// one look that finds nothing).
     fn avail<V: VringLock>(&mut self, vring: &V) -> bool {
         let mem = self.memory();
+        if let (Some(r), Some(seen)) = (&self.rings, self.seen) {
+            if r.memory().same(&mem) {
+                return r.avail_idx() != seen.next_avail;
+            }
+        }
         let mut guard = vring.lock();
         let enabled = guard.enabled();
         let q = guard.queue();
@@ -337,7 +365,7 @@ impl Worker {
             && match self.rings.as_ref().filter(|r| r.matches(q, &mem)) {
                 Some(r) => r.avail_idx() != q.next_avail(),
                 None => q
-                    .avail_idx(&*mem, std::sync::atomic::Ordering::Acquire)
+                    .avail_idx(&*mem, Ordering::Acquire)
                     .is_ok_and(|i| i.0 != q.next_avail()),
             }
     }
