@@ -3,6 +3,7 @@
 //! No request may fail, and no read may return anything but the data.
 
 use std::mem::MaybeUninit;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -24,6 +25,41 @@ fn block(i: usize) -> Vec<u8> {
         .collect()
 }
 
+/// A daemon with `blockdevs`, node `disk` exported (with `export`
+/// options) and a QMP monitor; killed when the first value drops.
+fn daemon(dir: &Path, blockdevs: &[&str], export: &str) -> (Kill, Qmp, PathBuf) {
+    let qmp_sock = dir.join("qmp.sock");
+    let vhost_sock = dir.join("vhost.sock");
+    let log = std::fs::File::create(dir.join("strata.log")).unwrap();
+    let mut cmd = Command::new(strata_bin());
+    for b in blockdevs {
+        cmd.args(["--blockdev", b]);
+    }
+    let child = cmd
+        .args([
+            "--export",
+            &format!(
+                "type=vhost-user-blk,id=e0,node-name=disk,addr.type=unix,addr.path={},{export}",
+                vhost_sock.display()
+            ),
+        ])
+        .args([
+            "--chardev",
+            &format!(
+                "socket,id=m0,path={},server=on,wait=off",
+                qmp_sock.display()
+            ),
+        ])
+        .args(["--monitor", "chardev=m0"])
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let child = Kill(child);
+    let qmp = Qmp::connect(&qmp_sock);
+    (child, qmp, vhost_sock)
+}
+
 struct Kill(Child);
 
 impl Drop for Kill {
@@ -40,40 +76,13 @@ fn swapping_file_1000_times_under_random_reads() {
     let (a, b) = (dir.path().join("a.img"), dir.path().join("b.img"));
     std::fs::write(&a, &content).unwrap();
     std::fs::write(&b, &content).unwrap();
-    let qmp_sock = dir.path().join("qmp.sock");
-    let vhost_sock = dir.path().join("vhost.sock");
-    let log = std::fs::File::create(dir.path().join("strata.log")).unwrap();
-    let child = Command::new(strata_bin())
-        .args([
-            "--blockdev",
-            &format!("driver=file,node-name=fa,filename={}", a.display()),
-        ])
-        .args([
-            "--blockdev",
-            &format!("driver=file,node-name=fb,filename={}", b.display()),
-        ])
-        .args(["--blockdev", "driver=raw,node-name=disk,file=fa"])
-        .args([
-            "--export",
-            &format!(
-                "type=vhost-user-blk,id=e0,node-name=disk,addr.type=unix,addr.path={},num-queues=2",
-                vhost_sock.display()
-            ),
-        ])
-        .args([
-            "--chardev",
-            &format!(
-                "socket,id=m0,path={},server=on,wait=off",
-                qmp_sock.display()
-            ),
-        ])
-        .args(["--monitor", "chardev=m0"])
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let _child = Kill(child);
-    let mut qmp = Qmp::connect(&qmp_sock);
+    let fa = format!("driver=file,node-name=fa,filename={}", a.display());
+    let fb = format!("driver=file,node-name=fb,filename={}", b.display());
+    let (_child, mut qmp, vhost_sock) = daemon(
+        dir.path(),
+        &[&fa, &fb, "driver=raw,node-name=disk,file=fa"],
+        "num-queues=2",
+    );
 
     let stop = Arc::new(AtomicBool::new(false));
     let reads = Arc::new(AtomicU64::new(0));
@@ -198,33 +207,14 @@ fn a_ring_that_never_runs_dry_does_not_hold_off_a_drain() {
     use virtio_bindings::virtio_blk::VIRTIO_BLK_T_IN;
 
     let dir = tempfile::tempdir().unwrap();
-    let qmp_sock = dir.path().join("qmp.sock");
-    let vhost_sock = dir.path().join("vhost.sock");
-    let log = std::fs::File::create(dir.path().join("strata.log")).unwrap();
-    let child = Command::new(strata_bin())
-        .args(["--blockdev", "driver=null-co,node-name=null0,size=64M"])
-        .args(["--blockdev", "driver=raw,node-name=disk,file=null0"])
-        .args([
-            "--export",
-            &format!(
-                "type=vhost-user-blk,id=e0,node-name=disk,addr.type=unix,addr.path={},writable=on",
-                vhost_sock.display()
-            ),
-        ])
-        .args([
-            "--chardev",
-            &format!(
-                "socket,id=m0,path={},server=on,wait=off",
-                qmp_sock.display()
-            ),
-        ])
-        .args(["--monitor", "chardev=m0"])
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let _child = Kill(child);
-    let mut qmp = Qmp::connect(&qmp_sock);
+    let (_child, mut qmp, vhost_sock) = daemon(
+        dir.path(),
+        &[
+            "driver=null-co,node-name=null0,size=64M",
+            "driver=raw,node-name=disk,file=null0",
+        ],
+        "writable=on",
+    );
 
     // 32 chains of two descriptors each: a header, then 1 MiB of data and
     // the status byte in one device-writable buffer (the same one for

@@ -54,6 +54,23 @@ fn write_table(mem: &GuestMemoryMmap, at: u64, descs: &[(u64, u32, u16, u16)]) {
     }
 }
 
+fn chains_of(queue: &mut virtio_queue::Queue, mem: &GuestMemoryMmap) -> Vec<Vec<RawDesc>> {
+    queue
+        .iter(mem)
+        .unwrap()
+        .map(|chain| {
+            chain
+                .map(|d| RawDesc {
+                    addr: d.addr().0,
+                    len: d.len(),
+                    writable: d.is_write_only(),
+                    has_next: d.has_next(),
+                })
+                .collect()
+        })
+        .collect()
+}
+
 proptest! {
     #[test]
     fn chains_match_virtio_queue(
@@ -80,20 +97,7 @@ proptest! {
         let handle = MemHandle::new(Arc::clone(&mem));
         let rings = Rings::new(&queue, &handle).expect("the rings are mapped");
         prop_assert_eq!(rings.avail_idx(), heads.len() as u16);
-        let reference: Vec<Vec<RawDesc>> = queue
-            .iter(&*mem)
-            .unwrap()
-            .map(|chain| {
-                chain
-                    .map(|d| RawDesc {
-                        addr: d.addr().0,
-                        len: d.len(),
-                        writable: d.is_write_only(),
-                        has_next: d.has_next(),
-                    })
-                    .collect()
-            })
-            .collect();
+        let reference = chains_of(&mut queue, &mem);
         for (i, want) in reference.iter().enumerate() {
             let head = rings.avail_head(i as u16);
             prop_assert_eq!(head, heads[i]);
@@ -113,23 +117,6 @@ fn two_regions(split: u64) -> Arc<GuestMemoryMmap> {
         ])
         .unwrap(),
     )
-}
-
-fn chains_of(queue: &mut virtio_queue::Queue, mem: &GuestMemoryMmap) -> Vec<Vec<RawDesc>> {
-    queue
-        .iter(mem)
-        .unwrap()
-        .map(|chain| {
-            chain
-                .map(|d| RawDesc {
-                    addr: d.addr().0,
-                    len: d.len(),
-                    writable: d.is_write_only(),
-                    has_next: d.has_next(),
-                })
-                .collect()
-        })
-        .collect()
 }
 
 proptest! {
