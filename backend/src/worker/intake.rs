@@ -253,10 +253,21 @@ impl Worker {
     /// or rewound the ring since this worker last took from it.
     fn check_ring(&mut self, q: &Queue, ledger: &mut LedgerGuard<'_>) -> u64 {
         if self.seen.is_some_and(|s| s != Seen::of(q)) {
-            tracing::info!(
-                "queue {}: the frontend reset the ring; requests in flight will not complete",
-                self.ctx.queue
-            );
+            // A guest driver that (re)initialises its device does this
+            // with nothing in flight; only then is it worth a warning.
+            let left = self.heads.len();
+            if left > 0 {
+                tracing::warn!(
+                    "queue {}: the frontend moved or rewound the ring with {left} requests \
+                     in flight; they will not complete",
+                    self.ctx.queue
+                );
+            } else {
+                tracing::debug!(
+                    "queue {}: the frontend set the ring up again",
+                    self.ctx.queue
+                );
+            }
             ledger.bump();
             self.seen = None;
         }
