@@ -253,6 +253,10 @@ pub struct CreateArgs {
 /// Options of `strata info`.
 #[derive(Debug, Args)]
 pub struct InfoArgs {
+    /// Open even if another process is using the image, sharing every
+    /// permission with it (read-only; what is read may be inconsistent).
+    #[arg(short = 'U', long = "force-share")]
+    pub force_share: bool,
     /// Show the whole backing chain.
     #[arg(long)]
     pub backing_chain: bool,
@@ -269,6 +273,10 @@ pub struct InfoArgs {
 /// Options of `strata map`.
 #[derive(Debug, Args)]
 pub struct MapArgs {
+    /// Open even if another process is using the image, sharing every
+    /// permission with it (read-only; what is read may be inconsistent).
+    #[arg(short = 'U', long = "force-share")]
+    pub force_share: bool,
     /// Image format (probed if not given).
     #[arg(short = 'f', value_name = "FMT")]
     pub format: Option<String>,
@@ -282,6 +290,10 @@ pub struct MapArgs {
 /// Options of `strata check`.
 #[derive(Debug, Args)]
 pub struct CheckArgs {
+    /// Open even if another process is using the image, sharing every
+    /// permission with it (read-only; what is read may be inconsistent).
+    #[arg(short = 'U', long = "force-share")]
+    pub force_share: bool,
     /// Repair: leaks (leaked clusters) or all (also corruptions).
     #[arg(short = 'r', value_name = "leaks|all")]
     pub repair: Option<String>,

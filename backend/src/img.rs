@@ -15,12 +15,15 @@ use strata_formats::qcow2::check::{check_slot, CheckReport, Repair};
 use strata_formats::qcow2::create::{create as create_qcow2, CreateOptions};
 use strata_formats::qcow2::header::Compression;
 use strata_formats::throttle::group::ThrottleGroups;
-use strata_graph::{BlockDriver, Graph, GraphView, NoEvents, NodeId, SlotPerm, User, UserKind};
+use strata_graph::{
+    BlockDriver, Graph, GraphView, NoEvents, NodeId, Perm, SlotPerm, User, UserKind,
+};
 use strata_runtime::reactor::block_on;
 
 use crate::cli::{CheckArgs, CreateArgs, InfoArgs, MapArgs, OutputFormat};
 
-/// An image opened read-only (or writable for repairs) with its chain.
+/// An image opened read-only with its chain, used by a reader that needs
+/// consistent reads (the image locks say so to other processes).
 struct Opened {
     graph: Graph,
     top: NodeId,
@@ -29,7 +32,7 @@ struct Opened {
 fn open(
     path: &Path,
     format: Option<&str>,
-    writable: bool,
+    force_share: bool,
     backing: bool,
 ) -> anyhow::Result<Opened> {
     let format = match format {
@@ -44,17 +47,29 @@ fn open(
     let mut opts = json!({
         "driver": format,
         "node-name": "image",
-        "read-only": !writable,
-        "file": {"driver": "file", "filename": path.to_string_lossy(), "read-only": !writable},
+        "read-only": true,
+        "force-share": force_share,
+        "file": {"driver": "file", "filename": path.to_string_lossy()},
     });
     if !backing && format == "qcow2" {
         opts["backing"] = Value::Null;
     }
     let mut tx = graph.transaction();
-    let top = blockdev::add(&mut tx, Options::from_json(opts)?, &ctx)
-        .map_err(|e| anyhow!("Could not open '{}': {e}", path.display()))?;
-    tx.commit()?;
+    let could_not = |e: &dyn std::fmt::Display| anyhow!("Could not open '{}': {e}", path.display());
+    let top = blockdev::add(&mut tx, Options::from_json(opts)?, &ctx).map_err(|e| could_not(&e))?;
+    tx.attach_user(reader(), top)?;
+    tx.commit().map_err(|e| could_not(&e))?;
     Ok(Opened { graph, top })
+}
+
+/// The user an image tool opens an image as: it reads, and minds no one
+/// else's writes unless the format does (as qemu-img).
+fn reader() -> User {
+    User {
+        kind: UserKind::Job,
+        name: "strata-img".into(),
+        perm: SlotPerm::user(false),
+    }
 }
 
 /// `strata create`.
@@ -194,8 +209,8 @@ fn resolve_backing(image: &Path, backing: &str) -> PathBuf {
 type Next = Option<(PathBuf, Option<String>)>;
 
 /// Facts about one image of a chain, as `qemu-img info --output=json`.
-fn info_of(path: &Path, format: Option<&str>) -> anyhow::Result<(Value, Next)> {
-    let opened = open(path, format, false, false)?;
+fn info_of(path: &Path, format: Option<&str>, force_share: bool) -> anyhow::Result<(Value, Next)> {
+    let opened = open(path, format, force_share, false)?;
     let v = opened.graph.view();
     let node = v.node(opened.top).expect("opened");
     let driver = node.driver();
@@ -254,7 +269,7 @@ pub fn info(a: InfoArgs) -> anyhow::Result<()> {
         if chain.len() > 64 {
             bail!("the backing chain is deeper than 64 images");
         }
-        let (v, n) = info_of(&path, fmt.as_deref())?;
+        let (v, n) = info_of(&path, fmt.as_deref(), a.force_share)?;
         chain.push(v);
         if a.backing_chain {
             next = n;
@@ -348,8 +363,12 @@ fn chain_nodes(v: &GraphView, top: NodeId) -> Vec<NodeId> {
     out
 }
 
-fn map_entries(path: &Path, format: Option<&str>) -> anyhow::Result<Vec<MapEntry>> {
-    let opened = open(path, format, false, true)?;
+fn map_entries(
+    path: &Path,
+    format: Option<&str>,
+    force_share: bool,
+) -> anyhow::Result<Vec<MapEntry>> {
+    let opened = open(path, format, force_share, true)?;
     let v = opened.graph.view();
     let layers = chain_nodes(&v, opened.top);
     let size = v.node(opened.top).expect("opened").driver().size(&v)?;
@@ -421,7 +440,7 @@ fn map_entries(path: &Path, format: Option<&str>) -> anyhow::Result<Vec<MapEntry
 
 /// `strata map`.
 pub fn map(a: MapArgs) -> anyhow::Result<()> {
-    let entries = map_entries(&a.file, a.format.as_deref())?;
+    let entries = map_entries(&a.file, a.format.as_deref(), a.force_share)?;
     match a.output {
         OutputFormat::Json => {
             let lines: Vec<String> = entries
@@ -472,9 +491,16 @@ pub fn check_image(a: CheckArgs) -> anyhow::Result<i32> {
         Some(r) => bail!("Unknown option for -r: '{r}' (use leaks or all)"),
     };
     let graph = Graph::new();
+    if a.force_share && repair != Repair::None {
+        bail!(
+            "Could not open '{}': force-share=on can only be used with read-only images",
+            a.file.display()
+        );
+    }
     let fopts = FileOptions {
         filename: a.file.clone(),
         read_only: repair == Repair::None,
+        force_share: a.force_share,
         ..Default::default()
     };
     let file = graph
@@ -482,12 +508,22 @@ pub fn check_image(a: CheckArgs) -> anyhow::Result<i32> {
             FileNode::open(&fopts).map(|n| Arc::new(n) as Arc<dyn BlockDriver>)
         })
         .map_err(|e| anyhow!("Could not open '{}': {e}", a.file.display()))?;
+    // The metadata must not change underneath, as for qemu-img check.
+    let mut need = Perm::CONSISTENT_READ;
+    if repair != Repair::None {
+        need |= Perm::WRITE | Perm::RESIZE;
+    }
     let user = User {
         kind: UserKind::Job,
         name: "check".into(),
-        perm: SlotPerm::user(repair != Repair::None),
+        perm: SlotPerm {
+            need,
+            share: Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED,
+        },
     };
-    let slot = graph.attach_user(user, file)?;
+    let slot = graph
+        .attach_user(user, file)
+        .map_err(|e| anyhow!("Could not open '{}': {e}", a.file.display()))?;
     let v = graph.view();
     let report = block_on(check_slot(&v, slot, repair))?
         .map_err(|e| anyhow!("Could not check '{}': {e}", a.file.display()))?;

@@ -63,8 +63,8 @@ pub fn open_image(daemon: &Daemon, path: &Path, opts: &ImageOptions) -> anyhow::
         filename: path.into(),
         direct: opts.direct,
         read_only: opts.read_only,
-        no_flush: false,
         discard: true,
+        ..Default::default()
     };
     let file = graph.add_node("disk-file", |_| {
         FileNode::open(&file_opts).map(|n| Arc::new(n) as Arc<dyn BlockDriver>)

@@ -15,7 +15,7 @@ use strata_graph::{BlockDriver, EventSink, GraphError, NodeBuilder, NodeId, Tran
 use strata_formats::blkdebug::{BlkdebugNode, Rule};
 use strata_formats::blkverify::BlkverifyNode;
 use strata_formats::cor::CopyOnReadNode;
-use strata_formats::file::{FileNode, FileOptions};
+use strata_formats::file::{FileNode, FileOptions, ImageLock, Locking};
 use strata_formats::image;
 use strata_formats::null::{NullNode, NullOptions};
 use strata_formats::qcow2::{Qcow2Node, Qcow2Options};
@@ -86,6 +86,7 @@ struct Common {
     direct: bool,
     no_flush: bool,
     discard: bool,
+    force_share: bool,
     /// Images above this one in an implicitly opened backing chain.
     chain: Vec<PathBuf>,
 }
@@ -98,12 +99,15 @@ impl Common {
         }
         // Strata opens what it is told to; the hint needs no action.
         o.take_bool("auto-read-only")?;
-        if o.take_bool("force-share")? == Some(true) && !c.read_only {
-            return Err(OptionsError::Value {
-                param: o.param("force-share"),
-                expected: "read-only=on to be set too".into(),
+        if let Some(fs) = o.take_bool("force-share")? {
+            if fs && !c.read_only {
+                return Err(OptionsError::Value {
+                    param: o.param("force-share"),
+                    expected: "read-only=on to be set too".into(),
+                }
+                .into());
             }
-            .into());
+            c.force_share = fs;
         }
         if let Some(d) = o.take_enum("discard", &["ignore", "off", "unmap", "on"])? {
             c.discard = d == "unmap" || d == "on";
@@ -386,13 +390,19 @@ fn parse(
             // Every aio mode is served by io_uring.
             o.take_enum("aio", &["threads", "native", "io_uring"])?;
             o.take_u64("aio-max-batch")?;
-            o.take_enum("locking", &["auto", "on", "off"])?;
+            let locking = match o.take_enum("locking", &["auto", "on", "off"])?.as_deref() {
+                Some("on") => Locking::On,
+                Some("off") => Locking::Off,
+                _ => Locking::Auto,
+            };
             Spec::File(FileOptions {
                 filename: filename.into(),
                 direct: common.direct,
                 read_only: common.read_only,
                 no_flush: common.no_flush,
                 discard: common.discard,
+                locking,
+                force_share: common.force_share,
             })
         }
         "raw" => {
@@ -660,7 +670,13 @@ fn build(
     ctx: &OpenContext,
 ) -> Result<Arc<dyn BlockDriver>, Box<dyn std::error::Error + Send + Sync>> {
     Ok(match spec {
-        Spec::File(f) => Arc::new(FileNode::open(&f)?),
+        Spec::File(f) => {
+            let lock = b
+                .previous()
+                .and_then(|p| p.reopen_state())
+                .and_then(|s| s.downcast::<ImageLock>().ok());
+            Arc::new(FileNode::reopen(&f, lock)?)
+        }
         Spec::Raw(file, r) => Arc::new(RawNode::open(b, file, &r)?),
         Spec::Null(n) => Arc::new(NullNode::new(n)),
         Spec::Throttle(file, group) => {

@@ -9,10 +9,12 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use io_uring::{opcode, types};
 use strata_graph::{
-    AlignedBuf, BlockDriver, BlockError, BlockStatus, GraphView, IoFuture, IoOp, IoVecs,
+    AlignedBuf, BlockDriver, BlockError, BlockStatus, GraphView, IoFuture, IoOp, IoVecs, Perm,
+    SlotPerm,
 };
 
 use strata_runtime::reactor::Reactor;
@@ -30,6 +32,10 @@ pub struct FileOptions {
     pub no_flush: bool,
     /// `discard=unmap`: discards punch holes; otherwise they are ignored.
     pub discard: bool,
+    /// `locking=`: whether to take QEMU's image locks.
+    pub locking: Locking,
+    /// `force-share=on`: share every permission with other processes.
+    pub force_share: bool,
 }
 
 /// Why a file could not be opened.
@@ -56,6 +62,9 @@ pub enum FileError {
         /// The file.
         path: PathBuf,
     },
+    /// The image is locked by someone whose use conflicts with ours.
+    #[error(transparent)]
+    Lock(#[from] LockError),
     /// Querying the file failed.
     #[error("cannot query '{path}': {source}")]
     Query {
@@ -85,11 +94,26 @@ pub struct FileNode {
     mem_align: usize,
     /// O_DIRECT alignment of file offsets and request lengths.
     offset_align: u32,
+    /// The image locks, shared with the node's later reopen generations;
+    /// `None` with `locking=off`.
+    lock: Option<Arc<ImageLock>>,
+    force_share: bool,
 }
 
 impl FileNode {
     /// Opens `opts.filename`.
     pub fn open(opts: &FileOptions) -> Result<FileNode, FileError> {
+        Self::reopen(opts, None)
+    }
+
+    /// Opens `opts.filename` as the next generation of a node that holds
+    /// `previous` (its [`reopen_state`](BlockDriver::reopen_state)): the
+    /// locks carry over, and what this open needs is only tested, since
+    /// the reopen's commit takes it.
+    pub fn reopen(
+        opts: &FileOptions,
+        previous: Option<Arc<ImageLock>>,
+    ) -> Result<FileNode, FileError> {
         let path = &opts.filename;
         let mut oo = OpenOptions::new();
         oo.read(true).write(!opts.read_only);
@@ -113,6 +137,7 @@ impl FileNode {
         if !kind.is_file() && !kind.is_block_device() {
             return Err(FileError::NotAFile { path: path.clone() });
         }
+        let lock = Self::lock(&file, opts, previous)?;
         // Works for block devices too, where metadata().len() is 0.
         let size = (&file).seek(SeekFrom::End(0)).map_err(query)?;
         let (mem_align, offset_align) = if opts.direct {
@@ -129,7 +154,50 @@ impl FileNode {
             size: AtomicU64::new(size),
             mem_align: mem_align as usize,
             offset_align,
+            lock,
+            force_share: opts.force_share,
         })
+    }
+
+    /// The locks this open needs before anything reads or writes the
+    /// image: consistent reads, and writes if writable.
+    fn lock(
+        file: &File,
+        opts: &FileOptions,
+        previous: Option<Arc<ImageLock>>,
+    ) -> Result<Option<Arc<ImageLock>>, FileError> {
+        if opts.locking == Locking::Off {
+            return Ok(None);
+        }
+        let mut need = Perm::CONSISTENT_READ;
+        if !opts.read_only {
+            need |= Perm::WRITE;
+        }
+        let want = LockSet {
+            need,
+            unshared: Perm::empty(),
+        };
+        if let Some(lock) = previous.filter(|l| l.is_on(file)) {
+            lock.check(want)?;
+            return Ok(Some(lock));
+        }
+        match ImageLock::acquire(file, &opts.filename, want) {
+            Ok(lock) => Ok(Some(lock)),
+            Err(LockError::Os { path, source })
+                if opts.locking == Locking::Auto
+                    && matches!(
+                        source.raw_os_error(),
+                        Some(libc::EINVAL | libc::ENOLCK | libc::EOPNOTSUPP)
+                    ) =>
+            {
+                tracing::warn!(
+                    "'{}' cannot be locked ({source}); opening it unlocked (locking=auto)",
+                    path.display()
+                );
+                Ok(None)
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// One readv or writev, resubmitted until complete. A read past the end
@@ -271,6 +339,31 @@ impl BlockDriver for FileNode {
 
     fn is_read_only(&self) -> bool {
         self.read_only
+    }
+
+    fn prepare_perm(&self, perm: SlotPerm) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        match &self.lock {
+            Some(l) => Ok(l.prepare(LockSet::from_perm(perm, self.force_share))?),
+            None => Ok(()),
+        }
+    }
+
+    fn commit_perm(&self) {
+        if let Some(l) = &self.lock {
+            l.commit();
+        }
+    }
+
+    fn abort_perm(&self) {
+        if let Some(l) = &self.lock {
+            l.abort();
+        }
+    }
+
+    fn reopen_state(&self) -> Option<Arc<dyn std::any::Any + Send + Sync>> {
+        self.lock
+            .clone()
+            .map(|l| l as Arc<dyn std::any::Any + Send + Sync>)
     }
 
     fn request_alignment(&self, _g: &GraphView) -> u32 {
@@ -443,6 +536,9 @@ fn dio_alignment(path: &Path) -> io::Result<(u32, u32)> {
     }
     Ok((stx.stx_dio_mem_align.max(1), stx.stx_dio_offset_align))
 }
+
+mod lock;
+pub use lock::{ImageLock, LockError, LockSet, Locking};
 
 #[cfg(test)]
 mod tests;

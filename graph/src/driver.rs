@@ -129,6 +129,24 @@ pub trait BlockDriver: Send + Sync + 'static {
         crate::default_child_perm(role, parents)
     }
 
+    /// First phase of a permission change: the node's parents will hold
+    /// `perm` together. A node that mirrors its permissions outside the
+    /// process (image locks) takes the new ones on top of the old, and
+    /// refuses if it cannot; [`commit_perm`](Self::commit_perm) or
+    /// [`abort_perm`](Self::abort_perm) follows.
+    fn prepare_perm(
+        &self,
+        _perm: SlotPerm,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        Ok(())
+    }
+
+    /// The prepared permissions are now the node's: lets go of the rest.
+    fn commit_perm(&self) {}
+
+    /// The change did not happen: lets go of what was prepared.
+    fn abort_perm(&self) {}
+
     /// True when the node cannot be written at all (opened read-only).
     fn is_read_only(&self) -> bool {
         false

@@ -229,6 +229,16 @@ pub enum GraphError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// The node could not take the permissions its parents need outside
+    /// the process (an image lock someone else holds).
+    #[error("node '{node}': {source}")]
+    Perm {
+        /// The node.
+        node: String,
+        /// Why.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// The driver refused to open the node.
     #[error("cannot open node '{name}': {source}")]
     Open {

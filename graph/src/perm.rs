@@ -9,7 +9,7 @@ use crate::{GraphError, GraphView, NodeId, Parent, SlotId};
 
 bitflags::bitflags! {
     /// What a parent may do with a child.
-    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
     pub struct Perm: u8 {
         /// Reads return what was written (no one changes data underneath).
         const CONSISTENT_READ = 1 << 0;
@@ -117,6 +117,15 @@ fn slot_perms_in(v: &GraphView, order: &[NodeId]) -> Vec<Option<SlotPerm>> {
         }
     }
     perms
+}
+
+/// What the parents of each node of `v` need together and share in
+/// common, for [`BlockDriver::prepare_perm`](crate::BlockDriver::prepare_perm).
+pub(crate) fn node_perms(v: &GraphView, order: &[NodeId]) -> Vec<(NodeId, SlotPerm)> {
+    let perms = slot_perms_in(v, order);
+    v.nodes()
+        .map(|(n, _)| (n, combined(v, n, &perms)))
+        .collect()
 }
 
 /// What the parents of `n` need together and share in common.

@@ -317,11 +317,43 @@ impl<'g> Transaction<'g> {
             None => return Err(some_cycle(&self.next)),
         };
         perm::check(&self.next, &order)?;
+        let prepared = self.prepare_perms(&order)?;
         let drained = self.drain()?;
         last()?;
+        let gone: Vec<_> = self
+            .base
+            .nodes()
+            .filter(|(id, _)| self.next.node(*id).is_none())
+            .map(|(_, n)| n.driver_arc().clone())
+            .collect();
         self.graph.views.store(Arc::new(self.next));
         drop(drained);
+        prepared.commit();
+        // A deleted node lets go now, not when the last request that saw
+        // it has finished with its driver.
+        for d in gone {
+            if d.prepare_perm(crate::SlotPerm::UNUSED).is_ok() {
+                d.commit_perm();
+            }
+        }
         Ok(())
+    }
+
+    /// Has every node take what its parents will need, newcomers included.
+    fn prepare_perms(&self, order: &[NodeId]) -> Result<PreparedPerms, GraphError> {
+        let mut prepared = PreparedPerms(Vec::new());
+        for (id, perm) in perm::node_perms(&self.next, order) {
+            let node = self.next.node(id).expect("listed");
+            // Listed first: a node that fails halfway aborts too.
+            prepared.0.push(node.driver_arc().clone());
+            node.driver()
+                .prepare_perm(perm)
+                .map_err(|source| GraphError::Perm {
+                    node: node.name().into(),
+                    source,
+                })?;
+        }
+        Ok(prepared)
     }
 
     /// Deletes nodes created inline that nothing uses any more.
@@ -358,6 +390,25 @@ impl<'g> Transaction<'g> {
             }
         }
         Ok(drained)
+    }
+}
+
+/// Permissions prepared by a commit in progress: aborted unless committed.
+struct PreparedPerms(Vec<Arc<dyn BlockDriver>>);
+
+impl PreparedPerms {
+    fn commit(mut self) {
+        for d in self.0.drain(..) {
+            d.commit_perm();
+        }
+    }
+}
+
+impl Drop for PreparedPerms {
+    fn drop(&mut self) {
+        for d in self.0.drain(..) {
+            d.abort_perm();
+        }
     }
 }
 

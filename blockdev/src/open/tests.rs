@@ -515,11 +515,12 @@ fn qcow2_opens_its_backing_chain_from_the_header() {
         .child_id(v.child_slot(mid_id, "backing").unwrap())
         .unwrap();
     assert_eq!(v.node(base_id).unwrap().driver().driver_name(), "raw");
-    // With "backing": null, unallocated clusters read as zeroes.
+    // With "backing": null, unallocated clusters read as zeroes. A second
+    // node on an image "top" writes must share everything, as in QEMU.
     add_json(
         &g,
         &c,
-        json!({"driver": "qcow2", "node-name": "alone", "backing": null, "read-only": true,
+        json!({"driver": "qcow2", "node-name": "alone", "backing": null, "read-only": true, "force-share": true,
         "file": {"driver": "file", "filename": top.to_str().unwrap(), "read-only": true}}),
     )
     .unwrap();
@@ -595,7 +596,7 @@ fn reopen_carries_qcow2_state_over() {
         .unwrap()
         .unwrap();
     let out = std::process::Command::new("qemu-img")
-        .args(["check", p.to_str().unwrap()])
+        .args(["check", "-U", p.to_str().unwrap()])
         .output()
         .unwrap();
     assert!(

@@ -218,3 +218,69 @@ fn discard_is_ignored_unless_enabled() {
         "write-zeroes still zeroes"
     );
 }
+
+fn locked(path: &std::path::Path) -> Vec<u64> {
+    let m = std::fs::metadata(path).unwrap();
+    let dev = format!(
+        "{:02x}:{:02x}:{}",
+        libc::major(m.dev()),
+        libc::minor(m.dev()),
+        m.ino()
+    );
+    let mut held: Vec<u64> = std::fs::read_to_string("/proc/locks")
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains("OFDLCK") && !l.contains("->"))
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f[5] == dev).then(|| f[6].parse::<u64>().unwrap()..=f[7].parse().unwrap())
+        })
+        .flatten()
+        .collect();
+    held.sort();
+    held
+}
+
+#[test]
+fn a_prepared_change_adds_and_an_abort_takes_back() {
+    let (tmp, node) = node_with(&[0; 4096], false, false);
+    let writer = SlotPerm::user(true);
+    node.prepare_perm(writer).unwrap();
+    node.commit_perm();
+    assert_eq!(locked(tmp.path()), [100, 101, 201, 203]);
+    // Until commit, the old bytes stay with the new ones.
+    node.prepare_perm(SlotPerm::user(false)).unwrap();
+    assert_eq!(locked(tmp.path()), [100, 101, 201, 203]);
+    node.abort_perm();
+    assert_eq!(locked(tmp.path()), [100, 101, 201, 203]);
+    node.prepare_perm(SlotPerm::user(false)).unwrap();
+    node.commit_perm();
+    assert_eq!(locked(tmp.path()), [100]);
+    drop(node);
+    assert_eq!(locked(tmp.path()), Vec::<u64>::new());
+}
+
+#[test]
+fn two_nodes_of_one_process_conflict_but_a_reopen_does_not() {
+    let (tmp, node) = node_with(&[0; 4096], false, false);
+    node.prepare_perm(SlotPerm::user(true)).unwrap();
+    node.commit_perm();
+    let opts = FileOptions {
+        filename: tmp.path().into(),
+        ..Default::default()
+    };
+    let err = FileNode::open(&opts).err().expect("a second writer");
+    assert!(
+        err.to_string().starts_with("Failed to get \"write\" lock"),
+        "{err}"
+    );
+    let state = node
+        .reopen_state()
+        .and_then(|s| s.downcast::<ImageLock>().ok());
+    let next = FileNode::reopen(&opts, state).unwrap();
+    drop(node);
+    // The next generation still holds what the node held.
+    assert_eq!(locked(tmp.path()), [100, 101, 201, 203]);
+    drop(next);
+    assert_eq!(locked(tmp.path()), Vec::<u64>::new());
+}

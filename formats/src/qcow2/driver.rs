@@ -23,9 +23,14 @@ impl BlockDriver for Qcow2Node {
 
     fn child_perm(&self, role: &str, parents: SlotPerm) -> SlotPerm {
         let mut p = strata_graph::default_child_perm(role, parents);
-        if role == "file" && !self.read_only {
-            // Metadata is written whether or not the guest writes.
-            p.need |= Perm::WRITE | Perm::RESIZE;
+        if role == "file" {
+            // The metadata must stay as read, and is written whether or not
+            // the guest writes: no one else may write or resize the file.
+            p.need |= Perm::CONSISTENT_READ;
+            p.share -= Perm::WRITE | Perm::RESIZE;
+            if !self.read_only {
+                p.need |= Perm::WRITE | Perm::RESIZE;
+            }
         }
         p
     }
