@@ -66,8 +66,10 @@ pub fn open_image(daemon: &Daemon, path: &Path, opts: &ImageOptions) -> anyhow::
         discard: true,
         ..Default::default()
     };
+    let events = daemon.open_context().events.clone();
     let file = graph.add_node("disk-file", |_| {
-        FileNode::open(&file_opts).map(|n| Arc::new(n) as Arc<dyn BlockDriver>)
+        FileNode::open(&file_opts)
+            .map(|n| Arc::new(n.reporting_to(events, "disk-file")) as Arc<dyn BlockDriver>)
     })?;
     let raw_opts = RawOptions {
         guard_format: probed,

@@ -675,7 +675,7 @@ fn build(
                 .previous()
                 .and_then(|p| p.reopen_state())
                 .and_then(|s| s.downcast::<ImageLock>().ok());
-            Arc::new(FileNode::reopen(&f, lock)?)
+            Arc::new(FileNode::reopen(&f, lock)?.reporting_to(ctx.events.clone(), b.name()))
         }
         Spec::Raw(file, r) => Arc::new(RawNode::open(b, file, &r)?),
         Spec::Null(n) => Arc::new(NullNode::new(n)),

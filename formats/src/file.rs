@@ -8,13 +8,13 @@ use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use io_uring::{opcode, types};
 use strata_graph::{
-    AlignedBuf, BlockDriver, BlockError, BlockStatus, GraphView, IoFuture, IoOp, IoVecs, Perm,
-    SlotPerm,
+    AlignedBuf, BlockDriver, BlockError, BlockStatus, EventSink, GraphView, IoFuture, IoOp, IoVecs,
+    Perm, SlotPerm,
 };
 
 use strata_runtime::reactor::Reactor;
@@ -85,6 +85,7 @@ const BOUNCE_CHUNK: u64 = 1 << 20;
 /// An open host file.
 pub struct FileNode {
     file: File,
+    filename: PathBuf,
     direct: bool,
     read_only: bool,
     no_flush: bool,
@@ -98,6 +99,12 @@ pub struct FileNode {
     /// `None` with `locking=off`.
     lock: Option<Arc<ImageLock>>,
     force_share: bool,
+    /// The errno of a failed fdatasync through the page cache, or 0. The
+    /// kernel may have dropped the dirty pages it could not write, so a
+    /// later fdatasync that succeeds proves nothing: every flush fails from
+    /// then on (as QEMU since 4.0).
+    write_back_error: AtomicI32,
+    events: Option<(Arc<dyn EventSink>, Arc<str>)>,
 }
 
 impl FileNode {
@@ -147,6 +154,7 @@ impl FileNode {
         };
         Ok(FileNode {
             file,
+            filename: path.clone(),
             direct: opts.direct,
             read_only: opts.read_only,
             no_flush: opts.no_flush,
@@ -156,7 +164,43 @@ impl FileNode {
             offset_align,
             lock,
             force_share: opts.force_share,
+            write_back_error: AtomicI32::new(0),
+            events: None,
         })
+    }
+
+    /// Reports a lost write-back to `events` as node `name`.
+    pub fn reporting_to(mut self, events: Arc<dyn EventSink>, name: &str) -> FileNode {
+        self.events = Some((events, name.into()));
+        self
+    }
+
+    /// Remembers that write-back failed with `errno`, and says so once.
+    fn write_back_failed(&self, errno: i32) {
+        if self
+            .write_back_error
+            .compare_exchange(0, errno, Ordering::Relaxed, Ordering::Relaxed)
+            .is_err()
+        {
+            return;
+        }
+        let reason = io::Error::from_raw_os_error(errno).to_string();
+        tracing::error!(
+            "fdatasync of '{}' failed ({reason}): data written since the last flush may be lost, \
+             and every flush fails from now on",
+            self.filename.display()
+        );
+        if let Some((events, name)) = &self.events {
+            events.emit(
+                "BLOCK_WRITEBACK_ERROR",
+                serde_json::json!({
+                    "node-name": &**name,
+                    "filename": self.filename,
+                    "errno": errno,
+                    "reason": reason,
+                }),
+            );
+        }
     }
 
     /// The locks this open needs before anything reads or writes the
@@ -341,6 +385,13 @@ impl BlockDriver for FileNode {
         self.read_only
     }
 
+    fn write_back_error(&self) -> Option<i32> {
+        match self.write_back_error.load(Ordering::Relaxed) {
+            0 => None,
+            e => Some(e),
+        }
+    }
+
     fn prepare_perm(&self, perm: SlotPerm) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         match &self.lock {
             Some(l) => Ok(l.prepare(LockSet::from_perm(perm, self.force_share))?),
@@ -457,6 +508,9 @@ impl BlockDriver for FileNode {
         if self.read_only || self.no_flush {
             return IoFuture::ready(Ok(()));
         }
+        if self.write_back_error.load(Ordering::Relaxed) != 0 {
+            return IoFuture::ready(Err(BlockError::errno(IoOp::Flush, 0, libc::EIO)));
+        }
         IoFuture::new(async move {
             let reactor = Reactor::current().map_err(|e| BlockError::io(IoOp::Flush, 0, e))?;
             let entry = opcode::Fsync::new(types::Fd(self.file.as_raw_fd()))
@@ -465,7 +519,14 @@ impl BlockDriver for FileNode {
             // SAFETY: fsync references no memory.
             match unsafe { reactor.push(entry) }.await {
                 0 => Ok(()),
-                e => Err(BlockError::errno(IoOp::Flush, 0, -e)),
+                e => {
+                    // With O_DIRECT nothing waits in the page cache, so a
+                    // retry means what it says.
+                    if !self.direct {
+                        self.write_back_failed(-e);
+                    }
+                    Err(BlockError::errno(IoOp::Flush, 0, -e))
+                }
             }
         })
     }

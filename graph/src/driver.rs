@@ -147,6 +147,13 @@ pub trait BlockDriver: Send + Sync + 'static {
     /// The change did not happen: lets go of what was prepared.
     fn abort_perm(&self) {}
 
+    /// The errno of a write-back failure the node cannot recover from (a
+    /// failed fdatasync through the page cache): its flushes fail for good,
+    /// and nothing may write metadata that could point at the lost data.
+    fn write_back_error(&self) -> Option<i32> {
+        None
+    }
+
     /// True when the node cannot be written at all (opened read-only).
     fn is_read_only(&self) -> bool {
         false

@@ -32,7 +32,7 @@ pub fn named_block_nodes(v: &GraphView) -> Value {
                 .map(|(_, s)| json!({"child": s.role(), "node-name": v.name(s.child())}))
                 .collect();
             let file = v.filename(id);
-            json!({
+            let mut info = json!({
                 "node-name": node.name(),
                 "drv": driver.driver_name(),
                 "file": file,
@@ -49,7 +49,11 @@ pub fn named_block_nodes(v: &GraphView) -> Value {
                     "virtual-size": size,
                 },
                 "children": children,
-            })
+            });
+            if let Some(e) = driver.write_back_error() {
+                info["write-back-error"] = std::io::Error::from_raw_os_error(e).to_string().into();
+            }
+            info
         })
         .collect();
     Value::Array(list)

@@ -249,7 +249,10 @@ impl Meta {
             self.refs.write_blocks(io).await?;
             return io.flush().await;
         }
-        // 1. Data that new L2 entries will point at.
+        // 1. Data that new L2 entries will point at. Once a flush of the
+        //    file has failed, every later one fails too (the file driver
+        //    makes it stick), so no L2 entry is ever written that could
+        //    point at data the kernel dropped.
         io.flush().await?;
         // 2. Refcounts (blocks, then the table, then the header if the
         //    table moved).
