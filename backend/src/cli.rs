@@ -59,9 +59,38 @@ pub struct QsdArgs {
     pub pidfile: Option<PathBuf>,
 
     /// Forks into the background once everything is set up; the command
-    /// returns then, with an error if set-up failed.
+    /// returns then, with an error if set-up failed. Logs then go to
+    /// --log-file, or to journald.
     #[arg(long)]
     pub daemonize: bool,
+
+    /// How the daemon runs as a process.
+    #[command(flatten)]
+    pub process: ProcessArgs,
+}
+
+/// How a serving daemon runs as a process: the same for `serve` and the
+/// qemu-storage-daemon command line.
+#[derive(Debug, Default, Args)]
+pub struct ProcessArgs {
+    /// Permissions of the vhost-user and QMP sockets the daemon creates, in
+    /// octal (default 0600: only the daemon's user may connect).
+    #[arg(long, value_name = "MODE", value_parser = parse_mode)]
+    pub socket_mode: Option<u32>,
+
+    /// Append the log here (created mode 0600) instead of stderr.
+    #[arg(long, value_name = "FILE")]
+    pub log_file: Option<PathBuf>,
+}
+
+/// An octal file mode with permission bits only: `0660`, `600`.
+pub fn parse_mode(s: &str) -> Result<u32, String> {
+    match u32::from_str_radix(s, 8) {
+        Ok(m) if m <= 0o777 => Ok(m),
+        _ => Err(format!(
+            "'{s}' is not an octal permission mode (0000 to 0777)"
+        )),
+    }
 }
 
 impl QsdArgs {
@@ -74,6 +103,8 @@ impl QsdArgs {
             && self.object.is_empty()
             && self.pidfile.is_none()
             && !self.daemonize
+            && self.process.socket_mode.is_none()
+            && self.process.log_file.is_none()
     }
 }
 
@@ -342,6 +373,10 @@ pub struct ServeArgs {
     /// The vhost-user socket to listen on.
     #[arg(long, short = 's', value_name = "PATH")]
     pub socket: PathBuf,
+
+    /// How the daemon runs as a process.
+    #[command(flatten)]
+    pub process: ProcessArgs,
 
     /// Create the image, as raw, with this size if it does not exist
     /// (bytes, or with a K, M, G, T or P suffix).

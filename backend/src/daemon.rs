@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
@@ -29,6 +30,8 @@ pub struct Daemon {
     /// iothread objects by id, with their `poll-max-ns`.
     iothreads: Mutex<BTreeMap<String, u64>>,
     quit: (Mutex<bool>, Condvar),
+    /// Permissions of the sockets it creates.
+    socket_mode: AtomicU32,
 }
 
 /// An export to add: where to serve which node, and how.
@@ -59,7 +62,18 @@ impl Daemon {
             exports: Mutex::new(BTreeMap::new()),
             iothreads: Mutex::new(BTreeMap::new()),
             quit: (Mutex::new(false), Condvar::new()),
+            socket_mode: AtomicU32::new(crate::socket::DEFAULT_MODE),
         })
+    }
+
+    /// Sets the permissions of the sockets created from now on.
+    pub fn set_socket_mode(&self, mode: u32) {
+        self.socket_mode.store(mode, Ordering::Relaxed);
+    }
+
+    /// The permissions sockets are created with.
+    pub fn socket_mode(&self) -> u32 {
+        self.socket_mode.load(Ordering::Relaxed)
     }
 
     /// The block graph.
@@ -222,7 +236,7 @@ impl Daemon {
         })?;
         let id = spec.opts.id.clone();
         let export = Export::new(&self.graph, node, spec.opts)?;
-        match RunningExport::start(Arc::clone(&export), &spec.path) {
+        match RunningExport::start(Arc::clone(&export), &spec.path, self.socket_mode()) {
             Ok(running) => {
                 exports.insert(id, running);
                 Ok(())

@@ -2,7 +2,7 @@
 //! monitor session that finished capability negotiation receives them.
 
 use std::cell::RefCell;
-use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -18,24 +18,38 @@ thread_local! {
 /// Fans events out to subscribers.
 #[derive(Default)]
 pub struct EventBus {
-    subscribers: Mutex<Vec<Sender<Value>>>,
+    subscribers: Mutex<Vec<SyncSender<Value>>>,
 }
+
+/// Events a subscriber may fall behind by.
+pub const BACKLOG: usize = 1024;
 
 impl EventBus {
     /// A new subscription.
+    /// A new subscription. A subscriber that falls [`BACKLOG`] events
+    /// behind (a client that stopped reading) is dropped: its receiver
+    /// ends after what it has, rather than the daemon queueing for it
+    /// without bound.
     pub fn subscribe(&self) -> Receiver<Value> {
-        let (tx, rx) = channel();
+        let (tx, rx) = sync_channel(BACKLOG);
         self.lock().push(tx);
         rx
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Sender<Value>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<SyncSender<Value>>> {
         self.subscribers.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn broadcast(&self, event: Value) {
         tracing::debug!("event: {event}");
-        self.lock().retain(|s| s.send(event.clone()).is_ok());
+        self.lock().retain(|s| match s.try_send(event.clone()) {
+            Ok(()) => true,
+            Err(TrySendError::Full(_)) => {
+                tracing::warn!("a QMP client is {BACKLOG} events behind; disconnecting it");
+                false
+            }
+            Err(TrySendError::Disconnected(_)) => false,
+        });
     }
 
     /// Runs `f` holding back the events this thread emits; returns them.

@@ -1,6 +1,5 @@
 //! `strata`: the daemon's entry point.
 
-use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -14,19 +13,15 @@ use strata_backend::daemon::{Daemon, ExportSpec};
 use strata_backend::export::ExportOptions;
 use strata_backend::img;
 use strata_backend::open::{open_image, ImageOptions};
+use strata_backend::process;
 use strata_formats::image::{self, ImageFormat};
 use strata_formats::qcow2::create::{create as create_qcow2, CreateOptions};
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
     let cli = Cli::parse();
+    if !matches!(cli.command, Some(Command::Serve(_)) | None) {
+        process::log_to_stderr();
+    }
     let res = match cli.command {
         Some(Command::Serve(args)) => run_serve(args),
         Some(Command::Create(args)) => img::create(args),
@@ -49,6 +44,7 @@ fn main() -> ExitCode {
 }
 
 fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
+    process::setup(&args.process, false)?;
     let (image, create) = match args.image {
         Some(p) => (p, args.create),
         None => (
@@ -90,6 +86,9 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
     }
 
     let daemon = Daemon::new();
+    if let Some(m) = args.process.socket_mode {
+        daemon.set_socket_mode(m);
+    }
     open_image(
         &daemon,
         &image,

@@ -16,6 +16,7 @@ use strata_blockdev::options::Options;
 use crate::cli::QsdArgs;
 use crate::daemon::Daemon;
 use crate::keyval;
+use crate::pidfile::PidFile;
 use crate::qmp::server::start_monitor;
 
 /// An option parsed into [`Options`]: JSON keeps its types, the dotted form
@@ -90,8 +91,10 @@ fn monitors(args: &QsdArgs) -> anyhow::Result<Vec<Monitor>> {
 /// Runs the daemon the options describe until SIGINT, SIGTERM or QMP quit.
 pub fn run(args: QsdArgs) -> anyhow::Result<()> {
     if args.is_empty() {
+        crate::process::log_to_stderr();
         bail!("nothing to do: give --blockdev/--export/--monitor options or a subcommand (see --help)");
     }
+    let log = crate::process::setup(&args.process, args.daemonize)?;
     // Parse what can be parsed up front, so mistakes stop us before any
     // side effect.
     let mut objects = Vec::new();
@@ -117,7 +120,15 @@ pub fn run(args: QsdArgs) -> anyhow::Result<()> {
         None
     };
     let daemon = Daemon::new();
+    if let Some(m) = args.process.socket_mode {
+        daemon.set_socket_mode(m);
+    }
+    let mut pidfile = None;
     let setup = || -> anyhow::Result<()> {
+        // First, so a second daemon on the same pid file opens nothing.
+        if let Some(p) = &args.pidfile {
+            pidfile = Some(PidFile::create(p)?);
+        }
         for (arg, mut o) in objects {
             daemon
                 .object_add(&mut o)
@@ -137,10 +148,6 @@ pub fn run(args: QsdArgs) -> anyhow::Result<()> {
         for m in monitors {
             start_monitor(Arc::clone(&daemon), &m.path, m.pretty)?;
         }
-        if let Some(p) = &args.pidfile {
-            std::fs::write(p, format!("{}\n", std::process::id()))
-                .with_context(|| format!("cannot write the pid file '{}'", p.display()))?;
-        }
         Ok(())
     };
     if let Err(e) = setup() {
@@ -154,15 +161,13 @@ pub fn run(args: QsdArgs) -> anyhow::Result<()> {
         };
     }
     if let Some(r) = ready {
-        r.ready();
+        r.ready(log.as_ref());
     }
     crate::signals::quit_on_signals(Arc::clone(&daemon))?;
     daemon.wait_quit();
     tracing::info!("shutting down");
     daemon.shutdown();
-    if let Some(p) = &args.pidfile {
-        let _ = std::fs::remove_file(p);
-    }
+    drop(pidfile);
     Ok(())
 }
 
@@ -171,9 +176,9 @@ pub fn run(args: QsdArgs) -> anyhow::Result<()> {
 struct Ready(File);
 
 impl Ready {
-    fn ready(mut self) {
+    fn ready(mut self, log: Option<&File>) {
         let _ = self.0.write_all(b"ok");
-        detach_stdio();
+        detach_stdio(log);
     }
 
     fn fail(mut self, msg: &str) {
@@ -217,8 +222,10 @@ fn daemonize() -> anyhow::Result<Ready> {
     }
 }
 
-/// A daemon's stdio goes to /dev/null once it is up, as qsd's does.
-fn detach_stdio() {
+/// Once the daemon is up, its stdin is /dev/null and its stdout and
+/// stderr the log file, or /dev/null without one (as qsd's), so that a
+/// caller waiting for the command's output is not kept waiting.
+fn detach_stdio(log: Option<&File>) {
     let Ok(null) = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -227,9 +234,8 @@ fn detach_stdio() {
         return;
     };
     use std::os::fd::AsRawFd;
-    for fd in 0..3 {
-        // SAFETY: dup2 onto the standard descriptors of our own process.
-        unsafe { libc::dup2(null.as_raw_fd(), fd) };
-    }
+    // SAFETY: dup2 onto our own standard input.
+    unsafe { libc::dup2(null.as_raw_fd(), 0) };
+    crate::process::redirect_stdio(log.unwrap_or(&null));
     let _ = std::env::set_current_dir(Path::new("/"));
 }

@@ -55,16 +55,17 @@ impl StopHandle {
 pub struct RunningExport {
     export: Arc<Export>,
     path: PathBuf,
+    socket_id: Option<(u64, u64)>,
     stop: StopHandle,
     thread: Option<JoinHandle<()>>,
 }
 
 impl RunningExport {
-    /// Listens on `path` (replacing a stale socket file) and serves
-    /// `export` there from a new thread.
-    pub fn start(export: Arc<Export>, path: &Path) -> anyhow::Result<RunningExport> {
-        let listener = Listener::new(path, true)
-            .with_context(|| format!("cannot listen on '{}'", path.display()))?;
+    /// Listens on `path` with permissions `mode` (replacing a stale socket
+    /// file) and serves `export` there from a new thread.
+    pub fn start(export: Arc<Export>, path: &Path, mode: u32) -> anyhow::Result<RunningExport> {
+        let listener = Listener::from(crate::socket::listen(path, mode)?);
+        let socket_id = crate::socket::identity(path);
         tracing::info!(
             "export '{}': listening on {}",
             export.options().id,
@@ -81,6 +82,7 @@ impl RunningExport {
         Ok(RunningExport {
             export,
             path: path.into(),
+            socket_id,
             stop,
             thread: Some(thread),
         })
@@ -116,6 +118,7 @@ impl RunningExport {
                 );
             }
         }
+        crate::socket::remove_if_ours(&self.path, self.socket_id);
     }
 }
 

@@ -1,10 +1,14 @@
 """The QMP wire protocol, through the qemu.qmp client."""
 
 import json
+import os
 import socket
+import subprocess
+import tempfile
+import time
 import unittest
 
-from strata_qmp import DaemonTest
+from strata_qmp import STRATA, Daemon, DaemonTest
 
 
 class Protocol(DaemonTest):
@@ -64,6 +68,74 @@ class Protocol(DaemonTest):
         s.close()
         # The daemon still answers other clients.
         self.d.ok("query-version")
+
+    def test_a_message_past_one_mib_ends_only_its_session(self):
+        s, f = self.raw_session()
+        self.send(f, {"execute": "qmp_capabilities"})
+        # A string that never ends: the daemon must stop reading at 1 MiB.
+        try:
+            s.sendall(b'{"execute": "query-version", "id": "' + b"x" * (2 << 20))
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        r = json.loads(f.readline())
+        self.assertIn("at most 1048576 bytes", r["error"]["desc"])
+        self.assertEqual(f.readline(), "", "the session ends")
+        s.close()
+        self.d.ok("query-version")
+
+    def test_connections_are_capped(self):
+        sessions = [self.raw_session() for _ in range(15)]  # and the helper's own
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(str(self.d.sock))
+        r = json.loads(s.makefile("r").readline())
+        self.assertEqual(r["error"]["desc"], "Too many QMP connections (at most 16)")
+        s.close()
+        for s, f in sessions:
+            f.close()
+            s.close()
+        # Slots come back as sessions end.
+        deadline = time.monotonic() + 10
+        while True:
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(str(self.d.sock))
+            first = json.loads(s.makefile("r").readline())
+            s.close()
+            if "QMP" in first or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        self.assertIn("QMP", first)
+
+    def test_the_socket_is_the_owners_alone(self):
+        self.assertEqual(os.stat(self.d.sock).st_mode & 0o777, 0o600)
+
+
+class Sockets(unittest.TestCase):
+    def test_a_file_in_the_way_is_kept_and_named(self):
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "qmp.sock")
+            with open(path, "w") as f:
+                f.write("precious")
+            r = subprocess.run([STRATA, "--chardev", f"socket,id=m,path={path},server=on,wait=off",
+                                "--monitor", "chardev=m"], capture_output=True, text=True, timeout=30)
+            self.assertNotEqual(r.returncode, 0)
+            self.assertIn(f"'{path}' exists and is not a socket", r.stderr)
+            with open(path) as f:
+                self.assertEqual(f.read(), "precious")
+
+    def test_socket_mode_and_a_live_socket(self):
+        with tempfile.TemporaryDirectory() as d:
+            dd = Daemon(d, ["--socket-mode", "0660"])
+            try:
+                self.assertEqual(os.stat(dd.sock).st_mode & 0o777, 0o660)
+                r = subprocess.run([STRATA, "--chardev", f"socket,id=m,path={dd.sock},server=on,wait=off",
+                                    "--monitor", "chardev=m"], capture_output=True, text=True, timeout=30)
+                self.assertIn("is in use: a server is listening on it", r.stderr)
+                dd.ok("query-version")
+            finally:
+                dd.close()
+            r = subprocess.run([STRATA, "--socket-mode", "999", "--chardev", "socket,id=m,path=x,server=on,wait=off",
+                                "--monitor", "chardev=m"], capture_output=True, text=True, timeout=30)
+            self.assertIn("'999' is not an octal permission mode", r.stderr)
 
 
 if __name__ == "__main__":

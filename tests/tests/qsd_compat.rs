@@ -209,3 +209,68 @@ fn both_name_a_bad_option() {
         );
     }
 }
+
+/// Beyond qsd: a daemonized strata logs to --log-file (qsd's go to
+/// /dev/null), its pid file is locked, and its sockets are the owner's.
+#[test]
+fn a_daemon_logs_to_its_file_and_holds_its_pid_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sock, pidfile, log) = (
+        dir.path().join("vhost.sock"),
+        dir.path().join("d.pid"),
+        dir.path().join("d.log"),
+    );
+    let start = || {
+        Command::new(strata_bin())
+            .args(["--blockdev", "driver=null-co,node-name=disk"])
+            .args([
+                "--export",
+                &format!(
+                    "type=vhost-user-blk,id=e,node-name=disk,addr.type=unix,addr.path={}",
+                    sock.display()
+                ),
+            ])
+            .arg("--pidfile")
+            .arg(&pidfile)
+            .arg("--log-file")
+            .arg(&log)
+            .arg("--daemonize")
+            .output()
+            .unwrap()
+    };
+    let first = start();
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    let pid = std::fs::read_to_string(&pidfile).unwrap();
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("listening on"), "{text}");
+    use std::os::unix::fs::PermissionsExt;
+    for p in [&sock, &pidfile, &log] {
+        let mode = std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{}", p.display());
+    }
+
+    let second = start();
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(!second.status.success());
+    assert!(
+        err.contains("cannot lock the pid file") && err.contains(pid.trim()),
+        "{err}"
+    );
+    assert_eq!(std::fs::read_to_string(&pidfile).unwrap(), pid, "kept");
+
+    let pid: i32 = pid.trim().parse().unwrap();
+    // SAFETY: kill(2) on the daemon we started.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while pidfile.exists() {
+        assert!(Instant::now() < deadline, "the daemon did not exit");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!sock.exists(), "the socket goes with the daemon");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("shutting down"), "{text}");
+}

@@ -2,9 +2,12 @@
 //! negotiation, then `execute` requests answered by `return` or `error`
 //! (with the request's `id`), and events.
 
-use std::io::Write;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::cell::Cell;
+use std::io::{BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
 use std::path::Path;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use anyhow::Context as _;
@@ -17,22 +20,77 @@ use crate::qmp::error::QmpError;
 /// Serializes command execution across all monitor sessions.
 static COMMAND_LOCK: Mutex<()> = Mutex::new(());
 
+/// Largest QMP message accepted; more ends the session. The biggest real
+/// commands (a blockdev-add of a long chain) are a few KiB.
+pub const MAX_MESSAGE: usize = 1 << 20;
+
+/// Most monitor sessions at once, over every monitor socket.
+pub const MAX_SESSIONS: usize = 16;
+
+static SESSIONS: AtomicUsize = AtomicUsize::new(0);
+
+/// Counts a session while it lives.
+struct SessionSlot;
+
+impl SessionSlot {
+    fn take() -> Option<SessionSlot> {
+        SESSIONS
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < MAX_SESSIONS).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| SessionSlot)
+    }
+}
+
+impl Drop for SessionSlot {
+    fn drop(&mut self) {
+        SESSIONS.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The session's input, counting what one message has taken: past
+/// [`MAX_MESSAGE`] it fails, and the parser with it.
+struct Bounded {
+    inner: BufReader<UnixStream>,
+    used: Rc<Cell<usize>>,
+}
+
+impl Read for Bounded {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let left = MAX_MESSAGE.saturating_sub(self.used.get());
+        if left == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("a QMP message may be at most {MAX_MESSAGE} bytes"),
+            ));
+        }
+        let n = buf.len().min(left);
+        let n = self.inner.read(&mut buf[..n])?;
+        self.used.set(self.used.get() + n);
+        Ok(n)
+    }
+}
+
 /// Listens for QMP clients on `path` (replacing a stale socket), serving
 /// each from its own thread.
 pub fn start_monitor(daemon: Arc<Daemon>, path: &Path, pretty: bool) -> anyhow::Result<()> {
-    if path.exists() {
-        std::fs::remove_file(path)
-            .with_context(|| format!("cannot replace '{}'", path.display()))?;
-    }
-    let listener = UnixListener::bind(path)
-        .with_context(|| format!("cannot listen on '{}'", path.display()))?;
+    let listener = crate::socket::listen(path, daemon.socket_mode())?;
     tracing::info!("QMP monitor listening on {}", path.display());
     std::thread::Builder::new()
         .name("qmp-accept".into())
         .spawn(move || {
             for conn in listener.incoming() {
                 match conn {
-                    Ok(stream) => {
+                    Ok(mut stream) => {
+                        let Some(slot) = SessionSlot::take() else {
+                            tracing::warn!("refusing a QMP connection: {MAX_SESSIONS} are open");
+                            let e = QmpError::generic(format!(
+                                "Too many QMP connections (at most {MAX_SESSIONS})"
+                            ));
+                            let _ = writeln!(stream, "{}\r", error_reply(e, None));
+                            continue;
+                        };
                         let session = match Session::new(Arc::clone(&daemon), stream, pretty) {
                             Ok(s) => s,
                             Err(e) => {
@@ -42,7 +100,10 @@ pub fn start_monitor(daemon: Arc<Daemon>, path: &Path, pretty: bool) -> anyhow::
                         };
                         let spawned = std::thread::Builder::new()
                             .name("qmp-session".into())
-                            .spawn(move || session.run());
+                            .spawn(move || {
+                                session.run();
+                                drop(slot);
+                            });
                         if let Err(e) = spawned {
                             tracing::error!("cannot start a QMP session: {e}");
                         }
@@ -87,10 +148,21 @@ impl Session {
         }
         let reader = self.reader.try_clone();
         let Ok(reader) = reader else { return };
+        let used = Rc::new(Cell::new(0));
+        let reader = Bounded {
+            inner: BufReader::new(reader),
+            used: Rc::clone(&used),
+        };
         for msg in serde_json::Deserializer::from_reader(reader).into_iter::<Value>() {
+            used.set(0);
             let reply = match msg {
                 Ok(v) => self.handle(v),
                 Err(e) if e.is_eof() => break,
+                Err(e) if e.is_io() => {
+                    let err = error_reply(QmpError::generic(format!("{e}")), None);
+                    let _ = send(&self.writer, &err, self.pretty);
+                    break;
+                }
                 Err(e) => {
                     // The stream cannot be resynchronised: report and end.
                     let err =
@@ -196,6 +268,10 @@ impl Session {
                         break;
                     }
                 }
+                // Dropped from the bus (too far behind): a client that
+                // misses events must know it did.
+                let w = writer.lock().unwrap_or_else(|e| e.into_inner());
+                let _ = w.shutdown(std::net::Shutdown::Both);
             });
         if let Err(e) = spawned {
             tracing::error!("cannot start QMP event forwarding: {e}");
