@@ -144,3 +144,100 @@ fn misaligned_giant_reads_under_cache_none_keep_memory_bounded() {
         "a bounced write is wrong"
     );
 }
+
+/// A qcow2 of 512-byte clusters marked dirty (so it is repaired on open)
+/// in a sparse file of 8 TiB: 16 Gi clusters, whose census would take
+/// 64 GiB if it were sized by the file.
+fn dirty_image_in_a_sparse_8_tib_file(dir: &std::path::Path) -> std::path::PathBuf {
+    use std::os::unix::fs::FileExt;
+    let image = dir.join("hostile.qcow2");
+    strata_tests::qemu::qemu_img_ok(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=512",
+        image.to_str().unwrap(),
+        "16G",
+    ]);
+    strata_tests::qemu::qemu_io(&image, "write -P 7 0 4k");
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&image)
+        .unwrap();
+    f.set_len(8 << 40).unwrap();
+    // The dirty bit of the incompatible features.
+    f.write_all_at(&1u64.to_be_bytes(), 72).unwrap();
+    image
+}
+
+#[test]
+fn a_dirty_image_in_a_huge_sparse_file_is_repaired_in_little_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dirty_image_in_a_sparse_8_tib_file(dir.path());
+    let d = Daemon::serve(
+        &[image.to_str().unwrap()],
+        &dir.path().join("vhost.sock"),
+        &dir.path().join("log"),
+    );
+    assert!(
+        d.log_text().contains("refcounts rebuilt"),
+        "{}",
+        d.log_text()
+    );
+    let mut c = strata_tests::client::SyncClient::connect(d.socket(), false).unwrap();
+    assert_eq!(c.read(0, 4096).unwrap(), vec![7; 4096]);
+    c.write(1 << 20, &[9; 4096]).unwrap();
+    c.flush().unwrap();
+    drop(c);
+    let peak = d.peak_rss();
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+    assert!(peak < 256 << 20, "peak RSS {} MiB", peak >> 20);
+    let out = std::process::Command::new(strata_tests::daemon::strata_bin())
+        .args(["check", image.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn metadata_pointing_far_into_a_huge_sparse_file_is_refused() {
+    use std::os::unix::fs::FileExt;
+    let dir = tempfile::tempdir().unwrap();
+    let image = dirty_image_in_a_sparse_8_tib_file(dir.path());
+    // Point the first L2 entry at the file's last cluster.
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&image)
+        .unwrap();
+    let mut word = [0u8; 8];
+    f.read_exact_at(&mut word, 40).unwrap();
+    let l1 = u64::from_be_bytes(word);
+    f.read_exact_at(&mut word, l1).unwrap();
+    let l2 = u64::from_be_bytes(word) & 0x00ff_ffff_ffff_fe00;
+    let far = ((8u64 << 40) - 512) | 1 << 63;
+    f.write_all_at(&far.to_be_bytes(), l2).unwrap();
+    let out = std::process::Command::new(strata_tests::daemon::strata_bin())
+        .args(["serve", image.to_str().unwrap(), "--socket"])
+        .arg(dir.path().join("vhost.sock"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "a clear error, not an abort: {err}"
+    );
+    assert!(
+        err.contains("refusing rather than running out of memory"),
+        "{err}"
+    );
+}

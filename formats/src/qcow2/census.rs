@@ -27,31 +27,84 @@ pub(super) struct Census {
     pub file_clusters: u64,
 }
 
-/// References to host clusters, counted from the metadata.
+/// Memory the census may use: its counts, and the active L2 tables it
+/// keeps for fixing COPIED flags. Enough for an 8 TiB image of 64 KiB
+/// clusters fully allocated; an image whose metadata asks for more (a
+/// hostile one, pointing far into a sparse file) is refused.
+pub const CENSUS_MAX_BYTES: u64 = 512 << 20;
+
+/// References to host clusters, counted from the metadata. The counts
+/// reach only as far as the highest cluster referenced, not the file's
+/// size: a sparse file many times larger than its data costs nothing.
 struct Refs {
     g: Geometry,
     counts: Vec<u32>,
+    file_clusters: u64,
+    /// Bytes of active L2 entries kept.
+    kept: u64,
 }
 
 impl Refs {
-    fn add(&mut self, r: &mut CheckReport, offset: u64, len: u64, what: &str) {
+    fn add(
+        &mut self,
+        r: &mut CheckReport,
+        offset: u64,
+        len: u64,
+        what: &str,
+    ) -> Result<(), Qcow2Error> {
         if len == 0 {
-            return;
+            return Ok(());
         }
         let cs = self.g.cluster_size();
         let (first, last) = (offset / cs, (offset + len - 1) / cs);
         for c in first..=last {
-            match self.counts.get_mut(c as usize) {
-                Some(n) => *n = n.saturating_add(1),
-                None => {
-                    r.corruptions += 1;
-                    r.messages.push(format!(
-                        "ERROR {what} at offset {:#x} is past the end of the image",
-                        c * cs
-                    ));
-                    return;
-                }
+            if c >= self.file_clusters {
+                r.corruptions += 1;
+                r.messages.push(format!(
+                    "ERROR {what} at offset {:#x} is past the end of the image",
+                    c * cs
+                ));
+                return Ok(());
             }
+            if c as usize >= self.counts.len() {
+                self.grow(c + 1)?;
+            }
+            let n = &mut self.counts[c as usize];
+            *n = n.saturating_add(1);
+        }
+        Ok(())
+    }
+
+    fn grow(&mut self, len: u64) -> Result<(), Qcow2Error> {
+        // Doubling, so a walk that references clusters in order does not
+        // reallocate each time; never past the file or the budget.
+        let want = len
+            .max(self.counts.len() as u64 * 2)
+            .min(self.file_clusters);
+        self.charge("reference counts", want * 4 + self.kept)?;
+        self.counts
+            .try_reserve_exact(want as usize - self.counts.len())
+            .map_err(|_| self.too_large("reference counts"))?;
+        self.counts.resize(want as usize, 0);
+        Ok(())
+    }
+
+    fn keep(&mut self, bytes: u64) -> Result<(), Qcow2Error> {
+        self.kept += bytes;
+        self.charge("active L2 tables", self.counts.len() as u64 * 4 + self.kept)
+    }
+
+    fn charge(&self, what: &'static str, total: u64) -> Result<(), Qcow2Error> {
+        if total > CENSUS_MAX_BYTES {
+            return Err(self.too_large(what));
+        }
+        Ok(())
+    }
+
+    fn too_large(&self, what: &'static str) -> Qcow2Error {
+        Qcow2Error::CensusTooLarge {
+            what,
+            max_mib: CENSUS_MAX_BYTES >> 20,
         }
     }
 }
@@ -102,8 +155,8 @@ async fn walk_l1(
                 .push(format!("ERROR invalid L1 entry {i}: {e:#x}"));
             continue;
         }
-        refs.add(r, table, cs, "L2 table");
-        if (table / cs) as usize >= refs.counts.len() {
+        refs.add(r, table, cs, "L2 table")?;
+        if table / cs >= refs.file_clusters {
             continue;
         }
         let mut buf = AlignedBuf::zeroed(cs as usize, 4096)?;
@@ -140,7 +193,7 @@ async fn walk_l1(
             }
             if l2.word & COMPRESSED != 0 {
                 let (host, len) = l2.compressed_span(&g);
-                refs.add(r, host, len, "compressed cluster");
+                refs.add(r, host, len, "compressed cluster")?;
                 if active {
                     r.allocated_clusters += 1;
                     r.compressed_clusters += 1;
@@ -166,9 +219,10 @@ async fn walk_l1(
                 }
                 next_contiguous = host + cs;
             }
-            refs.add(r, host, cs, "data cluster");
+            refs.add(r, host, cs, "data cluster")?;
         }
         if active {
+            refs.keep(entries.len() as u64 * std::mem::size_of::<L2Entry>() as u64)?;
             l2_entries_out.push((i as u64, entries));
         }
     }
@@ -219,21 +273,23 @@ pub(super) async fn census(io: FileIo<'_>, h: &Header) -> Result<Census, Qcow2Er
     };
     let mut refs = Refs {
         g,
-        counts: vec![0; file_clusters.max(1) as usize],
+        counts: Vec::new(),
+        file_clusters: file_clusters.max(1),
+        kept: 0,
     };
-    refs.add(&mut r, 0, cs, "header");
+    refs.add(&mut r, 0, cs, "header")?;
     refs.add(
         &mut r,
         h.l1_table_offset,
         u64::from(h.l1_size) * 8,
         "L1 table",
-    );
+    )?;
     refs.add(
         &mut r,
         h.refcount_table_offset,
         u64::from(h.refcount_table_clusters) * cs,
         "refcount table",
-    );
+    )?;
     let table = read_table(
         io,
         "read the refcount table",
@@ -253,13 +309,13 @@ pub(super) async fn census(io: FileIo<'_>, h: &Header) -> Result<Census, Qcow2Er
             ));
             continue;
         }
-        refs.add(&mut r, off, cs, "refcount block");
+        refs.add(&mut r, off, cs, "refcount block")?;
     }
     let (snaps, snap_bytes) = snapshots(io, h).await?;
-    refs.add(&mut r, h.snapshots_offset, snap_bytes, "snapshot table");
+    refs.add(&mut r, h.snapshots_offset, snap_bytes, "snapshot table")?;
     let mut scratch = Vec::new();
     for (off, n) in snaps {
-        refs.add(&mut r, off, n * 8, "snapshot L1 table");
+        refs.add(&mut r, off, n * 8, "snapshot L1 table")?;
         let l1 = read_table(io, "read a snapshot L1 table", off, n).await?;
         walk_l1(io, h, &mut refs, &mut r, &l1, false, &mut scratch).await?;
     }
@@ -272,6 +328,13 @@ pub(super) async fn census(io: FileIo<'_>, h: &Header) -> Result<Census, Qcow2Er
     .await?;
     let mut active = Vec::new();
     walk_l1(io, h, &mut refs, &mut r, &l1, true, &mut active).await?;
+    // Up to the last cluster referenced: growth overshoots.
+    let used = refs
+        .counts
+        .iter()
+        .rposition(|&n| n > 0)
+        .map_or(0, |c| c + 1);
+    refs.counts.truncate(used);
     Ok(Census {
         counts: refs.counts,
         report: r,

@@ -89,6 +89,15 @@ pub enum Qcow2Error {
         /// The file's size.
         file_size: u64,
     },
+    /// Counting the references of the image's metadata would take more
+    /// memory than the census may use.
+    #[error("counting the references of this image's metadata needs more than {max_mib} MiB ({what}); refusing rather than running out of memory")]
+    CensusTooLarge {
+        /// What grew past the limit.
+        what: &'static str,
+        /// The limit.
+        max_mib: u64,
+    },
     /// A table larger than any real image has.
     #[error("{what} has {entries} entries, more than the limit of {max}")]
     TooLarge {

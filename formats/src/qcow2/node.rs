@@ -40,8 +40,8 @@ const OFFLOAD_FROM: usize = 32 << 10;
 pub struct Qcow2Options {
     /// Open without writing anything.
     pub read_only: bool,
-    /// `l2-cache-size` in bytes; by default enough to map the whole image
-    /// up to 256 GiB of virtual size.
+    /// `l2-cache-size` in bytes; by default enough to map the whole image,
+    /// but at most 32 MiB (QEMU's default maximum).
     pub l2_cache_size: Option<u64>,
     /// `refcount-cache-size` in bytes.
     pub refcount_cache_size: Option<u64>,
@@ -49,8 +49,9 @@ pub struct Qcow2Options {
     pub discard: bool,
 }
 
-/// Guest bytes the default L2 cache can map at most.
-const DEFAULT_L2_COVERAGE: u64 = 256 << 30;
+/// The default L2 cache's largest size: what an image's cluster size
+/// does not choose for the daemon.
+const DEFAULT_L2_MAX: u64 = 32 << 20;
 /// Default refcount cache.
 const DEFAULT_REFCOUNT_CACHE: u64 = 1 << 20;
 
@@ -199,8 +200,7 @@ impl Qcow2Node {
 
         let slice_bytes = cs.min(4096);
         let l2_bytes = opts.l2_cache_size.unwrap_or_else(|| {
-            let mapped = header.size.min(DEFAULT_L2_COVERAGE);
-            mapped.div_ceil(cs) * geo.l2_entry_bytes()
+            (header.size.div_ceil(cs) * geo.l2_entry_bytes()).min(DEFAULT_L2_MAX)
         });
         // Headroom over the mapped size: a cache full of dirty slices must
         // be written back before it can take another.

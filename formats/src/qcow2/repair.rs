@@ -39,8 +39,11 @@ pub(super) fn without_refcount_structures(h: &Header, c: &Census) -> Vec<u32> {
     counts
 }
 
-/// Writes fresh refcount structures for `counts` at the end of the file,
-/// fixes COPIED flags, and points the header at the new table.
+/// Writes fresh refcount structures for `counts` just past the last
+/// cluster the census found referenced, old refcount structures included
+/// (what lies beyond is referenced by nothing, so free, however large a
+/// sparse file is), fixes COPIED flags, and points the header at the new
+/// table.
 pub(super) async fn rebuild(
     io: FileIo<'_>,
     h: &Header,
@@ -51,7 +54,7 @@ pub(super) async fn rebuild(
     let g = h.geometry;
     let cs = g.cluster_size();
     let per_block = g.refblock_entries();
-    let end = io.size()?.div_ceil(cs).max(counts.len() as u64);
+    let end = counts.len() as u64;
     // New blocks and table go at `end`; find sizes that cover themselves.
     let (mut blocks, mut table_clusters) = (1u64, 1u64);
     loop {
