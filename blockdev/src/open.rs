@@ -87,6 +87,8 @@ struct Common {
     no_flush: bool,
     discard: bool,
     force_share: bool,
+    /// The node is a backing file whose format was probed, not named.
+    probed: bool,
     /// Images above this one in an implicitly opened backing chain.
     chain: Vec<PathBuf>,
 }
@@ -414,7 +416,7 @@ fn parse(
                 RawOptions {
                     offset,
                     size,
-                    guard_format: false,
+                    guard_format: o.take_bool("x-guard-format")?.unwrap_or(false),
                 },
             )
         }
@@ -590,6 +592,16 @@ fn implicit_backing(
         name: name.clone(),
         reason,
     };
+    // The gate on implicit opens: an image whose format was guessed from
+    // its content may be anything its writer (a guest) made it look like,
+    // so it does not get to name further host files.
+    if common.probed {
+        return Err(fail(
+            "it is named by an image whose own format was probed, not recorded; record the \
+             formats with `qemu-img rebase -u -F FMT` or give the chain as blockdev options"
+                .into(),
+        ));
+    }
     if name.starts_with("json:") || name.contains("://") {
         return Err(fail("only plain file names are supported".into()));
     }
@@ -618,6 +630,7 @@ fn implicit_backing(
             "the backing chain is deeper than {MAX_CHAIN} images"
         )));
     }
+    let probed = info.format.is_none();
     let format = match info.format {
         Some(f) => f,
         None => image::probe(&path)
@@ -628,13 +641,20 @@ fn implicit_backing(
     if format != "raw" && format != "qcow2" {
         return Err(fail(format!("backing format '{format}' is not supported")));
     }
-    let opts = json!({
+    let mut opts = json!({
         "driver": format,
         "read-only": true,
         "file": {"driver": "file", "filename": path.to_string_lossy(), "read-only": true},
     });
+    if probed && format == "raw" {
+        // Whoever writes it later (a commit into it) must not make it
+        // probe as something else next time. Recorded with the node's
+        // options, so a reopen keeps it.
+        opts["x-guard-format"] = true.into();
+    }
     let inherited = Common {
         read_only: true,
+        probed,
         chain,
         ..common.clone()
     };

@@ -442,7 +442,10 @@ impl BlockDriver for FileNode {
         IoFuture::new(async move {
             const KEEP: i32 = libc::FALLOC_FL_KEEP_SIZE;
             // A hole reads as zeroes; zero-range keeps the blocks allocated.
+            // The guest's permission to unmap counts only where the node
+            // lets discards through (discard=unmap), as in QEMU.
             if may_unmap
+                && self.discard
                 && self
                     .fallocate(libc::FALLOC_FL_PUNCH_HOLE | KEEP, offset, len)
                     .await

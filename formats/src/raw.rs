@@ -60,6 +60,10 @@ pub struct RawNode {
     guard_format: bool,
 }
 
+/// What a raw node whose format was probed carries over a reopen: its
+/// probe guard.
+pub struct FormatGuard;
+
 impl RawNode {
     /// Opens a raw node over `file`, attaching it as the node's `file` child.
     pub fn open(
@@ -92,11 +96,17 @@ impl RawNode {
                 align,
             });
         }
+        // A guarded node stays guarded through reopen: whoever reopens it
+        // writable (to commit into it) writes the same probed image.
+        let was_guarded = b
+            .previous()
+            .and_then(|p| p.reopen_state())
+            .is_some_and(|s| s.is::<FormatGuard>());
         Ok(RawNode {
             file: slot,
             offset: opts.offset,
             size: opts.size,
-            guard_format: opts.guard_format,
+            guard_format: opts.guard_format || was_guarded,
         })
     }
 
@@ -163,6 +173,12 @@ macro_rules! forward {
 impl BlockDriver for RawNode {
     fn driver_name(&self) -> &'static str {
         "raw"
+    }
+
+    fn reopen_state(&self) -> Option<std::sync::Arc<dyn std::any::Any + Send + Sync>> {
+        self.guard_format.then(|| {
+            std::sync::Arc::new(FormatGuard) as std::sync::Arc<dyn std::any::Any + Send + Sync>
+        })
     }
 
     fn size(&self, g: &GraphView) -> Result<u64, BlockError> {

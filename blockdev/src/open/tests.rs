@@ -605,3 +605,116 @@ fn reopen_carries_qcow2_state_over() {
         String::from_utf8_lossy(&out.stdout)
     );
 }
+
+/// Drops the backing-format header extension of a qcow2 image, as in
+/// images made before QEMU recorded it: its backing is probed.
+fn forget_backing_format(path: &std::path::Path) {
+    let mut bytes = std::fs::read(path).unwrap();
+    let at = bytes[..4096]
+        .windows(4)
+        .position(|w| w == [0xe2, 0x79, 0x2a, 0xca])
+        .expect("a backing format extension");
+    // An extension type nobody knows is skipped.
+    bytes[at..at + 4].copy_from_slice(&[0x12, 0x34, 0x56, 0x78]);
+    std::fs::write(path, bytes).unwrap();
+}
+
+#[test]
+fn a_probed_backing_names_no_further_files() {
+    let dir = tempfile::tempdir().unwrap();
+    // A "raw" disk a guest filled with a qcow2 header naming a host file.
+    let host_file = image(&dir, "secret", 0x5e, 1 << 20);
+    let evil = dir.path().join("evil.img");
+    qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-b",
+        &host_file,
+        "-F",
+        "raw",
+        evil.to_str().unwrap(),
+        "1M",
+    ]);
+    let top = dir.path().join("top.qcow2");
+    qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-b",
+        "evil.img",
+        "-F",
+        "raw",
+        top.to_str().unwrap(),
+        "1M",
+    ]);
+    forget_backing_format(&top);
+    let g = Graph::new();
+    let err = add_json(
+        &g,
+        &ctx(),
+        json!({"driver": "qcow2", "node-name": "top", "read-only": true,
+        "file": {"driver": "file", "filename": top.to_str().unwrap(), "read-only": true}}),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains(&host_file), "{err}");
+    assert!(err.contains("format was probed, not recorded"), "{err}");
+    assert_eq!(g.view().nodes().count(), 0, "nothing left behind");
+}
+
+#[test]
+fn a_probed_raw_backing_stays_raw_through_a_writable_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = image(&dir, "base.img", 0, 1 << 20);
+    let top = dir.path().join("top.qcow2");
+    qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.img",
+        "-F",
+        "raw",
+        top.to_str().unwrap(),
+        "1M",
+    ]);
+    forget_backing_format(&top);
+    let g = Graph::new();
+    let c = ctx();
+    add_json(
+        &g,
+        &c,
+        json!({"driver": "qcow2", "node-name": "top",
+        "file": {"driver": "file", "filename": top.to_str().unwrap()}}),
+    )
+    .unwrap();
+    let v = g.view();
+    let top_id = v.find("top").unwrap();
+    let base_id = v
+        .child_id(v.child_slot(top_id, "backing").unwrap())
+        .unwrap();
+    let base_name = v.name(base_id).to_owned();
+    let file_name = v
+        .name(v.child_id(v.child_slot(base_id, "file").unwrap()).unwrap())
+        .to_owned();
+    // Writable now, as for a commit into it.
+    reopen_json(
+        &g,
+        &c,
+        json!({"driver": "file", "node-name": file_name, "filename": base}),
+    )
+    .unwrap();
+    reopen_json(
+        &g,
+        &c,
+        json!({"driver": "raw", "node-name": base_name, "file": file_name}),
+    )
+    .unwrap();
+    let mut header = vec![0u8; 512];
+    header[..4].copy_from_slice(b"QFI\xfb");
+    // Refused with EPERM, as QEMU refuses it.
+    let err = write(&g, &base_name, 0, &header).unwrap_err();
+    assert!(err.to_string().contains("os error 1)"), "{err}");
+    write(&g, &base_name, 512, &header).unwrap();
+}

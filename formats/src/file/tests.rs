@@ -154,6 +154,26 @@ fn write_zeroes_with_and_without_unmap() {
 }
 
 #[test]
+fn unmapping_zeroes_keep_blocks_under_discard_ignore() {
+    // Not /dev/shm: tmpfs may zero-range by punching.
+    let tmp = tempfile::NamedTempFile::new_in("/var/tmp").unwrap();
+    std::fs::write(tmp.path(), pattern(1 << 20, 3)).unwrap();
+    let blocks = || std::fs::metadata(tmp.path()).unwrap().blocks();
+    let node = FileNode::open(&FileOptions {
+        filename: tmp.path().into(),
+        discard: false,
+        ..Default::default()
+    })
+    .unwrap();
+    let before = blocks();
+    block_on(node.write_zeroes(&view(), 0, 1 << 20, true))
+        .unwrap()
+        .unwrap();
+    assert_eq!(read(&node, 0, 4096).unwrap(), vec![0; 4096]);
+    assert_eq!(blocks(), before, "discard=ignore: no hole punched");
+}
+
+#[test]
 fn direct_io_bounces_misaligned_buffers() {
     let (_tmp, node) = node_with(&vec![0u8; 64 << 10], true, false);
     assert!(node.request_alignment(&view()) >= 512);
