@@ -128,6 +128,8 @@ pub fn create(a: CreateArgs) -> anyhow::Result<()> {
         }
         extra.push(o.to_owned());
     }
+    // The backing file is only looked at (it may well be in use, as the
+    // image being snapshotted): shared, as qemu-img create opens it.
     let size = match &a.size {
         Some(s) => parse_size(s).ok_or_else(|| anyhow!("Invalid image size specified: '{s}'"))?,
         None => {
@@ -135,7 +137,7 @@ pub fn create(a: CreateArgs) -> anyhow::Result<()> {
                 .as_ref()
                 .ok_or_else(|| anyhow!("Image creation needs a size parameter"))?;
             let full = resolve_backing(&a.file, b);
-            let opened = open(&full, backing_fmt.as_deref(), false, true)?;
+            let opened = open(&full, backing_fmt.as_deref(), true, true)?;
             let v = opened.graph.view();
             v.node(opened.top).expect("opened").driver().size(&v)?
         }
@@ -161,7 +163,7 @@ pub fn create(a: CreateArgs) -> anyhow::Result<()> {
                         .name()
                         .to_owned(),
                 };
-                open(&full, Some(&fmt), false, true)
+                open(&full, Some(&fmt), true, true)
                     .with_context(|| format!("Could not open backing image '{b}'"))?;
                 backing_fmt = Some(fmt);
             }
