@@ -81,6 +81,22 @@ pub struct ProcessArgs {
     /// Append the log here (created mode 0600) instead of stderr.
     #[arg(long, value_name = "FILE")]
     pub log_file: Option<PathBuf>,
+
+    /// Confine the process with seccomp filters, as QEMU's -sandbox on: a
+    /// system call outside them ends the daemon with SIGSYS, and the log
+    /// names it. Off by default until every path is covered (see README).
+    #[arg(long, value_enum, value_name = "on|off", default_value_t = OnOff::Off)]
+    pub sandbox: OnOff,
+}
+
+/// QEMU's on/off switch.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum OnOff {
+    /// On.
+    On,
+    /// Off.
+    #[default]
+    Off,
 }
 
 /// An octal file mode with permission bits only: `0660`, `600`.

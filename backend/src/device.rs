@@ -227,6 +227,7 @@ impl VhostUserBackend for BlkDevice {
         vrings: &[Vring],
         thread_id: usize,
     ) -> io::Result<()> {
+        crate::sandbox::enter_queue_thread();
         // An error ends the worker thread's epoll loop: only the exit event
         // returns one, once the worker has torn down. Every other failure
         // is handled (and logged) inside.

@@ -18,6 +18,7 @@ pub mod qmp;
 pub mod qsd;
 pub mod queue;
 mod ratelimit;
+pub mod sandbox;
 pub mod serve;
 pub mod signals;
 pub mod socket;

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context as _};
 use clap::Parser;
 use strata_backend::cli::{
-    CacheArg, Cli, Command, FormatArg, ServeArgs, DEFAULT_IMAGE, DEFAULT_SIZE,
+    CacheArg, Cli, Command, FormatArg, OnOff, ServeArgs, DEFAULT_IMAGE, DEFAULT_SIZE,
 };
 use strata_backend::daemon::{Daemon, ExportSpec};
 use strata_backend::export::ExportOptions;
@@ -45,6 +45,9 @@ fn main() -> ExitCode {
 
 fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
     process::setup(&args.process, false)?;
+    if args.process.sandbox == OnOff::On {
+        strata_backend::sandbox::enter()?;
+    }
     let (image, create) = match args.image {
         Some(p) => (p, args.create),
         None => (

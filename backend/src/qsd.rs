@@ -95,6 +95,9 @@ pub fn run(args: QsdArgs) -> anyhow::Result<()> {
         bail!("nothing to do: give --blockdev/--export/--monitor options or a subcommand (see --help)");
     }
     let log = crate::process::setup(&args.process, args.daemonize)?;
+    if args.process.sandbox == crate::cli::OnOff::On {
+        crate::sandbox::enter()?;
+    }
     // Parse what can be parsed up front, so mistakes stop us before any
     // side effect.
     let mut objects = Vec::new();

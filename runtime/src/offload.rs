@@ -39,6 +39,13 @@ impl Drop for Waiting {
     }
 }
 
+/// Starts the pool now rather than on first use, so that its threads are
+/// spawned by the caller (a sandbox applies the daemon's filter first and
+/// a queue thread's narrower one later, which the pool must not inherit).
+pub fn start_pool() {
+    POOL.get_or_init(start);
+}
+
 fn start() -> Option<rayon::ThreadPool> {
     rayon::ThreadPoolBuilder::new()
         .thread_name(|i| format!("offload-{i}"))

@@ -62,10 +62,29 @@ impl Daemon {
         Self::run(args, socket, log)
     }
 
+    /// As [`serve`](Self::serve), with `env` set for the daemon.
+    pub fn serve_with_env(
+        args: &[&str],
+        env: &[(&str, &str)],
+        socket: &Path,
+        log: &Path,
+    ) -> Daemon {
+        let mut all = vec!["serve"];
+        all.extend_from_slice(args);
+        all.push("--socket");
+        all.push(socket.to_str().expect("a UTF-8 socket path"));
+        Self::run_with_env(&all, env, socket, log)
+    }
+
     fn run(args: &[&str], socket: &Path, log: &Path) -> Daemon {
+        Self::run_with_env(args, &[], socket, log)
+    }
+
+    fn run_with_env(args: &[&str], env: &[(&str, &str)], socket: &Path, log: &Path) -> Daemon {
         let out = File::create(log).expect("create daemon log");
         let child = Command::new(strata_bin())
             .args(args)
+            .envs(env.iter().copied())
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
@@ -135,6 +154,23 @@ impl Daemon {
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
             .expect("VmHWM in /proc status")
             * 1024
+    }
+
+    /// Waits up to `timeout` for the daemon to exit on its own; returns the
+    /// status and log.
+    pub fn wait_exit(mut self, timeout: Duration) -> (ExitStatus, String) {
+        let mut child = self.child.take().unwrap();
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return (status, self.log_text());
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("strata did not exit:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Sends SIGTERM and waits for the exit; returns the status and log.

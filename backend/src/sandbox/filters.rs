@@ -1,0 +1,143 @@
+//! The system calls each kind of thread may make. Every thread starts
+//! under [`daemon`], set before the first thread is spawned; queue threads
+//! add [`queue`] on top, the narrower, since they are the ones that parse
+//! what a guest wrote.
+
+use libc::*;
+
+/// What the daemon as a whole does: open images, listen on and talk over
+/// sockets, run threads, and drive io_uring. No execve, no ptrace, no
+/// module or mount calls, no new namespaces.
+pub fn daemon() -> Vec<c_long> {
+    let mut v = queue();
+    v.extend([
+        // Files: images, sockets' paths, the pid and log files.
+        SYS_openat,
+        SYS_statx,
+        SYS_fstat,
+        SYS_newfstatat,
+        SYS_fstatfs,
+        SYS_statfs,
+        SYS_fallocate,
+        SYS_ftruncate,
+        SYS_fsync,
+        SYS_fdatasync,
+        SYS_flock,
+        SYS_ioctl,
+        SYS_pread64,
+        SYS_pwrite64,
+        SYS_preadv,
+        SYS_pwritev,
+        SYS_unlink,
+        SYS_unlinkat,
+        SYS_rename,
+        SYS_renameat,
+        SYS_renameat2,
+        SYS_chmod,
+        SYS_fchmod,
+        SYS_fchmodat,
+        SYS_readlink,
+        SYS_readlinkat,
+        SYS_getcwd,
+        SYS_chdir,
+        SYS_getdents64,
+        SYS_dup,
+        SYS_dup2,
+        SYS_dup3,
+        SYS_pipe2,
+        SYS_memfd_create,
+        // Sockets: vhost-user and QMP listeners, their connections and the
+        // file descriptors a frontend passes.
+        SYS_socket,
+        SYS_socketpair,
+        SYS_bind,
+        SYS_listen,
+        SYS_accept4,
+        SYS_connect,
+        SYS_recvmsg,
+        SYS_recvfrom,
+        SYS_sendto,
+        SYS_shutdown,
+        SYS_getsockopt,
+        SYS_setsockopt,
+        SYS_getsockname,
+        // Threads, signals and waiting.
+        SYS_clone,
+        SYS_clone3,
+        SYS_set_robust_list,
+        SYS_prctl,
+        // Queue threads narrow their own filter.
+        SYS_seccomp,
+        SYS_rt_sigaction,
+        SYS_rt_sigtimedwait,
+        SYS_rt_sigsuspend,
+        SYS_kill,
+        SYS_poll,
+        SYS_ppoll,
+        SYS_epoll_create1,
+        SYS_eventfd2,
+        SYS_timerfd_create,
+        SYS_timerfd_settime,
+        SYS_sched_getaffinity,
+        SYS_sched_setaffinity,
+        SYS_prlimit64,
+        SYS_getrlimit,
+        SYS_uname,
+        SYS_setsid,
+        SYS_getuid,
+        SYS_geteuid,
+        SYS_getgid,
+        SYS_getegid,
+        SYS_getppid,
+        SYS_wait4,
+        SYS_umask,
+    ]);
+    v
+}
+
+/// What a queue thread does while it serves a guest: io_uring, eventfds
+/// and epoll, memory, futexes, and the log.
+pub fn queue() -> Vec<c_long> {
+    vec![
+        SYS_io_uring_enter,
+        SYS_io_uring_setup,
+        SYS_io_uring_register,
+        SYS_read,
+        SYS_readv,
+        SYS_write,
+        SYS_writev,
+        // The log, when it goes to journald.
+        SYS_sendmsg,
+        SYS_close,
+        // Descriptor flags (a cloned eventfd is close-on-exec).
+        SYS_fcntl,
+        // SEEK_DATA/SEEK_HOLE for block status.
+        SYS_lseek,
+        SYS_epoll_wait,
+        SYS_epoll_pwait,
+        SYS_epoll_ctl,
+        SYS_futex,
+        SYS_mmap,
+        SYS_munmap,
+        SYS_mremap,
+        SYS_mprotect,
+        SYS_madvise,
+        SYS_brk,
+        SYS_clock_gettime,
+        SYS_clock_nanosleep,
+        SYS_nanosleep,
+        SYS_sched_yield,
+        SYS_getrandom,
+        SYS_rt_sigprocmask,
+        SYS_rt_sigreturn,
+        SYS_sigaltstack,
+        SYS_gettid,
+        SYS_getpid,
+        // Raising SIGSYS after reporting a violation, and panics.
+        SYS_tgkill,
+        SYS_rseq,
+        SYS_exit,
+        SYS_exit_group,
+        SYS_restart_syscall,
+    ]
+}

@@ -1,0 +1,85 @@
+//! The sandbox (`--sandbox on`, the default): no new privileges, and
+//! seccomp-bpf allow-lists of system calls, one for the daemon as a whole
+//! and a narrower one for the threads that serve guest requests. See
+//! [`filters`] for the lists. A system call outside them kills the process
+//! with SIGSYS, after the log names it.
+
+use std::cell::Cell;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::{anyhow, Context as _};
+use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, SeccompRule, TargetArch};
+
+pub mod filters;
+mod names;
+mod sigsys;
+
+static ON: AtomicBool = AtomicBool::new(false);
+/// Test hook: a queue thread makes one forbidden system call, so that the
+/// test suite can see a violation end the daemon.
+static TEST_VIOLATION: AtomicBool = AtomicBool::new(false);
+
+/// Enters the sandbox for the whole process. Call on the main thread
+/// before any other thread is started: threads inherit the filter.
+pub fn enter() -> anyhow::Result<()> {
+    // SAFETY: prctl with integer arguments only.
+    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("cannot set no_new_privs");
+    }
+    sigsys::install().context("cannot install the SIGSYS reporter")?;
+    apply(&filters::daemon()).context("cannot apply the daemon's seccomp filter")?;
+    strata_runtime::offload::start_pool();
+    TEST_VIOLATION.store(
+        std::env::var_os("STRATA_TEST_SANDBOX_VIOLATION").is_some(),
+        Ordering::Relaxed,
+    );
+    ON.store(true, Ordering::Relaxed);
+    tracing::info!("sandbox on: seccomp filters applied (--sandbox off to disable)");
+    Ok(())
+}
+
+/// Narrows the calling queue thread's filter to [`filters::queue`], once
+/// per thread. Does nothing with the sandbox off.
+pub fn enter_queue_thread() {
+    thread_local! {
+        static DONE: Cell<bool> = const { Cell::new(false) };
+    }
+    if !ON.load(Ordering::Relaxed) || DONE.with(|d| d.replace(true)) {
+        return;
+    }
+    let mut comm = [0u8; 16];
+    // SAFETY: PR_GET_NAME writes at most 16 bytes into `comm`; the queue
+    // filter that forbids prctl is not applied yet.
+    unsafe { libc::prctl(libc::PR_GET_NAME, comm.as_mut_ptr()) };
+    sigsys::QUEUE_THREAD.with(|q| q.set(Some(comm)));
+    if let Err(e) = apply(&filters::queue()) {
+        // The daemon-wide filter still holds.
+        tracing::error!("cannot narrow a queue thread's seccomp filter: {e:#}");
+        return;
+    }
+    if TEST_VIOLATION.load(Ordering::Relaxed) {
+        // SAFETY: socket(2) takes no pointers; the filter traps it.
+        unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+    }
+}
+
+fn apply(syscalls: &[libc::c_long]) -> anyhow::Result<()> {
+    let rules: BTreeMap<i64, Vec<SeccompRule>> = syscalls
+        .iter()
+        .map(|&n| (i64::from(n), Vec::new()))
+        .collect();
+    let arch: TargetArch = std::env::consts::ARCH
+        .try_into()
+        .map_err(|e| anyhow!("seccomp: {e:?}"))?;
+    // Development aid: log what the lists miss instead of stopping.
+    let miss = if std::env::var_os("STRATA_SANDBOX_LOG_ONLY").is_some() {
+        SeccompAction::Log
+    } else {
+        SeccompAction::Trap
+    };
+    let filter = SeccompFilter::new(rules, miss, SeccompAction::Allow, arch)
+        .map_err(|e| anyhow!("seccomp: {e}"))?;
+    let prog: BpfProgram = filter.try_into().map_err(|e| anyhow!("seccomp: {e:?}"))?;
+    seccompiler::apply_filter(&prog).map_err(|e| anyhow!("seccomp: {e}"))
+}

@@ -1,0 +1,99 @@
+//! The sandbox: every thread of a serving daemon runs under seccomp, no
+//! new privileges can be gained, and a system call a queue thread may not
+//! make ends the daemon with SIGSYS and a log line that names it.
+
+use std::os::unix::process::ExitStatusExt;
+use std::time::Duration;
+
+use strata_tests::client::SyncClient;
+use strata_tests::daemon::Daemon;
+
+/// (thread name, its status file) for every thread of `pid`.
+fn threads(pid: u32) -> Vec<(String, String)> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .map(|t| {
+            let t = t.unwrap().path();
+            (
+                std::fs::read_to_string(t.join("comm"))
+                    .unwrap()
+                    .trim()
+                    .to_owned(),
+                std::fs::read_to_string(t.join("status")).unwrap(),
+            )
+        })
+        .collect()
+}
+
+fn field<'a>(status: &'a str, name: &str) -> &'a str {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(name))
+        .map(str::trim)
+        .unwrap_or("")
+}
+
+fn serve(dir: &std::path::Path, sandbox: &str, env: &[(&str, &str)]) -> Daemon {
+    let image = dir.join("disk.img");
+    let image = image.to_str().unwrap();
+    let args = [
+        image,
+        "--create",
+        "16M",
+        "--num-queues",
+        "2",
+        "--sandbox",
+        sandbox,
+    ];
+    Daemon::serve_with_env(&args, env, &dir.join("vm.sock"), &dir.join("log"))
+}
+
+#[test]
+fn every_thread_of_a_serving_daemon_is_under_seccomp() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = serve(dir.path(), "on", &[]);
+    let mut c = SyncClient::connect(d.socket(), false).unwrap();
+    c.write(0, &[1; 4096]).unwrap();
+    assert_eq!(c.read(0, 4096).unwrap(), vec![1; 4096]);
+    let all = threads(d.pid());
+    let queues = all.iter().filter(|(n, _)| n == "vring_worker").count();
+    assert_eq!(queues, 2, "{all:?}");
+    for (name, status) in &all {
+        assert_eq!(field(status, "Seccomp:"), "2", "thread {name}");
+        assert_eq!(field(status, "NoNewPrivs:"), "1", "thread {name}");
+    }
+    drop(c);
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+}
+
+#[test]
+fn a_forbidden_system_call_on_a_queue_thread_ends_the_daemon_with_sigsys() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = serve(dir.path(), "on", &[("STRATA_TEST_SANDBOX_VIOLATION", "1")]);
+    // The first event a queue thread handles makes the forbidden call:
+    // the daemon may be gone before the client is set up.
+    if let Ok(mut c) = SyncClient::connect(d.socket(), false) {
+        let _ = c.read(0, 4096);
+    }
+    let (status, log) = d.wait_exit(Duration::from_secs(30));
+    assert_eq!(status.signal(), Some(libc::SIGSYS), "{status:?}\n{log}");
+    assert!(
+        log.contains("sandbox violation: system call socket (41) on thread 'vring_worker'"),
+        "{log}"
+    );
+}
+
+#[test]
+fn sandbox_off_applies_no_filter() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = serve(dir.path(), "off", &[("STRATA_TEST_SANDBOX_VIOLATION", "1")]);
+    let mut c = SyncClient::connect(d.socket(), false).unwrap();
+    assert_eq!(c.read(0, 4096).unwrap(), vec![0; 4096]);
+    for (name, status) in threads(d.pid()) {
+        assert_eq!(field(&status, "Seccomp:"), "0", "thread {name}");
+    }
+    drop(c);
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+}
