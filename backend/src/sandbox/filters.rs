@@ -8,7 +8,7 @@ use libc::*;
 /// What the daemon as a whole does: open images, listen on and talk over
 /// sockets, run threads, and drive io_uring. No execve, no ptrace, no
 /// module or mount calls, no new namespaces.
-pub fn daemon() -> Vec<c_long> {
+pub fn daemon() -> Vec<i64> {
     let mut v = queue();
     v.extend([
         // Files: images, sockets' paths, the pid and log files.
@@ -97,7 +97,7 @@ pub fn daemon() -> Vec<c_long> {
 
 /// What a queue thread does while it serves a guest: io_uring, eventfds
 /// and epoll, memory, futexes, and the log.
-pub fn queue() -> Vec<c_long> {
+pub fn queue() -> Vec<i64> {
     vec![
         SYS_io_uring_enter,
         SYS_io_uring_setup,

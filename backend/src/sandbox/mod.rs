@@ -64,11 +64,9 @@ pub fn enter_queue_thread() {
     }
 }
 
-fn apply(syscalls: &[libc::c_long]) -> anyhow::Result<()> {
-    let rules: BTreeMap<i64, Vec<SeccompRule>> = syscalls
-        .iter()
-        .map(|&n| (i64::from(n), Vec::new()))
-        .collect();
+fn apply(syscalls: &[i64]) -> anyhow::Result<()> {
+    let rules: BTreeMap<i64, Vec<SeccompRule>> =
+        syscalls.iter().map(|&n| (n, Vec::new())).collect();
     let arch: TargetArch = std::env::consts::ARCH
         .try_into()
         .map_err(|e| anyhow!("seccomp: {e:?}"))?;
