@@ -20,7 +20,19 @@ QCOW2_WRITER = {100, 101, 103, 201, 203}
 
 
 def locked_bytes(path):
-    """The bytes of `path` that anyone holds OFD locks on."""
+    """The bytes of `path` that anyone holds OFD locks on. /proc/locks is
+    read in pieces and a line can slip between them while locks change:
+    read until two reads agree."""
+    last = locked_once(path)
+    for _ in range(20):
+        now = locked_once(path)
+        if now == last:
+            return now
+        last = now
+    return last
+
+
+def locked_once(path):
     st = os.stat(path)
     dev = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
     held = set()

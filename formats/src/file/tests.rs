@@ -239,7 +239,22 @@ fn discard_is_ignored_unless_enabled() {
     );
 }
 
+/// The bytes of `path` someone holds OFD locks on. /proc/locks is read in
+/// pieces, and a line can slip between them while other tests lock and
+/// unlock: read until two reads agree.
 fn locked(path: &std::path::Path) -> Vec<u64> {
+    let mut last = locked_once(path);
+    for _ in 0..20 {
+        let now = locked_once(path);
+        if now == last {
+            return now;
+        }
+        last = now;
+    }
+    last
+}
+
+fn locked_once(path: &std::path::Path) -> Vec<u64> {
     let m = std::fs::metadata(path).unwrap();
     let dev = format!(
         "{:02x}:{:02x}:{}",
