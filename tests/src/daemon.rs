@@ -174,21 +174,10 @@ impl Daemon {
     }
 
     /// Sends SIGTERM and waits for the exit; returns the status and log.
-    pub fn stop(mut self) -> (ExitStatus, String) {
-        let mut child = self.child.take().unwrap();
+    pub fn stop(self) -> (ExitStatus, String) {
         // SAFETY: kill(2) on our own child's pid has no memory effects.
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                return (status, self.log_text());
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                panic!("strata ignored SIGTERM for 30 s:\n{}", self.log_text());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        unsafe { libc::kill(self.pid() as i32, libc::SIGTERM) };
+        self.wait_exit(Duration::from_secs(30))
     }
 }
 

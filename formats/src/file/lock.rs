@@ -117,6 +117,18 @@ struct State {
 /// The inodes this process locks, by (device, inode number).
 type Registry = Mutex<HashMap<(u64, u64), Weak<Inode>>>;
 
+impl State {
+    /// What every holder but `except` holds or is about to.
+    fn union_except(&self, except: Option<u64>) -> LockSet {
+        self.holders
+            .iter()
+            .filter(|(id, _)| Some(**id) != except)
+            .fold(LockSet::default(), |acc, (_, (held, next))| {
+                acc.union(*held).union(next.unwrap_or_default())
+            })
+    }
+}
+
 fn registry() -> &'static Registry {
     static REGISTRY: OnceLock<Registry> = OnceLock::new();
     REGISTRY.get_or_init(Default::default)
@@ -237,12 +249,7 @@ impl Inode {
     /// Sets the bytes on the description to the union of every holder's.
     fn apply(&self) -> Result<(), LockError> {
         let mut st = self.lock_state();
-        let want = st
-            .holders
-            .values()
-            .fold(LockSet::default(), |acc, (held, next)| {
-                acc.union(*held).union(next.unwrap_or_default())
-            });
+        let want = st.union_except(None);
         for bit in 0..PERM_BITS {
             let p = Perm::from_bits_truncate(1 << bit);
             for (base, now, then) in [
@@ -278,15 +285,7 @@ impl Inode {
     /// Refuses `want` if another process, or another holder here, is in
     /// its way.
     fn check(&self, me: u64, want: LockSet) -> Result<(), LockError> {
-        let others = {
-            let st = self.lock_state();
-            st.holders
-                .iter()
-                .filter(|(id, _)| **id != me)
-                .fold(LockSet::default(), |acc, (_, (held, next))| {
-                    acc.union(*held).union(next.unwrap_or_default())
-                })
-        };
+        let others = self.lock_state().union_except(Some(me));
         for bit in 0..PERM_BITS {
             let p = Perm::from_bits_truncate(1 << bit);
             for (mine, theirs, base, shared) in [
