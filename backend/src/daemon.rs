@@ -17,6 +17,7 @@ use strata_runtime::reactor::block_on;
 
 use crate::events::EventBus;
 use crate::export::{Export, ExportOptions};
+use crate::on_error::OnError;
 use crate::qmp::error::QmpError;
 use crate::serve::RunningExport;
 
@@ -196,6 +197,10 @@ impl Daemon {
         let stop_timeout = o
             .take_u64("x-stop-timeout-ms")?
             .map_or(crate::export::DEFAULT_STOP_TIMEOUT, Duration::from_millis);
+        let on_error = o
+            .take_enum("on-error", OnError::NAMES)?
+            .and_then(|s| OnError::parse(&s))
+            .unwrap_or_default();
         Ok(ExportSpec {
             node,
             path: path.into(),
@@ -208,6 +213,7 @@ impl Daemon {
                 logical_block_size: u32::try_from(logical_block_size).unwrap_or(u32::MAX),
                 poll_max_ns: crate::export::DEFAULT_POLL_MAX_NS,
                 stop_timeout,
+                on_error,
             },
             iothread,
         })
@@ -235,7 +241,8 @@ impl Daemon {
             ))
         })?;
         let id = spec.opts.id.clone();
-        let export = Export::new(&self.graph, node, spec.opts)?;
+        let events = Arc::clone(&self.events) as Arc<dyn strata_graph::EventSink>;
+        let export = Export::new(&self.graph, node, spec.opts, events)?;
         match RunningExport::start(Arc::clone(&export), &spec.path, self.socket_mode()) {
             Ok(running) => {
                 exports.insert(id, running);
@@ -272,17 +279,30 @@ impl Daemon {
         Ok(())
     }
 
+    /// block-export-resume: retries the export's requests held on error.
+    pub fn export_resume(&self, id: &str) -> Result<(), QmpError> {
+        let exports = self.exports();
+        let running = exports
+            .get(id)
+            .ok_or_else(|| QmpError::generic(format!("Export '{id}' is not found")))?;
+        running.export().resume_held();
+        Ok(())
+    }
+
     /// query-block-exports.
     pub fn exports_info(&self) -> Value {
         let list: Vec<Value> = self
             .exports()
             .values()
             .map(|r| {
+                let e = r.export();
                 json!({
                     "type": "vhost-user-blk",
-                    "id": r.export().options().id,
-                    "node-name": r.export().node_name(),
+                    "id": e.options().id,
+                    "node-name": e.node_name(),
                     "shutting-down": false,
+                    "io-status": e.error_hold().status().name(),
+                    "held-requests": e.error_hold().held(),
                 })
             })
             .collect();

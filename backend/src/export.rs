@@ -10,10 +10,11 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use strata_graph::{
-    BlockError, Graph, GraphError, NodeId, Quiesce, SlotId, SlotPerm, User, UserKind,
+    BlockError, EventSink, Graph, GraphError, NodeId, Quiesce, SlotId, SlotPerm, User, UserKind,
 };
 use strata_runtime::reactor::block_on;
 
+use crate::on_error::{ErrorHold, OnError};
 use crate::queue::Queues;
 use crate::virtio::config::BlkConfig;
 use crate::virtio::request::Limits;
@@ -47,6 +48,8 @@ pub struct ExportOptions {
     /// How long GET_VRING_BASE waits for a queue's requests before it
     /// abandons them and fails (`x-stop-timeout-ms`).
     pub stop_timeout: Duration,
+    /// What a failed guest request does (`on-error`).
+    pub on_error: OnError,
 }
 
 /// QEMU's default `poll-max-ns` for iothreads.
@@ -67,6 +70,7 @@ impl ExportOptions {
             poll_max_ns: DEFAULT_POLL_MAX_NS,
             logical_block_size: 512,
             stop_timeout: DEFAULT_STOP_TIMEOUT,
+            on_error: OnError::default(),
         }
     }
 }
@@ -128,15 +132,19 @@ pub struct Export {
     paused: AtomicU32,
     /// The connected frontend's queues, if any.
     queues: Mutex<Option<Arc<Queues>>>,
+    /// Requests held on error (`on-error`).
+    hold: ErrorHold,
 }
 
 impl Export {
     /// Exports `node` of `graph`: attaches it to a new slot owned by the
     /// export and makes the export one of the graph's drainable users.
+    /// Its BLOCK_IO_ERROR events go to `events`.
     pub fn new(
         graph: &Graph,
         node: NodeId,
         opts: ExportOptions,
+        events: Arc<dyn EventSink>,
     ) -> Result<Arc<Export>, ExportError> {
         if !(1..=64).contains(&opts.num_queues) {
             return Err(ExportError::BadQueueCount {
@@ -183,6 +191,7 @@ impl Export {
             perm: SlotPerm::user(!opts.read_only),
         };
         let root = graph.attach_user(user, node)?;
+        let hold = ErrorHold::new(opts.on_error, events);
         let export = Arc::new(Export {
             writeback: AtomicBool::new(opts.writeback),
             opts,
@@ -193,6 +202,7 @@ impl Export {
             capacity: AtomicU64::new(size / 512),
             paused: AtomicU32::new(0),
             queues: Mutex::new(None),
+            hold,
         });
         graph.register_quiesce(
             &export.opts.id,
@@ -250,6 +260,19 @@ impl Export {
     /// True while a graph edit holds the export's requests.
     pub fn paused(&self) -> bool {
         self.paused.load(Ordering::SeqCst) > 0
+    }
+
+    /// Requests held on error, and the export's I/O status.
+    pub fn error_hold(&self) -> &ErrorHold {
+        &self.hold
+    }
+
+    /// Retries the requests held on error (block-export-resume).
+    pub fn resume_held(&self) {
+        self.hold.resume();
+        if let Some(queues) = self.queues() {
+            queues.wake_all();
+        }
     }
 
     /// True while a frontend is connected.

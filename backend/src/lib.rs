@@ -11,6 +11,7 @@ pub mod fuzzing;
 pub mod img;
 pub mod job_cli;
 pub mod keyval;
+pub mod on_error;
 pub mod open;
 pub mod pidfile;
 pub mod process;

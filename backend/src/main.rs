@@ -108,6 +108,8 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         serial: args.serial,
         writeback: !args.writethrough,
         poll_max_ns: args.poll_max_ns,
+        // Nothing could resume a held request: `serve` has no monitor.
+        on_error: strata_backend::on_error::OnError::Report,
         ..ExportOptions::new("vhost-user-blk0")
     };
     daemon

@@ -255,6 +255,22 @@ impl LedgerGuard<'_> {
         self.l.owed += n;
     }
 
+    /// `n` requests were held on error: still owed to the guest, but not
+    /// running, so a drain need not wait for them.
+    pub fn park(&mut self, n: usize) {
+        if n > 0 {
+            self.l.running = self.l.running.saturating_sub(n);
+            if self.l.running == 0 {
+                self.notify();
+            }
+        }
+    }
+
+    /// `n` held requests run again.
+    pub fn retried(&mut self, n: usize) {
+        self.l.running += n;
+    }
+
     /// Retires a finished request of generation `generation`; true when it
     /// may go on the used ring.
     pub fn retire(&mut self, generation: u64) -> bool {

@@ -5,5 +5,6 @@ pub mod client;
 pub mod daemon;
 pub mod frontend;
 pub mod guest;
+pub mod host;
 pub mod qemu;
 pub mod qmp;

@@ -545,3 +545,79 @@ fn snapshot_stream_commit_and_active_commit_under_fio_verify() {
         "jobs: snapshot, stream, commit and active commit under fio verify: all data in place"
     );
 }
+
+#[test]
+#[ignore = "boots a QEMU guest; ci/test runs it"]
+fn a_volume_that_fills_under_fio_is_grown_and_resumed_without_a_guest_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // A thin 128 MiB qcow2 on a volume that holds 16 MiB: fio's 48 MiB
+    // cannot fit until the host grows it.
+    let vol = strata_tests::host::Tmpfs::mount(d, "vol", "16M");
+    let img = vol.path.join("disk.qcow2");
+    strata_tests::host::sh(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", img.to_str().unwrap(), "128M"],
+    );
+    let (sock, qmp_sock) = (d.join("vm.sock"), d.join("qmp.sock"));
+    let daemon = Daemon::qsd(
+        &[
+            "--blockdev",
+            &format!("driver=file,node-name=file,filename={}", img.display()),
+            "--blockdev",
+            "driver=qcow2,node-name=disk,file=file",
+            "--export",
+            &format!(
+                "type=vhost-user-blk,id=vda,node-name=disk,writable=on,addr.type=unix,addr.path={}",
+                sock.display()
+            ),
+            "--chardev",
+            &format!(
+                "socket,id=m0,path={},server=on,wait=off",
+                qmp_sock.display()
+            ),
+            "--monitor",
+            "chardev=m0",
+        ],
+        &sock,
+        &d.join("strata.log"),
+    );
+    let mut qmp = Qmp::connect(&qmp_sock);
+    let mut operator = None;
+    let run = boot_watching(&sock, 1, "fio-fill", BOOT_TIMEOUT, &mut |line| {
+        if !line.starts_with("STRATA fio-running") || operator.is_some() {
+            return;
+        }
+        let mut q = Qmp::connect(&qmp_sock);
+        let vol = vol.path.clone();
+        operator = Some(std::thread::spawn(move || {
+            let ev = q.wait_event("BLOCK_IO_ERROR", "id", "vda", Duration::from_secs(120));
+            println!("on-error: {ev}");
+            // The guest waits while the operator takes their time.
+            std::thread::sleep(Duration::from_secs(3));
+            let exports = q.execute("query-block-exports", json!({})).unwrap();
+            assert_eq!(exports[0]["io-status"], "nospace", "{exports}");
+            strata_tests::host::sh("mount", &["-o", "remount,size=256M", vol.to_str().unwrap()]);
+            q.execute("block-export-resume", json!({"id": "vda"}))
+                .unwrap();
+            ev
+        }));
+    });
+    show(&run);
+    let ev = operator
+        .expect("fio started")
+        .join()
+        .expect("the volume filled, and was grown and resumed");
+    assert_eq!(
+        (&ev["nospace"], &ev["action"]),
+        (&json!(true), &json!("stop"))
+    );
+    check_done(&run, &daemon.log_text());
+    assert_eq!(run.value("STRATA fio", "rc").as_deref(), Some("0"));
+    let exports = qmp.execute("query-block-exports", json!({})).unwrap();
+    assert_eq!(exports[0]["io-status"], "ok", "{exports}");
+    let (_, log) = daemon.stop();
+    let (code, out) = strata_tests::qemu::check(&img);
+    assert_eq!(code, 0, "qemu-img check:\n{out}\n{log}");
+    println!("on-error: the guest saw no error across a full volume, grown and resumed");
+}

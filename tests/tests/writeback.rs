@@ -4,37 +4,26 @@
 //! a second fdatasync would succeed with the data gone. Strata must keep
 //! failing every flush, and qcow2 must write no metadata after it.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 use serde_json::json;
 use strata_tests::client::SyncClient;
 use strata_tests::daemon::Daemon;
+use strata_tests::host::{sh, Tmpfs};
 use strata_tests::qmp::Qmp;
 
 /// A 64 MiB block device that can hold only 4 MiB. Needs root.
 struct FailingDisk {
-    mnt: PathBuf,
+    mnt: Tmpfs,
     dev: String,
 }
 
 impl FailingDisk {
     fn new(dir: &Path) -> FailingDisk {
-        let mnt = dir.join("small");
-        std::fs::create_dir(&mnt).unwrap();
-        sh(
-            "mount",
-            &[
-                "-t",
-                "tmpfs",
-                "-o",
-                "size=4M",
-                "tmpfs",
-                mnt.to_str().unwrap(),
-            ],
-        );
-        let back = mnt.join("back");
+        let mnt = Tmpfs::mount(dir, "small", "4M");
+        let back = mnt.path.join("back");
         std::fs::File::create(&back)
             .unwrap()
             .set_len(64 << 20)
@@ -47,18 +36,7 @@ impl FailingDisk {
 impl Drop for FailingDisk {
     fn drop(&mut self) {
         let _ = Command::new("losetup").args(["-d", &self.dev]).status();
-        let _ = Command::new("umount").arg(&self.mnt).status();
     }
-}
-
-fn sh(cmd: &str, args: &[&str]) -> String {
-    let out = Command::new(cmd).args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
 fn serve(dir: &Path, format: &str, dev: &str) -> (Daemon, Qmp) {
@@ -149,10 +127,7 @@ fn qcow2_writes_no_metadata_after_a_failed_flush() {
         Duration::from_secs(10),
     );
     // Room again: from now on, whatever strata writes reaches the device.
-    sh(
-        "mount",
-        &["-o", "remount,size=128M", disk.mnt.to_str().unwrap()],
-    );
+    disk.mnt.resize("128M");
     // An allocating write; its L2 entry would point at a cluster whose
     // neighbours' data may be gone, so it must never reach the device.
     let _ = c.write(40 << 20, &[1; 4096]);

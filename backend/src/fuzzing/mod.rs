@@ -121,7 +121,7 @@ fn null_export(opts: ExportOptions) -> Arc<Export> {
             })) as Arc<dyn BlockDriver>)
         })
         .expect("a null node");
-    Export::new(&graph, node, opts).expect("an export")
+    Export::new(&graph, node, opts, Arc::new(strata_graph::NoEvents)).expect("an export")
 }
 
 #[cfg(test)]

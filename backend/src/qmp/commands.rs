@@ -21,6 +21,7 @@ pub const COMMANDS: &[&str] = &[
     "x-blockdev-change",
     "block-export-add",
     "block-export-del",
+    "block-export-resume",
     "query-block-exports",
     "object-add",
     "object-del",
@@ -113,6 +114,13 @@ pub fn execute(daemon: &Daemon, name: &str, args: Map<String, Value>) -> Result<
                 .is_some_and(|m| m == "hard");
             a.finish()?;
             daemon.export_del(&id, hard)?;
+            json!({})
+        }
+        "block-export-resume" => {
+            let id = a.take_str("id")?;
+            let id = a.required("id", id)?;
+            a.finish()?;
+            daemon.export_resume(&id)?;
             json!({})
         }
         "query-block-exports" => {

@@ -1,11 +1,11 @@
 //! Block semantics: what a validated request does to the export's node, and
 //! the executor its future runs on.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::sync::Arc;
 
-use strata_graph::{BlockError, GraphView, LocalView};
+use strata_graph::{BlockError, GraphView, IoOp, LocalView};
 use strata_runtime::executor::Executor;
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP};
 
@@ -32,7 +32,14 @@ pub(crate) struct QueueCtx {
     pub queue: usize,
     /// Finished chains waiting for the used ring.
     pub done: RefCell<Vec<Completion>>,
+    /// Requests held on error, waiting for the export to be resumed.
+    pub held: RefCell<Vec<Job>>,
+    /// Requests held since the worker last told the ledger: they no
+    /// longer hold off a drain.
+    pub parked: Cell<usize>,
     errors: RefCell<RateLimit>,
+    /// BLOCK_IO_ERROR events for failures that are reported, not held.
+    reported: RefCell<RateLimit>,
 }
 
 impl QueueCtx {
@@ -42,7 +49,10 @@ impl QueueCtx {
             state,
             queue,
             done: RefCell::new(Vec::new()),
+            held: RefCell::new(Vec::new()),
+            parked: Cell::new(0),
             errors: RefCell::new(RateLimit::new(10, std::time::Duration::from_secs(5))),
+            reported: RefCell::new(RateLimit::new(10, std::time::Duration::from_secs(1))),
         }
     }
 
@@ -53,6 +63,28 @@ impl QueueCtx {
             len,
             generation,
         });
+    }
+
+    /// Hands a failure to the export's `on-error` policy: true when the
+    /// request is to be held. Reported failures become events too, as
+    /// many as the rate limit lets through.
+    fn hold_or_report(&self, req: &Request, e: &BlockError) -> bool {
+        let op = match req.kind {
+            RequestKind::Read { .. } | RequestKind::GetId => IoOp::Read,
+            RequestKind::Flush => IoOp::Flush,
+            _ => IoOp::Write,
+        };
+        let export = &self.export;
+        let hold = export.error_hold();
+        let report = !hold.policy().holds(e) && self.reported.borrow_mut().check().is_some();
+        let held = hold.failed(&export.options().id, &export.node_name(), op, e, report);
+        if held {
+            self.warn(format_args!(
+                "{:?} failed: {e}; held until the export is resumed",
+                req.kind
+            ));
+        }
+        held
     }
 
     /// Logs a warning, rate-limited: a guest controls how often these
@@ -128,10 +160,19 @@ enum Reply {
     Unsupported,
 }
 
-/// Runs one request to completion and records it as finished.
+/// Runs one request to completion and records it as finished, or holds
+/// it if it failed and the export's `on-error` says so.
 async fn execute(ctx: Rc<QueueCtx>, view: LocalView, job: Job) {
+    let reply = dispatch(&ctx.export, &view, &job.req).await;
+    if let Reply::Failed(e, _) = &reply {
+        if !e.is_unsupported() && ctx.hold_or_report(&job.req, e) {
+            ctx.held.borrow_mut().push(job);
+            ctx.parked.set(ctx.parked.get() + 1);
+            return;
+        }
+    }
     let Job { req, generation } = job;
-    let (status, used) = match dispatch(&ctx.export, &view, &req).await {
+    let (status, used) = match reply {
         Reply::Done(used) => (VIRTIO_BLK_S_OK, used),
         Reply::Failed(e, used) => {
             ctx.warn(format_args!("{:?} failed: {e}", req.kind));

@@ -125,6 +125,11 @@ impl Worker {
                     end = Some(false);
                     break;
                 }
+                let resumes = ctx.export.error_hold().resumes();
+                if resumes != self.resumes_seen {
+                    self.resumes_seen = resumes;
+                    self.retry_held(generation, &view, &mut ledger);
+                }
                 let n = match access.pending(q) {
                     Err(e) => {
                         ctx.warn(format_args!("bad avail ring: {e}"));
@@ -220,6 +225,41 @@ impl Worker {
         }
     }
 
+    /// Starts again the requests held on error, with the graph as it is
+    /// now (the operator may have rewired it to make room). Those of an
+    /// older generation are dropped: their chains' memory may hold
+    /// something else by now.
+    fn retry_held(&mut self, generation: u64, view: &LocalView, ledger: &mut LedgerGuard<'_>) {
+        ledger.park(self.ctx.parked.replace(0));
+        let held = std::mem::take(&mut *self.ctx.held.borrow_mut());
+        let Ok(io) = &self.io else {
+            // Held requests only come from a running executor.
+            *self.ctx.held.borrow_mut() = held;
+            return;
+        };
+        let total = held.len();
+        let mut retried = 0;
+        for job in held {
+            if job.generation == generation {
+                io.executor
+                    .spawn(Rc::clone(&self.ctx), Rc::clone(view), job);
+                retried += 1;
+            } else {
+                self.heads.finish(job.req.head, job.generation);
+            }
+        }
+        ledger.retried(retried);
+        self.ctx.export.error_hold().released(total);
+        if total > 0 {
+            tracing::info!(
+                "queue {}: retrying {retried} requests held on error ({} dropped: the ring was \
+                 set up again since)",
+                self.ctx.queue,
+                total - retried
+            );
+        }
+    }
+
     /// Puts finished chains of the current generation on the used ring
     /// and drops stale ones. True when the driver should be notified.
     fn publish_locked<A: RingAccess>(
@@ -228,6 +268,7 @@ impl Worker {
         access: &A,
         ledger: &mut LedgerGuard<'_>,
     ) -> bool {
+        ledger.park(self.ctx.parked.replace(0));
         std::mem::swap(&mut *self.ctx.done.borrow_mut(), &mut self.publishing);
         if self.publishing.is_empty() {
             return false;

@@ -166,6 +166,9 @@ pub(crate) struct Worker {
     /// Reused buffer for publishing completions.
     publishing: Vec<dispatch::Completion>,
     poll: PollWindow,
+    /// The export's resume count when this worker last retried what it
+    /// held.
+    resumes_seen: u64,
 }
 
 /// The ring as the worker last left it.
@@ -205,6 +208,7 @@ impl Worker {
             seen: None,
             publishing: Vec::new(),
             poll: PollWindow::new(q.export.options().poll_max_ns),
+            resumes_seen: q.export.error_hold().resumes(),
         }
     }
 
@@ -300,7 +304,7 @@ impl Worker {
     /// Runs what can run, then publishes.
     fn run<V: VringLock>(&mut self, vring: &V) {
         self.run_stalled();
-        if !self.ctx.done.borrow().is_empty() {
+        if !self.ctx.done.borrow().is_empty() || self.ctx.parked.get() > 0 {
             self.publish(vring);
         }
     }
@@ -410,6 +414,8 @@ impl Worker {
             reactor.wait_idle();
         }
         self.ctx.done.borrow_mut().clear();
+        let held = self.ctx.held.borrow_mut().drain(..).count();
+        self.ctx.export.error_hold().released(held);
         self.ctx.state.ledger().gone();
     }
 }
