@@ -84,9 +84,14 @@ pub struct ProcessArgs {
 
     /// Confine the process with seccomp filters, as QEMU's -sandbox on: a
     /// system call outside them ends the daemon with SIGSYS, and the log
-    /// names it. Off by default until every path is covered (see README).
-    #[arg(long, value_enum, value_name = "on|off", default_value_t = OnOff::Off)]
+    /// names it (see README).
+    #[arg(long, value_enum, value_name = "on|off", default_value_t = OnOff::On)]
     pub sandbox: OnOff,
+
+    /// `user=NAME` or `user=UID:GID`: once its images and sockets are
+    /// open, the daemon drops to this user (and its groups) for good.
+    #[arg(long, value_name = "user=NAME", value_parser = crate::run_with::parse)]
+    pub run_with: Option<crate::run_with::RunAs>,
 }
 
 /// QEMU's on/off switch.

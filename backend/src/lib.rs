@@ -19,6 +19,7 @@ pub mod qmp;
 pub mod qsd;
 pub mod queue;
 mod ratelimit;
+pub mod run_with;
 pub mod sandbox;
 pub mod serve;
 pub mod signals;

@@ -120,6 +120,9 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
             iothread: None,
         })
         .map_err(|e| anyhow::anyhow!("{e}"))?;
+    if let Some(user) = &args.process.run_with {
+        user.drop_privileges()?;
+    }
     tracing::info!(
         "serving '{}' on {}{}",
         image.display(),

@@ -95,9 +95,6 @@ pub fn run(args: QsdArgs) -> anyhow::Result<()> {
         bail!("nothing to do: give --blockdev/--export/--monitor options or a subcommand (see --help)");
     }
     let log = crate::process::setup(&args.process, args.daemonize)?;
-    if args.process.sandbox == crate::cli::OnOff::On {
-        crate::sandbox::enter()?;
-    }
     // Parse what can be parsed up front, so mistakes stop us before any
     // side effect.
     let mut objects = Vec::new();
@@ -122,6 +119,17 @@ pub fn run(args: QsdArgs) -> anyhow::Result<()> {
     } else {
         None
     };
+    // After the fork: the sandbox starts threads, which a fork leaves
+    // behind.
+    if args.process.sandbox == crate::cli::OnOff::On {
+        if let Err(e) = crate::sandbox::enter() {
+            if let Some(r) = ready {
+                r.fail(&format!("{e:#}"));
+                std::process::exit(1);
+            }
+            return Err(e);
+        }
+    }
     let daemon = Daemon::new();
     if let Some(m) = args.process.socket_mode {
         daemon.set_socket_mode(m);
@@ -150,6 +158,9 @@ pub fn run(args: QsdArgs) -> anyhow::Result<()> {
         }
         for m in monitors {
             start_monitor(Arc::clone(&daemon), &m.path, m.pretty)?;
+        }
+        if let Some(user) = &args.process.run_with {
+            user.drop_privileges()?;
         }
         Ok(())
     };

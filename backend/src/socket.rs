@@ -70,7 +70,10 @@ pub fn identity(path: &Path) -> Option<(u64, u64)> {
 /// Removes the socket at `path` if it is still the one `id` names.
 pub fn remove_if_ours(path: &Path, id: Option<(u64, u64)>) {
     if id.is_some() && identity(path) == id {
-        let _ = std::fs::remove_file(path);
+        // After --run-with, the directory may not be ours to write.
+        if let Err(e) = std::fs::remove_file(path) {
+            tracing::warn!("cannot remove {}: {e}", path.display());
+        }
     }
 }
 

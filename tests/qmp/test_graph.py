@@ -98,7 +98,8 @@ class Exports(DaemonTest):
         self.d.ok("block-export-add", type="vhost-user-blk", id="e0", node_name="disk", writable=True,
                   addr={"type": "unix", "path": sock}, num_queues=2)
         self.assertEqual(self.d.ok("query-block-exports"),
-                         [{"type": "vhost-user-blk", "id": "e0", "node-name": "disk", "shutting-down": False}])
+                         [{"type": "vhost-user-blk", "id": "e0", "node-name": "disk", "shutting-down": False,
+                           "io-status": "ok", "held-requests": 0}])
         self.assertError("block-export-add", "Block export id 'e0' is already in use", type="vhost-user-blk",
                          id="e0", node_name="disk", addr={"type": "unix", "path": sock + "2"})
         self.assertError("blockdev-del", "Node 'disk' is busy: it is used by export 'e0'", node_name="disk")

@@ -102,3 +102,91 @@ fn sandbox_off_applies_no_filter() {
     let (status, log) = d.stop();
     assert!(status.success(), "{log}");
 }
+
+#[test]
+fn run_with_drops_every_thread_to_the_user_once_the_disk_is_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sock, qmp_sock) = (dir.path().join("vm.sock"), dir.path().join("qmp.sock"));
+    // Root's alone, as the tempdir is: the daemon opens it before it drops.
+    let image = dir.path().join("disk.img");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    let d = Daemon::qsd(
+        &[
+            "--blockdev",
+            &format!("driver=file,node-name=disk,filename={}", image.display()),
+            "--export",
+            &format!(
+                "type=vhost-user-blk,id=e0,node-name=disk,writable=on,num-queues=2,addr.type=unix,addr.path={}",
+                sock.display()
+            ),
+            "--chardev",
+            &format!("socket,id=m0,path={},server=on,wait=off", qmp_sock.display()),
+            "--monitor",
+            "chardev=m0",
+            "--run-with",
+            "user=nobody",
+        ],
+        &sock,
+        &dir.path().join("log"),
+    );
+    let mut c = SyncClient::connect(d.socket(), false).unwrap();
+    c.write(0, &[7; 4096]).unwrap();
+    assert_eq!(c.read(0, 4096).unwrap(), vec![7; 4096]);
+    c.flush().unwrap();
+    let all = threads(d.pid());
+    assert!(all.iter().any(|(n, _)| n == "vring_worker"), "{all:?}");
+    for (name, status) in &all {
+        assert_eq!(
+            field(status, "Uid:"),
+            "65534\t65534\t65534\t65534",
+            "{name}"
+        );
+        assert_eq!(
+            field(status, "Gid:"),
+            "65534\t65534\t65534\t65534",
+            "{name}"
+        );
+        assert_eq!(field(status, "Groups:"), "65534", "{name}");
+        assert_eq!(field(status, "Seccomp:"), "2", "{name}");
+    }
+    // What the daemon opens from now on, it opens as nobody.
+    let mut qmp = strata_tests::qmp::Qmp::connect(&qmp_sock);
+    let e = qmp
+        .execute(
+            "blockdev-add",
+            serde_json::json!({"driver": "file", "node-name": "late",
+                               "filename": dir.path().join("disk.img")}),
+        )
+        .unwrap_err();
+    assert!(
+        e["desc"].as_str().unwrap().contains("Permission denied"),
+        "{e}"
+    );
+    drop(c);
+    let (status, log) = d.stop();
+    assert!(status.success(), "{status:?}\n{log}");
+    assert!(
+        log.contains("running as nobody (uid 65534, gid 65534)"),
+        "{log}"
+    );
+}
+
+#[test]
+fn run_with_names_what_it_cannot_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(strata_tests::daemon::strata_bin())
+        .args(["serve", "--socket"])
+        .arg(dir.path().join("vm.sock"))
+        .args(["--run-with", "user=no-such-user-here"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("--run-with") && err.contains("user 'no-such-user-here': no such user"),
+        "{err}"
+    );
+}

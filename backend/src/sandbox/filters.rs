@@ -95,6 +95,12 @@ pub fn daemon() -> Vec<i64> {
     v
 }
 
+/// What a queue thread may try and is told no, rather than being killed
+/// for: glibc's malloc opens /proc/sys/vm/overcommit_memory the first time
+/// it shrinks a thread's arena, which is when a queue thread ends, and
+/// copes when that fails.
+pub const QUEUE_REFUSED: &[(i64, i32)] = &[(SYS_openat, EACCES)];
+
 /// What a queue thread does while it serves a guest: io_uring, eventfds
 /// and epoll, memory, futexes, and the log.
 pub fn queue() -> Vec<i64> {
@@ -136,6 +142,12 @@ pub fn queue() -> Vec<i64> {
         // Raising SIGSYS after reporting a violation, and panics.
         SYS_tgkill,
         SYS_rseq,
+        // --run-with: glibc has every thread change its own credentials.
+        // Only root can change them to anything but its own, so this
+        // gives a thread nothing it does not already have.
+        SYS_setuid,
+        SYS_setgid,
+        SYS_setgroups,
         SYS_exit,
         SYS_exit_group,
         SYS_restart_syscall,

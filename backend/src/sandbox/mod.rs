@@ -3,6 +3,15 @@
 //! and a narrower one for the threads that serve guest requests. See
 //! [`filters`] for the lists. A system call outside them kills the process
 //! with SIGSYS, after the log names it.
+//!
+//! Landlock is not applied yet. Until the kernel's ABI 8
+//! (`LANDLOCK_RESTRICT_SELF_TSYNC`), a ruleset binds only the calling
+//! thread and the threads it starts later, so it must be in force before
+//! the first thread; but which files a qcow2 chain needs is known only
+//! once its headers are read, and opening them can start the offload
+//! pool. The plan: open the command line's images first, then restrict,
+//! then start every thread, with `blockdev-add` limited to directories
+//! the operator names.
 
 use std::cell::Cell;
 use std::collections::BTreeMap;
@@ -53,7 +62,11 @@ pub fn enter_queue_thread() {
     // filter that forbids prctl is not applied yet.
     unsafe { libc::prctl(libc::PR_GET_NAME, comm.as_mut_ptr()) };
     sigsys::QUEUE_THREAD.with(|q| q.set(Some(comm)));
-    if let Err(e) = apply(&filters::queue()) {
+    let queue = filters::queue();
+    let refused: Vec<i64> = filters::QUEUE_REFUSED.iter().map(|&(n, _)| n).collect();
+    // The refusals first: the allow-list forbids adding filters.
+    let res = refuse(filters::QUEUE_REFUSED).and_then(|()| apply(&[queue, refused].concat()));
+    if let Err(e) = res {
         // The daemon-wide filter still holds.
         tracing::error!("cannot narrow a queue thread's seccomp filter: {e:#}");
         return;
@@ -64,20 +77,38 @@ pub fn enter_queue_thread() {
     }
 }
 
+/// Adds a filter that allows `syscalls` and traps the rest.
 fn apply(syscalls: &[i64]) -> anyhow::Result<()> {
-    let rules: BTreeMap<i64, Vec<SeccompRule>> =
-        syscalls.iter().map(|&n| (n, Vec::new())).collect();
-    let arch: TargetArch = std::env::consts::ARCH
-        .try_into()
-        .map_err(|e| anyhow!("seccomp: {e:?}"))?;
     // Development aid: log what the lists miss instead of stopping.
     let miss = if std::env::var_os("STRATA_SANDBOX_LOG_ONLY").is_some() {
         SeccompAction::Log
     } else {
         SeccompAction::Trap
     };
-    let filter = SeccompFilter::new(rules, miss, SeccompAction::Allow, arch)
-        .map_err(|e| anyhow!("seccomp: {e}"))?;
+    install(syscalls, miss, SeccompAction::Allow)
+}
+
+/// Adds a filter that fails each of `calls` with its errno. The kernel
+/// takes the strictest verdict of the stacked filters, so these must be
+/// allowed below, where they would otherwise trap.
+fn refuse(calls: &[(i64, i32)]) -> anyhow::Result<()> {
+    for &(n, errno) in calls {
+        install(
+            &[n],
+            SeccompAction::Allow,
+            SeccompAction::Errno(errno as u32),
+        )?;
+    }
+    Ok(())
+}
+
+fn install(syscalls: &[i64], miss: SeccompAction, hit: SeccompAction) -> anyhow::Result<()> {
+    let rules: BTreeMap<i64, Vec<SeccompRule>> =
+        syscalls.iter().map(|&n| (n, Vec::new())).collect();
+    let arch: TargetArch = std::env::consts::ARCH
+        .try_into()
+        .map_err(|e| anyhow!("seccomp: {e:?}"))?;
+    let filter = SeccompFilter::new(rules, miss, hit, arch).map_err(|e| anyhow!("seccomp: {e}"))?;
     let prog: BpfProgram = filter.try_into().map_err(|e| anyhow!("seccomp: {e:?}"))?;
     seccompiler::apply_filter(&prog).map_err(|e| anyhow!("seccomp: {e}"))
 }
