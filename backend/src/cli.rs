@@ -92,6 +92,12 @@ pub struct ProcessArgs {
     /// open, the daemon drops to this user (and its groups) for good.
     #[arg(long, value_name = "user=NAME", value_parser = crate::run_with::parse)]
     pub run_with: Option<crate::run_with::RunAs>,
+
+    /// With the sandbox on, the daemon reaches only the directories of its
+    /// command line's images, sockets and pid file (Landlock); this adds
+    /// a directory, for images blockdev-add opens later. Repeatable.
+    #[arg(long, value_name = "DIR")]
+    pub sandbox_allow: Vec<PathBuf>,
 }
 
 /// QEMU's on/off switch.

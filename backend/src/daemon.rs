@@ -279,6 +279,14 @@ impl Daemon {
         Ok(())
     }
 
+    /// The host files the graph's nodes name (`filename`).
+    pub fn image_paths(&self) -> Vec<PathBuf> {
+        let v = self.graph.view();
+        v.nodes()
+            .filter_map(|(_, n)| n.options().get("filename")?.as_str().map(PathBuf::from))
+            .collect()
+    }
+
     /// block-export-resume: retries the export's requests held on error.
     pub fn export_resume(&self, id: &str) -> Result<(), QmpError> {
         let exports = self.exports();

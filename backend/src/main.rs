@@ -102,6 +102,15 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
             read_only: args.read_only,
         },
     )?;
+    let mut reach = strata_backend::sandbox::landlock::Reach::default();
+    for p in daemon.image_paths() {
+        reach.image(&p);
+    }
+    reach.dir_of(&args.socket);
+    reach
+        .dirs
+        .extend(args.process.sandbox_allow.iter().cloned());
+    strata_backend::sandbox::confine(reach)?;
     let opts = ExportOptions {
         num_queues: args.num_queues,
         read_only: args.read_only,

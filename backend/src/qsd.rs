@@ -151,6 +151,25 @@ pub fn run(args: QsdArgs) -> anyhow::Result<()> {
                 .blockdev_add(o)
                 .map_err(|e| anyhow!("--blockdev {arg}: {e}"))?;
         }
+        // Landlock: from here on, only the directories of what the
+        // command line names.
+        let mut reach = crate::sandbox::landlock::Reach::default();
+        for p in daemon.image_paths() {
+            reach.image(&p);
+        }
+        for (_, spec) in &exports {
+            reach.dir_of(&spec.path);
+        }
+        for m in &monitors {
+            reach.dir_of(&m.path);
+        }
+        if let Some(p) = &args.pidfile {
+            reach.dir_of(p);
+        }
+        reach
+            .dirs
+            .extend(args.process.sandbox_allow.iter().cloned());
+        crate::sandbox::confine(reach)?;
         for (arg, spec) in exports {
             daemon
                 .export_add(spec)
@@ -186,13 +205,14 @@ pub fn run(args: QsdArgs) -> anyhow::Result<()> {
 }
 
 /// The child's end of `--daemonize`: tells the waiting parent whether the
-/// daemon came up.
-struct Ready(File);
+/// daemon came up. Holds /dev/null, opened before the sandbox would refuse
+/// it, for the daemon's standard descriptors.
+struct Ready(File, File);
 
 impl Ready {
     fn ready(mut self, log: Option<&File>) {
         let _ = self.0.write_all(b"ok");
-        detach_stdio(log);
+        detach_stdio(&self.1, log);
     }
 
     fn fail(mut self, msg: &str) {
@@ -218,7 +238,12 @@ fn daemonize() -> anyhow::Result<Ready> {
             drop(rd);
             // SAFETY: setsid has no memory effects.
             unsafe { libc::setsid() };
-            Ok(Ready(wr))
+            let null = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/null")
+                .context("--daemonize: /dev/null")?;
+            Ok(Ready(wr, null))
         }
         _child => {
             drop(wr);
@@ -239,17 +264,10 @@ fn daemonize() -> anyhow::Result<Ready> {
 /// Once the daemon is up, its stdin is /dev/null and its stdout and
 /// stderr the log file, or /dev/null without one (as qsd's), so that a
 /// caller waiting for the command's output is not kept waiting.
-fn detach_stdio(log: Option<&File>) {
-    let Ok(null) = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/null")
-    else {
-        return;
-    };
+fn detach_stdio(null: &File, log: Option<&File>) {
     use std::os::fd::AsRawFd;
     // SAFETY: dup2 onto our own standard input.
     unsafe { libc::dup2(null.as_raw_fd(), 0) };
-    crate::process::redirect_stdio(log.unwrap_or(&null));
+    crate::process::redirect_stdio(log.unwrap_or(null));
     let _ = std::env::set_current_dir(Path::new("/"));
 }

@@ -13,8 +13,10 @@ pub struct RunAs {
     pub user: String,
     uid: libc::uid_t,
     gid: libc::gid_t,
-    /// Set when a name was given: its groups are taken with initgroups.
-    name: Option<CString>,
+    /// Its groups: the user's in /etc/group for a name, looked up now
+    /// because the sandbox will not let /etc be read later; just the gid
+    /// for UID:GID.
+    groups: Vec<libc::gid_t>,
 }
 
 /// Parses `--run-with`'s value: `user=NAME` or `user=UID:GID`, looked up
@@ -39,7 +41,7 @@ pub fn parse(s: &str) -> Result<RunAs, String> {
             user: user.into(),
             uid,
             gid,
-            name: None,
+            groups: vec![gid],
         });
     }
     let (uid, gid) = lookup(user)?;
@@ -47,8 +49,28 @@ pub fn parse(s: &str) -> Result<RunAs, String> {
         user: user.into(),
         uid,
         gid,
-        name: Some(CString::new(user).map_err(|_| format!("user '{user}' has a NUL byte"))?),
+        groups: groups(user, gid)?,
     })
+}
+
+fn groups(user: &str, gid: libc::gid_t) -> Result<Vec<libc::gid_t>, String> {
+    let c = CString::new(user).map_err(|_| format!("user '{user}' has a NUL byte"))?;
+    let mut n: libc::c_int = 64;
+    loop {
+        let mut list = vec![0 as libc::gid_t; n as usize];
+        let want = n;
+        // SAFETY: list has room for n entries, and n says so.
+        let rc = unsafe { libc::getgrouplist(c.as_ptr(), gid, list.as_mut_ptr(), &mut n) };
+        if rc >= 0 {
+            list.truncate(n as usize);
+            return Ok(list);
+        }
+        // n now holds the count needed; a list that keeps growing is not a
+        // user's.
+        if n <= want || n > 65536 {
+            return Err(format!("user '{user}': cannot list its groups"));
+        }
+    }
 }
 
 fn lookup(user: &str) -> Result<(libc::uid_t, libc::gid_t), String> {
@@ -83,11 +105,7 @@ impl RunAs {
             if libc::setgid(self.gid) != 0 {
                 return Err(std::io::Error::last_os_error()).with_context(what);
             }
-            let groups = match &self.name {
-                Some(n) => libc::initgroups(n.as_ptr(), self.gid),
-                None => libc::setgroups(1, &self.gid),
-            };
-            if groups != 0 {
+            if libc::setgroups(self.groups.len(), self.groups.as_ptr()) != 0 {
                 return Err(std::io::Error::last_os_error()).with_context(what);
             }
             if libc::setuid(self.uid) != 0 {

@@ -190,3 +190,60 @@ fn run_with_names_what_it_cannot_do() {
         "{err}"
     );
 }
+
+#[test]
+fn landlock_keeps_the_daemon_to_the_directories_it_was_given() {
+    let [dir, other, allowed] = [(); 3].map(|()| tempfile::tempdir().unwrap());
+    let img = |d: &tempfile::TempDir, name: &str| {
+        let p = d.path().join(name);
+        std::fs::File::create(&p).unwrap().set_len(1 << 20).unwrap();
+        p
+    };
+    let disk = img(&dir, "disk.img");
+    let (sock, qmp_sock) = (dir.path().join("vm.sock"), dir.path().join("qmp.sock"));
+    let d = Daemon::qsd(
+        &[
+            "--blockdev",
+            &format!("driver=file,node-name=disk,filename={}", disk.display()),
+            "--export",
+            &format!(
+                "type=vhost-user-blk,id=e0,node-name=disk,addr.type=unix,addr.path={}",
+                sock.display()
+            ),
+            "--chardev",
+            &format!(
+                "socket,id=m0,path={},server=on,wait=off",
+                qmp_sock.display()
+            ),
+            "--monitor",
+            "chardev=m0",
+            "--sandbox-allow",
+            allowed.path().to_str().unwrap(),
+        ],
+        &sock,
+        &dir.path().join("log"),
+    );
+    let mut qmp = strata_tests::qmp::Qmp::connect(&qmp_sock);
+    let mut add = |name: &str, path: &std::path::Path| {
+        qmp.execute(
+            "blockdev-add",
+            serde_json::json!({"driver": "file", "node-name": name, "filename": path, "read-only": true}),
+        )
+    };
+    let outside = img(&other, "x.img");
+    let e = add("outside", &outside).unwrap_err();
+    let desc = e["desc"].as_str().unwrap();
+    assert!(
+        desc.contains("Permission denied") && desc.contains(outside.to_str().unwrap()),
+        "{e}"
+    );
+    add("allowed", &img(&allowed, "y.img")).expect("a directory the operator allowed");
+    add("beside", &img(&dir, "z.img")).expect("the image's own directory");
+    let e = add("etc", std::path::Path::new("/etc/hostname")).unwrap_err();
+    assert!(
+        e["desc"].as_str().unwrap().contains("Permission denied"),
+        "{e}"
+    );
+    let (_, log) = d.stop();
+    assert!(log.contains("Landlock fully enforced"), "{log}");
+}

@@ -66,8 +66,12 @@ pub fn daemon() -> Vec<i64> {
         SYS_clone3,
         SYS_set_robust_list,
         SYS_prctl,
-        // Queue threads narrow their own filter.
+        // Queue threads narrow their own filter; the main thread confines
+        // the process with Landlock once the images are open.
         SYS_seccomp,
+        SYS_landlock_create_ruleset,
+        SYS_landlock_add_rule,
+        SYS_landlock_restrict_self,
         SYS_rt_sigaction,
         SYS_rt_sigtimedwait,
         SYS_rt_sigsuspend,

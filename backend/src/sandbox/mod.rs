@@ -4,14 +4,8 @@
 //! [`filters`] for the lists. A system call outside them kills the process
 //! with SIGSYS, after the log names it.
 //!
-//! Landlock is not applied yet. Until the kernel's ABI 8
-//! (`LANDLOCK_RESTRICT_SELF_TSYNC`), a ruleset binds only the calling
-//! thread and the threads it starts later, so it must be in force before
-//! the first thread; but which files a qcow2 chain needs is known only
-//! once its headers are read, and opening them can start the offload
-//! pool. The plan: open the command line's images first, then restrict,
-//! then start every thread, with `blockdev-add` limited to directories
-//! the operator names.
+//! Then, once the command line's images are open, [`landlock`] keeps the
+//! daemon to the directories it works in.
 
 use std::cell::Cell;
 use std::collections::BTreeMap;
@@ -21,6 +15,7 @@ use anyhow::{anyhow, Context as _};
 use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, SeccompRule, TargetArch};
 
 pub mod filters;
+pub mod landlock;
 mod names;
 mod sigsys;
 
@@ -38,13 +33,40 @@ pub fn enter() -> anyhow::Result<()> {
     }
     sigsys::install().context("cannot install the SIGSYS reporter")?;
     apply(&filters::daemon()).context("cannot apply the daemon's seccomp filter")?;
-    strata_runtime::offload::start_pool();
     TEST_VIOLATION.store(
         std::env::var_os("STRATA_TEST_SANDBOX_VIOLATION").is_some(),
         Ordering::Relaxed,
     );
     ON.store(true, Ordering::Relaxed);
     tracing::info!("sandbox on: seccomp filters applied (--sandbox off to disable)");
+    Ok(())
+}
+
+/// Once the command line's images are open and before any other thread
+/// starts: confines the process to `reach` with Landlock, then starts the
+/// offload pool, so that its threads are confined too. Does nothing with
+/// the sandbox off.
+pub fn confine(mut reach: landlock::Reach) -> anyhow::Result<()> {
+    if !ON.load(Ordering::Relaxed) {
+        return Ok(());
+    }
+    for paths in [&mut reach.dirs, &mut reach.files] {
+        paths.sort();
+        paths.dedup();
+    }
+    let reach = &reach;
+    let how = landlock::confine(reach)?;
+    tracing::info!(
+        "sandbox: Landlock {how}: files only under {}",
+        reach
+            .dirs
+            .iter()
+            .chain(&reach.files)
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    strata_runtime::offload::start_pool();
     Ok(())
 }
 
