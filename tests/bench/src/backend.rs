@@ -13,6 +13,8 @@ use anyhow::{bail, Context as _};
 pub enum Kind {
     /// This project.
     Strata,
+    /// This project with `--sandbox off`, to price the sandbox.
+    StrataSandboxOff,
     /// qemu-storage-daemon, the reference.
     Qsd,
 }
@@ -22,6 +24,7 @@ impl Kind {
     pub fn name(self) -> &'static str {
         match self {
             Kind::Strata => "strata",
+            Kind::StrataSandboxOff => "strata-nosandbox",
             Kind::Qsd => "qsd",
         }
     }
@@ -68,6 +71,9 @@ impl Backend {
             export.push_str(",iothread=io0");
         }
         cmd.arg("--export").arg(export);
+        if kind == Kind::StrataSandboxOff {
+            cmd.args(["--sandbox", "off"]);
+        }
         let out = File::create(&log)?;
         let child = cmd
             .env("RUST_LOG", "warn")

@@ -6,6 +6,7 @@ mod chart;
 mod idle;
 mod load;
 mod report;
+mod sandbox_cost;
 mod scaling;
 mod suite;
 mod target;
@@ -65,6 +66,9 @@ struct Args {
     /// Skip the multi-queue scaling measurement.
     #[arg(long)]
     no_scaling: bool,
+    /// Skip the sandbox's cost (Strata with --sandbox on against off).
+    #[arg(long)]
+    no_sandbox: bool,
     /// Drive an already running backend at this vhost-user socket with one
     /// load (--depth, --write, --poll, --secs) and print what it did; for
     /// profiling.
@@ -169,8 +173,21 @@ fn main() -> anyhow::Result<()> {
         Some(scaling::run(&plan, &mut |line| eprintln!("{line}"))?)
     };
 
+    let sandbox = if args.no_sandbox || args.smoke {
+        None
+    } else {
+        Some(sandbox_cost::run(&plan, &mut |line| eprintln!("{line}"))?)
+    };
+
     let date = date();
-    let section = report::markdown(&plan, &cells, idle.as_ref(), scaling.as_ref(), &date);
+    let section = report::markdown(
+        &plan,
+        &cells,
+        idle.as_ref(),
+        scaling.as_ref(),
+        sandbox.as_ref(),
+        &date,
+    );
     println!("{section}");
     let doc = std::fs::read_to_string(&markdown).unwrap_or_else(|_| "# Benchmarks\n".into());
     std::fs::write(&markdown, report::splice(&doc, &section))

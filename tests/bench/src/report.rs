@@ -4,6 +4,7 @@
 use std::fmt::Write as _;
 
 use crate::idle::Idle;
+use crate::sandbox_cost::SandboxCost;
 use crate::scaling::{self, Scaling};
 use crate::suite::{Cell, Plan, Workload};
 use crate::target::Target;
@@ -64,6 +65,7 @@ pub fn markdown(
     cells: &[Cell],
     idle: Option<&IdlePair>,
     scaling: Option<&Scaling>,
+    sandbox: Option<&SandboxCost>,
     date: &str,
 ) -> String {
     let mut s = String::new();
@@ -178,7 +180,27 @@ pub fn markdown(
         }
     }
 
-    let goals = goals(cells, idle, scaling);
+    if let Some(sb) = sandbox {
+        let _ = writeln!(
+            s,
+            "\nThe sandbox's cost: Strata with `--sandbox on` (the default: seccomp filters on \
+             every thread) and `--sandbox off`, null target, random reads, in the same run.\n"
+        );
+        let _ = writeln!(s, "| workload | IOPS on | IOPS off | cost |");
+        let _ = writeln!(s, "|---|--:|--:|--:|");
+        for (w, on, off) in &sb.cells {
+            let _ = writeln!(
+                s,
+                "| {} | {:.0} | {:.0} | **{:.1}%** |",
+                w.label(),
+                on.iops,
+                off.iops,
+                (1.0 - on.iops / off.iops) * 100.0
+            );
+        }
+    }
+
+    let goals = goals(cells, idle, scaling, sandbox);
     if !goals.is_empty() {
         let _ = writeln!(s, "\n| target | goal | measured | met |");
         let _ = writeln!(s, "|---|---|--:|---|");
@@ -214,7 +236,12 @@ pub struct Goal {
 }
 
 /// The goals of the performance issue that this run measured.
-pub fn goals(cells: &[Cell], idle: Option<&IdlePair>, scaling: Option<&Scaling>) -> Vec<Goal> {
+pub fn goals(
+    cells: &[Cell],
+    idle: Option<&IdlePair>,
+    scaling: Option<&Scaling>,
+    sandbox: Option<&SandboxCost>,
+) -> Vec<Goal> {
     let read = |depth, poll| Workload {
         write: false,
         depth,
@@ -308,6 +335,15 @@ pub fn goals(cells: &[Cell], idle: Option<&IdlePair>, scaling: Option<&Scaling>)
             ">= 1.80",
             r,
             r >= 1.8,
+        );
+    }
+    if let Some(sb) = sandbox {
+        let pct = sb.worst_pct();
+        push(
+            "sandbox cost, null randread QD32 (% of IOPS)".into(),
+            "<= 3",
+            pct,
+            pct <= 3.0,
         );
     }
     out

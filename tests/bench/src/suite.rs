@@ -142,7 +142,7 @@ pub fn run(plan: &Plan, progress: &mut dyn FnMut(&str)) -> anyhow::Result<Vec<Ce
 }
 
 /// One run of one backend on one cell, on a freshly started daemon.
-fn one(
+pub fn one(
     plan: &Plan,
     target: Target,
     workload: Workload,
