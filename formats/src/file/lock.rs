@@ -179,15 +179,22 @@ impl ImageLock {
     }
 
     /// First phase of a change to `want`: takes it on top of what is held,
-    /// so nothing is let go before the change commits.
+    /// so nothing is let go before the change commits. A change that asks
+    /// for no permission it does not hold, and shares no less, is not
+    /// checked again: what it wants is held already, and another process
+    /// that claims a conflicting byte meanwhile backs off by its own check
+    /// (as QEMU's file-posix does on reopen).
     pub fn prepare(&self, want: LockSet) -> Result<(), LockError> {
-        self.inode
-            .lock_state()
-            .holders
-            .entry(self.id)
-            .or_default()
-            .1 = Some(want);
+        let held = {
+            let mut st = self.inode.lock_state();
+            let h = st.holders.entry(self.id).or_default();
+            h.1 = Some(want);
+            h.0
+        };
         self.inode.apply()?;
+        if held.need.contains(want.need) && held.unshared.contains(want.unshared) {
+            return Ok(());
+        }
         self.inode.check(self.id, want)
     }
 

@@ -319,3 +319,49 @@ fn two_nodes_of_one_process_conflict_but_a_reopen_does_not() {
     drop(next);
     assert_eq!(locked(tmp.path()), Vec::<u64>::new());
 }
+
+/// Another process's claim on `byte` (a shared OFD lock on its own open
+/// file description), as qemu-io takes one for a moment before it sees the
+/// conflict and backs off.
+fn claim(path: &std::path::Path, byte: i64) -> std::fs::File {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(path).unwrap();
+    // SAFETY: flock is plain old data; all-zero is a valid value.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = libc::F_RDLCK as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    fl.l_start = byte;
+    fl.l_len = 1;
+    // SAFETY: a valid flock for the call, on our own descriptor.
+    assert_eq!(
+        unsafe { libc::fcntl(f.as_raw_fd(), libc::F_OFD_SETLK, &fl) },
+        0
+    );
+    f
+}
+
+#[test]
+fn a_change_that_asks_for_nothing_new_ignores_a_passing_claim() {
+    let (tmp, node) = node_with(&[0; 4096], false, false);
+    node.prepare_perm(SlotPerm::user(true)).unwrap();
+    node.commit_perm();
+    // Someone claims "write" (byte 101), which this node does not share.
+    let other = claim(tmp.path(), 101);
+    // The same permissions again (a reopen): nothing new to check.
+    node.prepare_perm(SlotPerm::user(true))
+        .expect("no new permission, so no new conflict");
+    node.commit_perm();
+    // Fewer permissions: still nothing new.
+    node.prepare_perm(SlotPerm::user(false)).unwrap();
+    node.abort_perm();
+    drop(other);
+    // A new permission is still checked: a reader that now asks to write
+    // meets someone who does not share writing (byte 201).
+    let (tmp2, reader) = node_with(&[0; 4096], false, false);
+    reader.prepare_perm(SlotPerm::user(false)).unwrap();
+    reader.commit_perm();
+    let other = claim(tmp2.path(), 201);
+    let err = reader.prepare_perm(SlotPerm::user(true)).err();
+    assert!(err.is_some(), "a new permission meets the claim");
+    drop(other);
+}
