@@ -333,10 +333,8 @@ fn claim(path: &std::path::Path, byte: i64) -> std::fs::File {
     fl.l_start = byte;
     fl.l_len = 1;
     // SAFETY: a valid flock for the call, on our own descriptor.
-    assert_eq!(
-        unsafe { libc::fcntl(f.as_raw_fd(), libc::F_OFD_SETLK, &fl) },
-        0
-    );
+    let rc = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_OFD_SETLK, &fl) };
+    assert_eq!(rc, 0);
     f
 }
 
