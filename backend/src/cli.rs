@@ -401,6 +401,13 @@ pub struct ServeArgs {
     #[arg(long, short = 's', value_name = "PATH")]
     pub socket: PathBuf,
 
+    /// Also serve a QMP monitor on this unix socket (query the disk, run
+    /// jobs, resume requests held on error). With one, a request that
+    /// fails for lack of space is held until `block-export-resume`, as
+    /// qemu-storage-daemon's exports default to; without, it fails.
+    #[arg(long, value_name = "PATH")]
+    pub qmp: Option<PathBuf>,
+
     /// How the daemon runs as a process.
     #[command(flatten)]
     pub process: ProcessArgs,

@@ -107,6 +107,9 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         reach.image(&p);
     }
     reach.dir_of(&args.socket);
+    if let Some(q) = &args.qmp {
+        reach.dir_of(q);
+    }
     reach
         .dirs
         .extend(args.process.sandbox_allow.iter().cloned());
@@ -117,8 +120,11 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         serial: args.serial,
         writeback: !args.writethrough,
         poll_max_ns: args.poll_max_ns,
-        // Nothing could resume a held request: `serve` has no monitor.
-        on_error: strata_backend::on_error::OnError::Report,
+        // Without a monitor, nothing could resume a held request.
+        on_error: match args.qmp {
+            Some(_) => strata_backend::on_error::OnError::Enospc,
+            None => strata_backend::on_error::OnError::Report,
+        },
         ..ExportOptions::new("vhost-user-blk0")
     };
     daemon
@@ -129,6 +135,9 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
             iothread: None,
         })
         .map_err(|e| anyhow::anyhow!("{e}"))?;
+    if let Some(q) = &args.qmp {
+        strata_backend::qmp::server::start_monitor(Arc::clone(&daemon), q, false)?;
+    }
     if let Some(user) = &args.process.run_with {
         user.drop_privileges()?;
     }

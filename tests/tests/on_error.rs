@@ -72,7 +72,34 @@ fn export_status(qmp: &mut Qmp) -> (String, u64) {
 fn writes_to_a_full_volume_wait_until_it_grows_and_the_export_resumes() {
     let dir = tempfile::tempdir().unwrap();
     let (fs, img) = small_volume(dir.path(), "8M");
-    let (d, mut qmp) = serve(dir.path(), &img, "");
+    let (d, qmp) = serve(dir.path(), &img, "");
+    fill_grow_resume(d, qmp, &fs, &img, "e0");
+}
+
+#[test]
+fn strata_serve_with_a_monitor_holds_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let (fs, img) = small_volume(dir.path(), "8M");
+    let qmp_sock = dir.path().join("qmp.sock");
+    let d = Daemon::serve(
+        &[
+            img.to_str().unwrap(),
+            "--format",
+            "qcow2",
+            "--qmp",
+            qmp_sock.to_str().unwrap(),
+        ],
+        &dir.path().join("vhost.sock"),
+        &dir.path().join("log"),
+    );
+    let qmp = Qmp::connect(&qmp_sock);
+    fill_grow_resume(d, qmp, &fs, &img, "vhost-user-blk0");
+}
+
+/// Writes 16 MiB to a disk whose volume holds less: the writes that do not
+/// fit are held; a reopen still drains; growing the volume and resuming
+/// export `id` completes them all, and the image is clean.
+fn fill_grow_resume(d: Daemon, mut qmp: Qmp, fs: &Tmpfs, img: &Path, id: &str) {
     let sock = d.socket().to_owned();
     let writer = std::thread::spawn(move || {
         let mut c = SyncClient::connect(&sock, false).unwrap();
@@ -88,8 +115,7 @@ fn writes_to_a_full_volume_wait_until_it_grows_and_the_export_resumes() {
             );
         }
     });
-    let ev = qmp.wait_event("BLOCK_IO_ERROR", "id", "e0", Duration::from_secs(30));
-    assert_eq!(ev["node-name"], "disk", "{ev}");
+    let ev = qmp.wait_event("BLOCK_IO_ERROR", "id", id, Duration::from_secs(30));
     assert_eq!(ev["operation"], "write", "{ev}");
     assert_eq!(ev["action"], "stop", "{ev}");
     assert_eq!(ev["nospace"], true, "{ev}");
@@ -99,16 +125,26 @@ fn writes_to_a_full_volume_wait_until_it_grows_and_the_export_resumes() {
     assert!(held >= 1, "{held} requests held");
 
     // A held request is not in flight: a graph edit still drains.
+    let node = ev["node-name"].as_str().unwrap();
+    let nodes = qmp.execute("query-named-block-nodes", json!({})).unwrap();
+    let file = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node-name"] == node)
+        .and_then(|n| n["children"][0]["node-name"].as_str())
+        .unwrap_or_else(|| panic!("{node}'s file child in {nodes}"))
+        .to_owned();
     qmp.execute(
         "blockdev-reopen",
-        json!({"options": [{"driver": "qcow2", "node-name": "disk", "file": "file"}]}),
+        json!({"options": [{"driver": "qcow2", "node-name": node, "file": file}]}),
     )
     .expect("a reopen while a request is held");
     std::thread::sleep(Duration::from_millis(500));
     assert!(!writer.is_finished(), "the held write has not completed");
 
     fs.resize("128M");
-    qmp.execute("block-export-resume", json!({"id": "e0"}))
+    qmp.execute("block-export-resume", json!({"id": id}))
         .unwrap();
     writer
         .join()
@@ -116,7 +152,7 @@ fn writes_to_a_full_volume_wait_until_it_grows_and_the_export_resumes() {
     assert_eq!(export_status(&mut qmp), ("ok".to_owned(), 0));
     let (_, log) = d.stop();
     assert!(log.contains("held until the export is resumed"), "{log}");
-    let (code, out) = strata_tests::qemu::check(&img);
+    let (code, out) = strata_tests::qemu::check(img);
     assert_eq!(code, 0, "qemu-img check:\n{out}");
 }
 
