@@ -126,9 +126,16 @@ impl ErrorHold {
     }
 
     /// Records a failure and decides on it: true when the request is held.
-    /// Every held request, and every reported one `report` lets through,
-    /// becomes a BLOCK_IO_ERROR event.
-    pub fn failed(&self, export: &str, node: &str, op: IoOp, e: &BlockError, report: bool) -> bool {
+    /// Every held request becomes a BLOCK_IO_ERROR event, and so does a
+    /// reported one when `report` (a rate limit) lets it through.
+    pub fn failed(
+        &self,
+        export: &str,
+        node: &str,
+        op: IoOp,
+        e: &BlockError,
+        report: impl FnOnce() -> bool,
+    ) -> bool {
         let hold = self.policy.holds(e);
         let errno = os_error(e);
         let nospace = errno == Some(libc::ENOSPC);
@@ -143,7 +150,7 @@ impl ErrorHold {
                 };
             }
         }
-        if hold || report {
+        if hold || report() {
             self.events.emit(
                 "BLOCK_IO_ERROR",
                 event_data(
@@ -239,7 +246,7 @@ mod tests {
     #[test]
     fn a_hold_sets_the_status_and_a_resume_clears_it() {
         let h = ErrorHold::new(OnError::Enospc, Arc::new(strata_graph::NoEvents));
-        assert!(h.failed("e", "n", IoOp::Write, &enospc(), false));
+        assert!(h.failed("e", "n", IoOp::Write, &enospc(), || false));
         assert_eq!((h.held(), h.status()), (1, IoStatus::NoSpace));
         let before = h.resumes();
         h.resume();

@@ -62,6 +62,44 @@ impl Daemon {
         Self::run(args, socket, log)
     }
 
+    /// `strata` on qemu-storage-daemon's command line, in `dir`: the
+    /// `blockdevs`, a vhost-user-blk export on `dir/vhost.sock` (`export`
+    /// gives its id, node and options), a QMP monitor on `dir/qmp.sock`,
+    /// and `extra` arguments. Logs to `dir/log`; returns the daemon once it
+    /// listens, and a monitor session.
+    pub fn qsd_with_monitor(
+        dir: &Path,
+        blockdevs: &[&str],
+        export: &str,
+        extra: &[&str],
+    ) -> (Daemon, crate::qmp::Qmp) {
+        let (sock, qmp_sock) = (dir.join("vhost.sock"), dir.join("qmp.sock"));
+        let export = format!(
+            "type=vhost-user-blk,{export},addr.type=unix,addr.path={}",
+            sock.display()
+        );
+        let chardev = format!(
+            "socket,id=m0,path={},server=on,wait=off",
+            qmp_sock.display()
+        );
+        let mut args: Vec<&str> = Vec::new();
+        for b in blockdevs {
+            args.extend(["--blockdev", b]);
+        }
+        args.extend([
+            "--export",
+            &export,
+            "--chardev",
+            &chardev,
+            "--monitor",
+            "chardev=m0",
+        ]);
+        args.extend_from_slice(extra);
+        let d = Self::qsd(&args, &sock, &dir.join("log"));
+        let qmp = crate::qmp::Qmp::connect(&qmp_sock);
+        (d, qmp)
+    }
+
     /// As [`serve`](Self::serve), with `env` set for the daemon.
     pub fn serve_with_env(
         args: &[&str],

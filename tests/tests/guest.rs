@@ -559,30 +559,16 @@ fn a_volume_that_fills_under_fio_is_grown_and_resumed_without_a_guest_error() {
         "qemu-img",
         &["create", "-q", "-f", "qcow2", img.to_str().unwrap(), "128M"],
     );
-    let (sock, qmp_sock) = (d.join("vm.sock"), d.join("qmp.sock"));
-    let daemon = Daemon::qsd(
+    let (daemon, mut qmp) = Daemon::qsd_with_monitor(
+        d,
         &[
-            "--blockdev",
             &format!("driver=file,node-name=file,filename={}", img.display()),
-            "--blockdev",
             "driver=qcow2,node-name=disk,file=file",
-            "--export",
-            &format!(
-                "type=vhost-user-blk,id=vda,node-name=disk,writable=on,addr.type=unix,addr.path={}",
-                sock.display()
-            ),
-            "--chardev",
-            &format!(
-                "socket,id=m0,path={},server=on,wait=off",
-                qmp_sock.display()
-            ),
-            "--monitor",
-            "chardev=m0",
         ],
-        &sock,
-        &d.join("strata.log"),
+        "id=vda,node-name=disk,writable=on",
+        &[],
     );
-    let mut qmp = Qmp::connect(&qmp_sock);
+    let (sock, qmp_sock) = (daemon.socket().to_owned(), d.join("qmp.sock"));
     let mut operator = None;
     let run = boot_watching(&sock, 1, "fio-fill", BOOT_TIMEOUT, &mut |line| {
         if !line.starts_with("STRATA fio-running") || operator.is_some() {

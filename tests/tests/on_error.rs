@@ -17,32 +17,15 @@ const MIB: u64 = 1 << 20;
 /// Serves `img` (qcow2) through the qsd command line, with `export_opts`
 /// added to the export.
 fn serve(dir: &Path, img: &Path, export_opts: &str) -> (Daemon, Qmp) {
-    let sock = dir.join("vhost.sock");
-    let qmp_sock = dir.join("qmp.sock");
-    let d = Daemon::qsd(
+    Daemon::qsd_with_monitor(
+        dir,
         &[
-            "--blockdev",
             &format!("driver=file,node-name=file,filename={}", img.display()),
-            "--blockdev",
             "driver=qcow2,node-name=disk,file=file",
-            "--export",
-            &format!(
-                "type=vhost-user-blk,id=e0,node-name=disk,writable=on,addr.type=unix,addr.path={}{export_opts}",
-                sock.display()
-            ),
-            "--chardev",
-            &format!(
-                "socket,id=m0,path={},server=on,wait=off",
-                qmp_sock.display()
-            ),
-            "--monitor",
-            "chardev=m0",
         ],
-        &sock,
-        &dir.join("log"),
-    );
-    let qmp = Qmp::connect(&qmp_sock);
-    (d, qmp)
+        &format!("id=e0,node-name=disk,writable=on{export_opts}"),
+        &[],
+    )
 }
 
 /// A 64 MiB qcow2 image on a tmpfs that holds `size`.

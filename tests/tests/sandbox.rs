@@ -106,31 +106,20 @@ fn sandbox_off_applies_no_filter() {
 #[test]
 fn run_with_drops_every_thread_to_the_user_once_the_disk_is_open() {
     let dir = tempfile::tempdir().unwrap();
-    let (sock, qmp_sock) = (dir.path().join("vm.sock"), dir.path().join("qmp.sock"));
     // Root's alone, as the tempdir is: the daemon opens it before it drops.
     let image = dir.path().join("disk.img");
     std::fs::File::create(&image)
         .unwrap()
         .set_len(16 << 20)
         .unwrap();
-    let d = Daemon::qsd(
-        &[
-            "--blockdev",
-            &format!("driver=file,node-name=disk,filename={}", image.display()),
-            "--export",
-            &format!(
-                "type=vhost-user-blk,id=e0,node-name=disk,writable=on,num-queues=2,addr.type=unix,addr.path={}",
-                sock.display()
-            ),
-            "--chardev",
-            &format!("socket,id=m0,path={},server=on,wait=off", qmp_sock.display()),
-            "--monitor",
-            "chardev=m0",
-            "--run-with",
-            "user=nobody",
-        ],
-        &sock,
-        &dir.path().join("log"),
+    let (d, mut qmp) = Daemon::qsd_with_monitor(
+        dir.path(),
+        &[&format!(
+            "driver=file,node-name=disk,filename={}",
+            image.display()
+        )],
+        "id=e0,node-name=disk,writable=on,num-queues=2",
+        &["--run-with", "user=nobody"],
     );
     let mut c = SyncClient::connect(d.socket(), false).unwrap();
     c.write(0, &[7; 4096]).unwrap();
@@ -153,7 +142,6 @@ fn run_with_drops_every_thread_to_the_user_once_the_disk_is_open() {
         assert_eq!(field(status, "Seccomp:"), "2", "{name}");
     }
     // What the daemon opens from now on, it opens as nobody.
-    let mut qmp = strata_tests::qmp::Qmp::connect(&qmp_sock);
     let e = qmp
         .execute(
             "blockdev-add",
@@ -200,30 +188,15 @@ fn landlock_keeps_the_daemon_to_the_directories_it_was_given() {
         p
     };
     let disk = img(&dir, "disk.img");
-    let (sock, qmp_sock) = (dir.path().join("vm.sock"), dir.path().join("qmp.sock"));
-    let d = Daemon::qsd(
-        &[
-            "--blockdev",
-            &format!("driver=file,node-name=disk,filename={}", disk.display()),
-            "--export",
-            &format!(
-                "type=vhost-user-blk,id=e0,node-name=disk,addr.type=unix,addr.path={}",
-                sock.display()
-            ),
-            "--chardev",
-            &format!(
-                "socket,id=m0,path={},server=on,wait=off",
-                qmp_sock.display()
-            ),
-            "--monitor",
-            "chardev=m0",
-            "--sandbox-allow",
-            allowed.path().to_str().unwrap(),
-        ],
-        &sock,
-        &dir.path().join("log"),
+    let (d, mut qmp) = Daemon::qsd_with_monitor(
+        dir.path(),
+        &[&format!(
+            "driver=file,node-name=disk,filename={}",
+            disk.display()
+        )],
+        "id=e0,node-name=disk",
+        &["--sandbox-allow", allowed.path().to_str().unwrap()],
     );
-    let mut qmp = strata_tests::qmp::Qmp::connect(&qmp_sock);
     let mut add = |name: &str, path: &std::path::Path| {
         qmp.execute(
             "blockdev-add",

@@ -40,32 +40,15 @@ impl Drop for FailingDisk {
 }
 
 fn serve(dir: &Path, format: &str, dev: &str) -> (Daemon, Qmp) {
-    let sock = dir.join("vhost.sock");
-    let qmp_sock = dir.join("qmp.sock");
-    let d = Daemon::qsd(
+    Daemon::qsd_with_monitor(
+        dir,
         &[
-            "--blockdev",
             &format!("driver=host_device,node-name=dev,filename={dev}"),
-            "--blockdev",
             &format!("driver={format},node-name=disk,file=dev"),
-            "--export",
-            &format!(
-                "type=vhost-user-blk,id=e0,node-name=disk,writable=on,addr.type=unix,addr.path={}",
-                sock.display()
-            ),
-            "--chardev",
-            &format!(
-                "socket,id=m0,path={},server=on,wait=off",
-                qmp_sock.display()
-            ),
-            "--monitor",
-            "chardev=m0",
         ],
-        &sock,
-        &dir.join("log"),
-    );
-    let qmp = Qmp::connect(&qmp_sock);
-    (d, qmp)
+        "id=e0,node-name=disk,writable=on",
+        &[],
+    )
 }
 
 /// Writes 16 MiB in 1 MiB pieces from `at`: more than the device can hold.

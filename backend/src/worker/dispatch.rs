@@ -76,7 +76,7 @@ impl QueueCtx {
         };
         let export = &self.export;
         let hold = export.error_hold();
-        let report = !hold.policy().holds(e) && self.reported.borrow_mut().check().is_some();
+        let report = || self.reported.borrow_mut().check().is_some();
         let held = hold.failed(&export.options().id, &export.node_name(), op, e, report);
         if held {
             self.warn(format_args!(
