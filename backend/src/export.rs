@@ -16,6 +16,7 @@ use strata_runtime::reactor::block_on;
 
 use crate::on_error::{ErrorHold, OnError};
 use crate::queue::Queues;
+use crate::vhost_user::Channel;
 use crate::virtio::config::BlkConfig;
 use crate::virtio::request::Limits;
 
@@ -134,6 +135,8 @@ pub struct Export {
     queues: Mutex<Option<Arc<Queues>>>,
     /// Requests held on error (`on-error`).
     hold: ErrorHold,
+    /// The connected frontend's backend-request channel, if it gave one.
+    channel: Mutex<Option<Arc<Channel>>>,
 }
 
 impl Export {
@@ -203,6 +206,7 @@ impl Export {
             paused: AtomicU32::new(0),
             queues: Mutex::new(None),
             hold,
+            channel: Mutex::new(None),
         });
         graph.register_quiesce(
             &export.opts.id,
@@ -290,6 +294,11 @@ impl Export {
     /// Records the connected frontend's queues (or that none is).
     pub fn set_queues(&self, queues: Option<Arc<Queues>>) {
         *self.queues.lock().unwrap_or_else(|e| e.into_inner()) = queues;
+    }
+
+    /// Records the connected frontend's backend-request channel.
+    pub fn set_channel(&self, channel: Option<Arc<Channel>>) {
+        *self.channel.lock().unwrap_or_else(|e| e.into_inner()) = channel;
     }
 
     /// Before a stop: takes no more requests, and waits (up to `timeout`)

@@ -3,7 +3,6 @@
 
 pub mod cli;
 pub mod daemon;
-pub mod device;
 pub mod events;
 pub mod export;
 #[cfg(any(test, fuzzing))]
@@ -24,5 +23,6 @@ pub mod sandbox;
 pub mod serve;
 pub mod signals;
 pub mod socket;
+pub mod vhost_user;
 pub mod virtio;
 mod worker;

@@ -2,6 +2,7 @@
 //! until it leaves, accept the next (a VM reboot or restart), until stopped.
 
 use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -9,32 +10,30 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use vhost::vhost_user::{Error as VhostUserError, Listener};
-use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
-use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vhost::vhost_user::Listener;
 
-use crate::device::BlkDevice;
 use crate::export::Export;
+use crate::vhost_user::serve_one;
 
 /// How long a stop lets the guest's requests in flight finish and reach
 /// it before the connection goes.
 const STOP_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long the workers of a connection that ended get to tear down.
-const TEARDOWN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Asks a serving loop to finish: the current frontend is disconnected and
 /// its in-flight requests complete.
 #[derive(Clone, Default)]
 pub(crate) struct StopHandle {
     stop: Arc<AtomicBool>,
-    conn: Arc<Mutex<Option<ShutdownHandle>>>,
+    /// The connected frontend's socket: shutting it down ends the
+    /// connection's request loop.
+    conn: Arc<Mutex<Option<UnixStream>>>,
 }
 
 impl StopHandle {
     fn stop(&self) {
         self.stop.store(true, Ordering::SeqCst);
         if let Some(conn) = self.conn.lock().unwrap_or_else(|e| e.into_inner()).take() {
-            conn.shutdown();
+            let _ = conn.shutdown(std::net::Shutdown::Both);
         }
     }
 
@@ -42,7 +41,7 @@ impl StopHandle {
         self.stop.load(Ordering::SeqCst)
     }
 
-    fn set_connection(&self, conn: Option<ShutdownHandle>) {
+    pub(crate) fn set_connection(&self, conn: Option<UnixStream>) {
         *self.conn.lock().unwrap_or_else(|e| e.into_inner()) = conn;
         // A stop that raced with the connection must still end it.
         if self.requested() {
@@ -144,77 +143,6 @@ fn serve(mut listener: Listener, export: &Arc<Export>, stop: &StopHandle) {
         }
     }
     tracing::info!("export '{id}': stopped");
-}
-
-/// Serves one frontend connection until it ends.
-pub(crate) fn serve_one(
-    listener: &mut Listener,
-    export: &Arc<Export>,
-    stop: &StopHandle,
-) -> anyhow::Result<()> {
-    let id = &export.options().id;
-    let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-    let dev =
-        BlkDevice::new(Arc::clone(export), mem.clone()).context("cannot set up the device")?;
-    let daemon = VhostUserDaemon::new(format!("strata-{id}"), dev.clone(), mem)
-        .map_err(|e| anyhow::anyhow!("cannot start the device's workers: {e}"))?;
-    let mut workers = Workers {
-        daemon: Some(daemon),
-        queues: Arc::clone(dev.queues()),
-        id: id.clone(),
-    };
-    let daemon = workers.daemon.as_mut().expect("set above");
-    dev.register_listeners(&daemon.get_epoll_handlers())
-        .context("cannot register the device's eventfds")?;
-    daemon
-        .start(listener)
-        .map_err(|e| anyhow::anyhow!("frontend connection failed: {e}"))?;
-    export.set_queues(Some(Arc::clone(dev.queues())));
-    stop.set_connection(daemon.shutdown_handle());
-    tracing::info!("export '{id}': frontend connected");
-    let res = daemon.wait();
-    stop.set_connection(None);
-    drop(workers);
-    export.set_queues(None);
-    match res {
-        Ok(())
-        | Err(vhost_user_backend::Error::HandleRequest(
-            VhostUserError::Disconnected | VhostUserError::PartialMessage,
-        )) => tracing::info!("export '{id}': frontend disconnected"),
-        Err(e) => tracing::warn!("export '{id}': frontend connection ended: {e}"),
-    }
-    tracing::info!(
-        "export '{id}': requests completed per queue: {:?}",
-        dev.queues().completed()
-    );
-    if let Err(e) = export.flush_blocking() {
-        tracing::error!("export '{id}': flush after disconnect failed: {e}");
-    }
-    Ok(())
-}
-
-/// A connection's worker threads. However serving the connection ends,
-/// each worker tears down on its own thread (nothing more reaches the
-/// rings, and the kernel lets go of guest memory before it is unmapped),
-/// its epoll loop ends, and the threads are joined.
-struct Workers {
-    daemon: Option<VhostUserDaemon<BlkDevice>>,
-    queues: Arc<crate::queue::Queues>,
-    id: String,
-}
-
-impl Drop for Workers {
-    fn drop(&mut self) {
-        match self.queues.exit_all(TEARDOWN_TIMEOUT) {
-            Ok(()) => drop(self.daemon.take()),
-            Err(e) => {
-                // Joining a worker that never tore down would hang this
-                // thread, and with it the export: leave it behind instead.
-                tracing::error!("export '{}': {e}; leaving its threads behind", self.id);
-                std::mem::forget(self.daemon.take());
-            }
-        }
-    }
 }
 
 /// Waits up to 200 ms for a connection, so a stop request is noticed.

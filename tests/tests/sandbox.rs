@@ -56,7 +56,7 @@ fn every_thread_of_a_serving_daemon_is_under_seccomp() {
     c.write(0, &[1; 4096]).unwrap();
     assert_eq!(c.read(0, 4096).unwrap(), vec![1; 4096]);
     let all = threads(d.pid());
-    let queues = all.iter().filter(|(n, _)| n == "vring_worker").count();
+    let queues = all.iter().filter(|(n, _)| n.starts_with("queue-")).count();
     assert_eq!(queues, 2, "{all:?}");
     for (name, status) in &all {
         assert_eq!(field(status, "Seccomp:"), "2", "thread {name}");
@@ -84,7 +84,7 @@ fn a_forbidden_system_call_on_a_queue_thread_ends_the_daemon_with_sigsys() {
     let (status, log) = d.wait_exit(Duration::from_secs(30));
     assert_eq!(status.signal(), Some(libc::SIGSYS), "{status:?}\n{log}");
     assert!(
-        log.contains("sandbox violation: system call socket (41) on thread 'vring_worker'"),
+        log.contains("sandbox violation: system call socket (41) on thread 'queue-0'"),
         "{log}"
     );
 }
@@ -126,7 +126,7 @@ fn run_with_drops_every_thread_to_the_user_once_the_disk_is_open() {
     assert_eq!(c.read(0, 4096).unwrap(), vec![7; 4096]);
     c.flush().unwrap();
     let all = threads(d.pid());
-    assert!(all.iter().any(|(n, _)| n == "vring_worker"), "{all:?}");
+    assert!(all.iter().any(|(n, _)| n.starts_with("queue-")), "{all:?}");
     for (name, status) in &all {
         assert_eq!(
             field(status, "Uid:"),

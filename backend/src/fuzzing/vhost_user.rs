@@ -249,7 +249,7 @@ pub fn vhost_user_messages(data: &[u8]) {
     };
     let _ = input.byte();
     let stop = crate::serve::StopHandle::default();
-    if let Err(e) = crate::serve::serve_one(&mut listener, &export, &stop) {
+    if let Err(e) = crate::vhost_user::serve_one(&mut listener, &export, &stop) {
         tracing::debug!("fuzz connection: {e:#}");
     }
     client.join().expect("the client did not panic");

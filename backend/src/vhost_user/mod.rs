@@ -1,0 +1,19 @@
+//! Strata's vhost-user control plane, on the vhost crate's message layer.
+//!
+//! vhost-user-backend's daemon refuses the inflight region and cannot send
+//! the frontend backend requests (a config change), so the requests are
+//! handled here; vhost-user-backend still provides the vring type.
+
+mod channel;
+mod connection;
+mod handler;
+mod queue_thread;
+
+pub use channel::Channel;
+pub(crate) use connection::serve_one;
+pub use handler::{protocol_features, MAX_QUEUE_SIZE};
+
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+
+/// The vring type the device uses: one mutex per queue, never shared.
+pub type Vring = vhost_user_backend::VringMutex<GuestMemoryAtomic<GuestMemoryMmap<()>>>;
