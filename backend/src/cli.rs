@@ -239,6 +239,14 @@ pub enum JobAction {
         #[command(flatten)]
         common: JobCommon,
     },
+    /// Grow a node while the guest runs (block_resize); the guest sees
+    /// the new capacity at once.
+    Resize {
+        /// The node to grow (usually the export's node).
+        node: String,
+        /// The new size (`20G`), or how much to add (`+1G`).
+        size: String,
+    },
     /// List the jobs.
     List,
     /// Wait for a job, with progress.

@@ -287,6 +287,43 @@ impl Daemon {
             .collect()
     }
 
+    /// block_resize: grows the node named `node` (or `device`) to `size`
+    /// bytes, and tells the frontend of every export whose disk grew.
+    pub fn block_resize(
+        &self,
+        device: Option<&str>,
+        node: Option<&str>,
+        size: i64,
+    ) -> Result<(), QmpError> {
+        let name = match (device, node) {
+            (_, Some(n)) | (Some(n), None) => n,
+            (None, None) => {
+                return Err(QmpError::generic(
+                    "block_resize needs 'node-name' (or 'device')",
+                ))
+            }
+        };
+        let size = u64::try_from(size)
+            .map_err(|_| QmpError::generic("Parameter 'size' expects a >0 size"))?;
+        let id = self.graph.view().find(name).ok_or_else(|| {
+            QmpError::device_not_found(format!(
+                "Cannot find device='{}' nor node-name='{}'",
+                device.unwrap_or(""),
+                node.unwrap_or("")
+            ))
+        })?;
+        crate::resize::grow(&self.graph, id, size)?;
+        for r in self.exports().values() {
+            if let Err(e) = r.export().refresh_capacity() {
+                tracing::error!(
+                    "export '{}': cannot read its size after block_resize: {e}",
+                    r.export().options().id
+                );
+            }
+        }
+        Ok(())
+    }
+
     /// block-export-resume: retries the export's requests held on error.
     pub fn export_resume(&self, id: &str) -> Result<(), QmpError> {
         let exports = self.exports();

@@ -312,6 +312,44 @@ impl Export {
         }
     }
 
+    /// Reads the exported node's size again after a resize. When the
+    /// capacity changed, the connected frontend is told (the config-change
+    /// message), and the new capacity in sectors is returned.
+    pub fn refresh_capacity(&self) -> Result<Option<u64>, BlockError> {
+        let view = self.graph.view();
+        let size = view.child(self.root)?.size(&view)?;
+        let sectors = size / 512;
+        if self.capacity.swap(sectors, Ordering::SeqCst) == sectors {
+            return Ok(None);
+        }
+        tracing::info!(
+            "export '{}': the disk is now {size} bytes ({sectors} sectors)",
+            self.opts.id
+        );
+        let channel = self
+            .channel
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        match channel {
+            Some(ch) => {
+                if let Err(e) = ch.config_changed() {
+                    tracing::warn!(
+                        "export '{}': cannot tell the frontend about the new size: {e}",
+                        self.opts.id
+                    );
+                }
+            }
+            None if self.connected() => tracing::warn!(
+                "export '{}': the frontend gave no backend channel; the guest sees \
+                 the new size after it reads the config again",
+                self.opts.id
+            ),
+            None => {}
+        }
+        Ok(Some(sectors))
+    }
+
     /// What request validation checks against.
     pub fn limits(&self) -> Limits {
         Limits {

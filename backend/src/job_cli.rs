@@ -55,6 +55,14 @@ pub fn run(args: JobArgs) -> anyhow::Result<()> {
             put(&mut a, "backing-file", backing_file);
             start(&mut c, "block-commit", a, &common, !no_complete, json_out)
         }
+        JobAction::Resize { node, size } => {
+            let bytes = resize_target(&mut c, &node, &size)?;
+            c.run("block_resize", json!({"node-name": node, "size": bytes}))?;
+            report(json_out, json!({"node": node, "size": bytes}), || {
+                format!("'{node}' is now {bytes} bytes")
+            });
+            Ok(())
+        }
         JobAction::List => {
             let jobs = c.run("query-block-jobs", json!({}))?;
             if json_out {
@@ -96,6 +104,29 @@ pub fn run(args: JobArgs) -> anyhow::Result<()> {
             json_out,
         ),
     }
+}
+
+/// The size `spec` asks for: absolute, or `+N` more than `node` has now.
+fn resize_target(c: &mut QmpClient, node: &str, spec: &str) -> anyhow::Result<u64> {
+    let (relative, s) = match spec.strip_prefix('+') {
+        Some(s) => (true, s),
+        None => (false, spec),
+    };
+    let n = strata_blockdev::options::parse_size(s)
+        .ok_or_else(|| anyhow!("'{spec}' is not a size (as 20G, 512M or +1G)"))?;
+    if !relative {
+        return Ok(n);
+    }
+    let nodes = c.run("query-named-block-nodes", json!({}))?;
+    let now = nodes
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|v| str_of(v, "node-name") == node)
+        .and_then(|v| v["image"]["virtual-size"].as_u64())
+        .ok_or_else(|| anyhow!("no node '{node}' on this daemon"))?;
+    now.checked_add(n)
+        .ok_or_else(|| anyhow!("'{node}' cannot grow by {spec}"))
 }
 
 fn str_of<'a>(v: &'a Value, k: &str) -> &'a str {

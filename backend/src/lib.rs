@@ -18,6 +18,7 @@ pub mod qmp;
 pub mod qsd;
 pub mod queue;
 mod ratelimit;
+pub mod resize;
 pub mod run_with;
 pub mod sandbox;
 pub mod serve;

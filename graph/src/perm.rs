@@ -61,13 +61,14 @@ impl SlotPerm {
     };
 
     /// A user that reads, and writes too when `writable`. A writer lets
-    /// others read but not write underneath it; a reader minds nothing (as
-    /// qemu-storage-daemon's read-only exports).
+    /// others read, and resize (a guest device follows the new size, as
+    /// QEMU's resizable devices share it), but not write underneath it; a
+    /// reader minds nothing (as qemu-storage-daemon's read-only exports).
     pub fn user(writable: bool) -> SlotPerm {
         if writable {
             SlotPerm {
                 need: Perm::CONSISTENT_READ | Perm::WRITE,
-                share: Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED,
+                share: Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED | Perm::RESIZE,
             }
         } else {
             SlotPerm {

@@ -7,13 +7,16 @@
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::path::Path;
-use std::sync::atomic::{fence, Ordering};
+use std::sync::atomic::{fence, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::{
     VhostUserConfigFlags, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
 };
-use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::vhost_user::{
+    Frontend, FrontendReqHandler, VhostUserFrontend, VhostUserFrontendReqHandler,
+};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
@@ -48,13 +51,64 @@ pub struct TestFrontend {
     queues: Vec<Queue>,
 }
 
+/// The backend-request channel's frontend end, served by the vhost
+/// crate's own `FrontendReqHandler` on a thread: counts the config-change
+/// messages the daemon sends, and acks each.
+#[derive(Default)]
+pub struct ConfigChanges(AtomicU64);
+
+impl ConfigChanges {
+    /// How many arrived so far.
+    pub fn count(&self) -> u64 {
+        self.0.load(Ordering::SeqCst)
+    }
+
+    /// Waits until more than `seen` arrived; the count then.
+    pub fn wait_past(&self, seen: u64, timeout: Duration) -> Option<u64> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            let n = self.count();
+            if n > seen {
+                return Some(n);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        None
+    }
+}
+
+impl VhostUserFrontendReqHandler for ConfigChanges {
+    fn handle_config_change(&self) -> std::io::Result<u64> {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        Ok(0)
+    }
+}
+
 /// One descriptor: guest address, length, flags.
 pub type Desc = (u64, u32, u16);
 
 impl TestFrontend {
     /// Connects to `socket` and sets up `num_queues` queues.
     pub fn connect(socket: &Path, num_queues: usize) -> TestFrontend {
-        Self::connect_with(socket, num_queues, &[(0, MEM_SIZE as u64)], 0)
+        Self::connect_with(socket, num_queues, &[(0, MEM_SIZE as u64)], 0, None)
+    }
+
+    /// Like [`connect`](Self::connect), with the BACKEND_REQ protocol
+    /// feature and a backend-request channel: the daemon's config-change
+    /// messages are counted.
+    pub fn connect_with_channel(
+        socket: &Path,
+        num_queues: usize,
+    ) -> (TestFrontend, Arc<ConfigChanges>) {
+        let changes = Arc::new(ConfigChanges::default());
+        let fe = Self::connect_with(
+            socket,
+            num_queues,
+            &[(0, MEM_SIZE as u64)],
+            0,
+            Some(Arc::clone(&changes)),
+        );
+        (fe, changes)
     }
 
     /// Like [`connect`](Self::connect), but guest memory is two regions
@@ -68,7 +122,7 @@ impl TestFrontend {
         ring_offset: u64,
     ) -> TestFrontend {
         let regions = [(0, split), (split, MEM_SIZE as u64 - split)];
-        Self::connect_with(socket, num_queues, &regions, ring_offset)
+        Self::connect_with(socket, num_queues, &regions, ring_offset, None)
     }
 
     fn connect_with(
@@ -76,6 +130,7 @@ impl TestFrontend {
         num_queues: usize,
         regions: &[(u64, u64)],
         ring_offset: u64,
+        changes: Option<Arc<ConfigChanges>>,
     ) -> TestFrontend {
         let mut fe = Frontend::connect(socket, num_queues as u64).expect("connect");
         fe.set_owner().unwrap();
@@ -85,12 +140,21 @@ impl TestFrontend {
         let wanted = offered & (1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_BLK_F_RO | proto);
         fe.set_features(wanted).unwrap();
         let pf = fe.get_protocol_features().unwrap();
-        let need = VhostUserProtocolFeatures::MQ
+        let mut need = VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
+        if changes.is_some() {
+            need |= VhostUserProtocolFeatures::BACKEND_REQ;
+        }
         assert!(pf.contains(need), "protocol features {pf:?} lack {need:?}");
         fe.set_protocol_features(need).unwrap();
+        if let Some(changes) = changes {
+            let mut handler = FrontendReqHandler::new(changes).unwrap();
+            handler.set_reply_ack_flag(true);
+            fe.set_backend_request_fd(&handler.get_tx_raw_fd()).unwrap();
+            std::thread::spawn(move || while handler.handle_request().is_ok() {});
+        }
 
         // SAFETY: memfd_create with a static NUL-terminated name.
         let fd = unsafe { libc::memfd_create(c"strata-test-guest".as_ptr(), 0) };
@@ -277,6 +341,20 @@ impl TestFrontend {
             })
             .collect();
         self.offer_raw(q, 0, &linked)
+    }
+
+    /// Runs one request on queue 0: its header at [`DATA`], the data
+    /// buffer `(address, length, flags)` if any, the status byte at
+    /// `DATA + 1 MiB`. Returns the status and the used length.
+    pub fn request(&mut self, ty: u32, sector: u64, data: Option<Desc>) -> (u8, u32) {
+        let (hdr, status) = (DATA, DATA + 0x10_0000);
+        self.header(hdr, ty, sector);
+        self.mem.write_obj(0xffu8, GuestAddress(status)).unwrap();
+        let mut descs = vec![(hdr, 16, 0)];
+        descs.extend(data);
+        descs.push((status, 1, W));
+        let used = self.run(0, &descs);
+        (self.byte(status), used)
     }
 
     /// The used index the device last published on queue `q`.

@@ -27,17 +27,7 @@ fn serve(dir: &Path, size: usize, extra: &[&str]) -> Daemon {
 
 /// Runs header + data + 1-byte status; returns (status, used length).
 fn request(fe: &mut TestFrontend, ty: u32, sector: u64, data: Option<(u32, u16)>) -> (u8, u32) {
-    fe.header(HDR, ty, sector);
-    fe.mem()
-        .write_obj(0xffu8, vm_memory::GuestAddress(STATUS))
-        .unwrap();
-    let mut descs = vec![(HDR, 16, 0)];
-    if let Some((len, flags)) = data {
-        descs.push((BUF, len, flags));
-    }
-    descs.push((STATUS, 1, W));
-    let used = fe.run(0, &descs);
-    (fe.byte(STATUS), used)
+    fe.request(ty, sector, data.map(|(len, flags)| (BUF, len, flags)))
 }
 
 fn a_good_read_works(fe: &mut TestFrontend) {

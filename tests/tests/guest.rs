@@ -607,3 +607,57 @@ fn a_volume_that_fills_under_fio_is_grown_and_resumed_without_a_guest_error() {
     assert_eq!(code, 0, "qemu-img check:\n{out}\n{log}");
     println!("on-error: the guest saw no error across a full volume, grown and resumed");
 }
+
+#[test]
+#[ignore = "boots a QEMU guest; ci/test runs it"]
+fn the_guest_sees_a_resize_at_once_and_writes_the_new_tail() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let img = d.join("disk.qcow2");
+    strata_tests::host::sh(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", img.to_str().unwrap(), "64M"],
+    );
+    let (daemon, mut qmp) = Daemon::qsd_with_monitor(
+        d,
+        &[
+            &format!("driver=file,node-name=file,filename={}", img.display()),
+            "driver=qcow2,node-name=disk,file=file",
+        ],
+        "id=vda,node-name=disk,writable=on",
+        &[],
+    );
+    let sock = daemon.socket().to_owned();
+    let mut resized = None;
+    let run = boot_watching(&sock, 1, "resize", BOOT_TIMEOUT, &mut |line| {
+        if line.contains("STRATA resize-waiting") && resized.is_none() {
+            qmp.execute(
+                "block_resize",
+                json!({"node-name": "disk", "size": 96 << 20}),
+            )
+            .unwrap();
+            resized = Some(std::time::Instant::now());
+        }
+    });
+    show(&run);
+    check_done(&run, &daemon.log_text());
+    assert!(resized.is_some(), "the guest never waited for the resize");
+    assert_eq!(
+        run.value("STRATA resize seen", "size").as_deref(),
+        Some("196608"),
+        "the guest sees 96 MiB"
+    );
+    let tenths: u64 = run
+        .value("STRATA resize seen", "tenths")
+        .and_then(|t| t.parse().ok())
+        .expect("the guest reports how long it waited");
+    assert!(
+        tenths <= 100,
+        "the guest saw the new size after {tenths} tenths of a second"
+    );
+    assert_eq!(run.value("STRATA fio", "rc").as_deref(), Some("0"));
+    let (_, log) = daemon.stop();
+    let (code, out) = strata_tests::qemu::check(&img);
+    assert_eq!(code, 0, "qemu-img check:\n{out}\n{log}");
+    println!("resize: the guest saw 96 MiB {tenths} tenths of a second after block_resize");
+}

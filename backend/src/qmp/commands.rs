@@ -25,6 +25,7 @@ pub const COMMANDS: &[&str] = &[
     "query-block-exports",
     "object-add",
     "object-del",
+    "block_resize",
 ];
 
 /// Runs command `name` with `args`. (`qmp_capabilities` is the session's.)
@@ -130,6 +131,15 @@ pub fn execute(daemon: &Daemon, name: &str, args: Map<String, Value>) -> Result<
         "object-add" => {
             daemon.object_add(&mut a)?;
             a.finish()?;
+            json!({})
+        }
+        "block_resize" => {
+            let device = a.take_str("device")?;
+            let node = a.take_str("node-name")?;
+            let size = a.take_i64("size")?;
+            let size = a.required("size", size)?;
+            a.finish()?;
+            daemon.block_resize(device.as_deref(), node.as_deref(), size)?;
             json!({})
         }
         "object-del" => {
