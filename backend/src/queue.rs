@@ -22,6 +22,8 @@ use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::vhost_user::QueueRegion;
+
 /// One queue's shared state.
 pub struct QueueState {
     /// Signalled by the queue's io_uring on completions.
@@ -33,6 +35,8 @@ pub struct QueueState {
     pub(crate) exit: EventFd,
     ledger: Mutex<Ledger>,
     changed: Condvar,
+    /// The queue's part of the frontend's inflight region, if it gave one.
+    inflight: Mutex<Option<QueueRegion>>,
 }
 
 /// Counts kept under the ledger lock.
@@ -74,7 +78,21 @@ impl QueueState {
             exit: EventFd::new(EFD_NONBLOCK)?,
             ledger: Mutex::new(Ledger::default()),
             changed: Condvar::new(),
+            inflight: Mutex::new(None),
         })
+    }
+
+    /// Records the queue's part of the inflight region (SET_INFLIGHT_FD).
+    pub fn set_inflight(&self, region: Option<QueueRegion>) {
+        *self.inflight.lock().unwrap_or_else(|e| e.into_inner()) = region;
+    }
+
+    /// The queue's part of the inflight region, if any.
+    pub(crate) fn inflight(&self) -> Option<QueueRegion> {
+        self.inflight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// The ledger, locked: the worker holds it while it takes or publishes.

@@ -15,7 +15,9 @@ MiB = 1 << 20
 # QEMU's layout: 100+N for each permission held, 200+N for each not shared;
 # N is 0 consistent-read, 1 write, 2 write-unchanged, 3 resize.
 READER = {100, 201, 203}
-WRITER = {100, 101, 201, 203}
+# A writer shares resize, as QEMU's resizable guest devices do.
+WRITER = {100, 101, 201}
+# qcow2 lets no one else resize its file (QEMU's format drivers neither).
 QCOW2_WRITER = {100, 101, 103, 201, 203}
 
 

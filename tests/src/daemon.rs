@@ -211,6 +211,16 @@ impl Daemon {
         }
     }
 
+    /// Kills the daemon with SIGKILL (a crash) and waits for it to go;
+    /// returns its log.
+    pub fn kill(mut self) -> String {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.log_text()
+    }
+
     /// Sends SIGTERM and waits for the exit; returns the status and log.
     pub fn stop(self) -> (ExitStatus, String) {
         // SAFETY: kill(2) on our own child's pid has no memory effects.

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::{
-    VhostUserConfigFlags, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+    VhostUserConfigFlags, VhostUserInflight, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
 };
 use vhost::vhost_user::{
     Frontend, FrontendReqHandler, VhostUserFrontend, VhostUserFrontendReqHandler,
@@ -49,6 +49,18 @@ pub struct TestFrontend {
     fe: Frontend,
     mem: GuestMemoryMmap<()>,
     queues: Vec<Queue>,
+    setup: Setup,
+}
+
+/// What a (re)connection sets up again.
+struct Setup {
+    /// The guest memory's memfd.
+    file: File,
+    regions: Vec<(u64, u64)>,
+    changes: Option<Arc<ConfigChanges>>,
+    /// The inflight region the daemon handed over, kept across
+    /// reconnects.
+    inflight: Option<(VhostUserInflight, File)>,
 }
 
 /// The backend-request channel's frontend end, served by the vhost
@@ -132,30 +144,6 @@ impl TestFrontend {
         ring_offset: u64,
         changes: Option<Arc<ConfigChanges>>,
     ) -> TestFrontend {
-        let mut fe = Frontend::connect(socket, num_queues as u64).expect("connect");
-        fe.set_owner().unwrap();
-        let offered = fe.get_features().unwrap();
-        let proto = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
-        assert_ne!(offered & proto, 0, "PROTOCOL_FEATURES offered");
-        let wanted = offered & (1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_BLK_F_RO | proto);
-        fe.set_features(wanted).unwrap();
-        let pf = fe.get_protocol_features().unwrap();
-        let mut need = VhostUserProtocolFeatures::MQ
-            | VhostUserProtocolFeatures::CONFIG
-            | VhostUserProtocolFeatures::REPLY_ACK
-            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
-        if changes.is_some() {
-            need |= VhostUserProtocolFeatures::BACKEND_REQ;
-        }
-        assert!(pf.contains(need), "protocol features {pf:?} lack {need:?}");
-        fe.set_protocol_features(need).unwrap();
-        if let Some(changes) = changes {
-            let mut handler = FrontendReqHandler::new(changes).unwrap();
-            handler.set_reply_ack_flag(true);
-            fe.set_backend_request_fd(&handler.get_tx_raw_fd()).unwrap();
-            std::thread::spawn(move || while handler.handle_request().is_ok() {});
-        }
-
         // SAFETY: memfd_create with a static NUL-terminated name.
         let fd = unsafe { libc::memfd_create(c"strata-test-guest".as_ptr(), 0) };
         assert!(fd >= 0, "memfd_create");
@@ -168,23 +156,100 @@ impl TestFrontend {
             Some(FileOffset::new(file.try_clone().unwrap(), 0)),
         )])
         .unwrap();
-        let host = mem.get_host_address(GuestAddress(0)).unwrap() as u64;
-        let table: Vec<_> = regions
+        let queues = (0..num_queues)
+            .map(|q| Queue {
+                kick: EventFd::new(0).unwrap(),
+                _call: EventFd::new(0).unwrap(),
+                base: q as u64 * RING_STRIDE + ring_offset,
+                next_avail: 0,
+                last_used: 0,
+            })
+            .collect();
+        let setup = Setup {
+            file,
+            regions: regions.to_vec(),
+            changes,
+            inflight: None,
+        };
+        let fe = Frontend::connect(socket, num_queues as u64).expect("connect");
+        let mut t = TestFrontend {
+            fe,
+            mem,
+            queues,
+            setup,
+        };
+        t.handshake();
+        t
+    }
+
+    /// Connects again to `socket` (a restarted daemon) with the same
+    /// guest memory, rings and inflight region, rewinding each ring's
+    /// avail index to its used index as QEMU does after a disconnect.
+    pub fn reconnect(&mut self, socket: &Path) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        self.fe = loop {
+            match Frontend::connect(socket, self.queues.len() as u64) {
+                Ok(fe) => break fe,
+                Err(e) if Instant::now() > deadline => panic!("reconnect: {e}"),
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        };
+        self.handshake();
+    }
+
+    /// The vhost-user setup, as QEMU's vhost-user-blk sends it (with the
+    /// inflight region whenever the daemon offers it): features,
+    /// memory, the inflight region (fetched once, then handed back), and
+    /// every ring from its used index.
+    fn handshake(&mut self) {
+        let fe = &mut self.fe;
+        fe.set_owner().unwrap();
+        let offered = fe.get_features().unwrap();
+        let proto = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        assert_ne!(offered & proto, 0, "PROTOCOL_FEATURES offered");
+        let wanted = offered & (1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_BLK_F_RO | proto);
+        fe.set_features(wanted).unwrap();
+        let pf = fe.get_protocol_features().unwrap();
+        let mut need = VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | (pf & VhostUserProtocolFeatures::INFLIGHT_SHMFD);
+        if self.setup.changes.is_some() {
+            need |= VhostUserProtocolFeatures::BACKEND_REQ;
+        }
+        assert!(pf.contains(need), "protocol features {pf:?} lack {need:?}");
+        fe.set_protocol_features(need).unwrap();
+        if let Some(changes) = &self.setup.changes {
+            let mut handler = FrontendReqHandler::new(Arc::clone(changes)).unwrap();
+            handler.set_reply_ack_flag(true);
+            fe.set_backend_request_fd(&handler.get_tx_raw_fd()).unwrap();
+            std::thread::spawn(move || while handler.handle_request().is_ok() {});
+        }
+        let host = self.mem.get_host_address(GuestAddress(0)).unwrap() as u64;
+        let table: Vec<_> = self
+            .setup
+            .regions
             .iter()
             .map(|&(start, len)| VhostUserMemoryRegionInfo {
                 guest_phys_addr: start,
                 memory_size: len,
                 userspace_addr: host + start,
                 mmap_offset: start,
-                mmap_handle: file.as_raw_fd(),
+                mmap_handle: self.setup.file.as_raw_fd(),
             })
             .collect();
         fe.set_mem_table(&table).unwrap();
-
-        let mut queues = Vec::new();
-        for q in 0..num_queues {
-            let base = q as u64 * RING_STRIDE + ring_offset;
-            let (desc, avail, used) = Self::ring_addrs(base);
+        if need.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD) {
+            if self.setup.inflight.is_none() {
+                let ask = VhostUserInflight::new(0, 0, self.queues.len() as u16, QUEUE_SIZE);
+                self.setup.inflight = Some(fe.get_inflight_fd(&ask).unwrap());
+            }
+            let (msg, file) = self.setup.inflight.as_ref().expect("fetched above");
+            fe.set_inflight_fd(msg, file.as_raw_fd()).unwrap();
+        }
+        for (q, queue) in self.queues.iter().enumerate() {
+            let (desc, avail, used) = Self::ring_addrs(queue.base);
             fe.set_vring_num(q, QUEUE_SIZE).unwrap();
             fe.set_vring_addr(
                 q,
@@ -199,21 +264,17 @@ impl TestFrontend {
                 },
             )
             .unwrap();
-            fe.set_vring_base(q, 0).unwrap();
-            let kick = EventFd::new(0).unwrap();
-            let call = EventFd::new(0).unwrap();
-            fe.set_vring_call(q, &call).unwrap();
-            fe.set_vring_kick(q, &kick).unwrap();
+            let used_idx: u16 = self.mem.read_obj(GuestAddress(used + 2)).unwrap();
+            fe.set_vring_base(q, u16::from_le(used_idx)).unwrap();
+            fe.set_vring_call(q, &queue._call).unwrap();
+            fe.set_vring_kick(q, &queue.kick).unwrap();
             fe.set_vring_enable(q, true).unwrap();
-            queues.push(Queue {
-                kick,
-                _call: call,
-                base,
-                next_avail: 0,
-                last_used: 0,
-            });
         }
-        TestFrontend { fe, mem, queues }
+    }
+
+    /// True when the daemon handed over an inflight region.
+    pub fn has_inflight(&self) -> bool {
+        self.setup.inflight.is_some()
     }
 
     fn ring_addrs(base: u64) -> (u64, u64, u64) {

@@ -38,6 +38,7 @@ use vm_memory::{
     GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap, GuestRegionMmap,
 };
 
+use super::inflight_region::{queue_bytes, Region};
 use super::queue_thread::{QueueCtx, QueueThread};
 use super::Vring;
 use crate::export::Export;
@@ -62,6 +63,7 @@ pub fn protocol_features() -> VhostUserProtocolFeatures {
         | VhostUserProtocolFeatures::REPLY_ACK
         | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
         | VhostUserProtocolFeatures::BACKEND_REQ
+        | VhostUserProtocolFeatures::INFLIGHT_SHMFD
 }
 
 /// Where a region of guest memory sits in the frontend's address space.
@@ -182,7 +184,13 @@ impl Handler {
             .threads
             .get_mut(index as usize)
             .ok_or(VuError::InvalidParam)?;
-        thread.watch_kick(fd).map_err(VuError::ReqHandlerError)
+        thread.watch_kick(fd).map_err(VuError::ReqHandlerError)?;
+        if fd.is_some() {
+            // The worker looks at the ring at once: after a reconnect,
+            // what the inflight region holds must restart without a kick.
+            let _ = self.state(index)?.wake.write(1);
+        }
+        Ok(())
     }
 
     /// A ring starts once it has both eventfds.
@@ -196,6 +204,19 @@ impl Handler {
             vring.set_queue_ready(true);
         }
         self.update_watch(index)
+    }
+
+    /// The queue count and size of an inflight message, checked.
+    fn check_inflight(&self, msg: &VhostUserInflight) -> VuResult<(u16, u16)> {
+        let (n, size) = (msg.num_queues, msg.queue_size);
+        if n == 0 || usize::from(n) > self.queues.len() || size == 0 || size > MAX_QUEUE_SIZE {
+            return Err(invalid(format!(
+                "an inflight region for {n} queues of {size} (the device has {} queues of at \
+                 most {MAX_QUEUE_SIZE})",
+                self.queues.len()
+            )));
+        }
+        Ok((n, size))
     }
 
     fn frontend_to_gpa(&self, addr: u64) -> VuResult<u64> {
@@ -485,15 +506,37 @@ impl VhostUserBackendReqHandlerMut for Handler {
         Err(VuError::InvalidOperation("no shared objects"))
     }
 
-    fn get_inflight_fd(
-        &mut self,
-        _inflight: &VhostUserInflight,
-    ) -> VuResult<(VhostUserInflight, File)> {
-        Err(VuError::InvalidOperation("INFLIGHT_SHMFD is not offered"))
+    /// A new, zeroed inflight region for the frontend to keep; it hands
+    /// it back with SET_INFLIGHT_FD, now and after every reconnect.
+    fn get_inflight_fd(&mut self, msg: &VhostUserInflight) -> VuResult<(VhostUserInflight, File)> {
+        let (num_queues, queue_size) = self.check_inflight(msg)?;
+        let (region, file) = Region::create(num_queues, queue_size)
+            .map_err(|e| invalid(format!("cannot create the inflight region: {e}")))?;
+        let size = (queue_bytes(queue_size) * usize::from(num_queues)) as u64;
+        drop(region);
+        tracing::info!("inflight region: {num_queues} queues of {queue_size}, {size} bytes");
+        Ok((
+            VhostUserInflight::new(size, 0, num_queues, queue_size),
+            file,
+        ))
     }
 
-    fn set_inflight_fd(&mut self, _inflight: &VhostUserInflight, _file: File) -> VuResult<()> {
-        Err(VuError::InvalidOperation("INFLIGHT_SHMFD is not offered"))
+    /// Maps the region the frontend kept: what a previous process left
+    /// marked in it is resubmitted when each ring starts.
+    fn set_inflight_fd(&mut self, msg: &VhostUserInflight, file: File) -> VuResult<()> {
+        let (num_queues, queue_size) = self.check_inflight(msg)?;
+        let region = Region::map(
+            &file,
+            msg.mmap_offset,
+            msg.mmap_size,
+            num_queues,
+            queue_size,
+        )
+        .map_err(|e| invalid(format!("SET_INFLIGHT_FD: {e}")))?;
+        for (i, q) in self.queues.iter().enumerate() {
+            q.set_inflight(region.queue(i));
+        }
+        Ok(())
     }
 
     fn get_max_mem_slots(&mut self) -> VuResult<u64> {

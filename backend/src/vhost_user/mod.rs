@@ -7,11 +7,13 @@
 mod channel;
 mod connection;
 mod handler;
+mod inflight_region;
 mod queue_thread;
 
 pub use channel::Channel;
 pub(crate) use connection::serve_one;
 pub use handler::{protocol_features, MAX_QUEUE_SIZE};
+pub use inflight_region::{QueueRegion, Recovered, Region};
 
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 

@@ -100,7 +100,7 @@ impl Rings {
     /// module docs end it.
     pub fn chain(&self, head: u16) -> Chain<'_> {
         Chain {
-            rings: self,
+            mem: &self.mem,
             table: Table::Mapped(self.desc),
             table_len: self.layout.size,
             next: head,
@@ -169,7 +169,7 @@ impl Rings {
 
 /// The descriptors of one chain.
 pub struct Chain<'a> {
-    rings: &'a Rings,
+    mem: &'a MemHandle,
     table: Table,
     table_len: u16,
     next: u16,
@@ -188,7 +188,23 @@ enum Table {
     Guest(u64),
 }
 
-impl Chain<'_> {
+impl<'a> Chain<'a> {
+    /// The chain starting at `head` of the descriptor table at guest
+    /// address `desc` with `size` entries, read descriptor by descriptor
+    /// through `mem`: for the rare chain taken other than from the avail
+    /// ring (one resubmitted after a restart), wherever the table lies.
+    pub fn in_guest(mem: &'a MemHandle, desc: u64, size: u16, head: u16) -> Chain<'a> {
+        Chain {
+            mem,
+            table: Table::Guest(desc),
+            table_len: size,
+            next: head,
+            ttl: size,
+            indirect: false,
+            bytes: 0,
+        }
+    }
+
     fn read(&self, index: u16) -> Option<TableEntry> {
         let at = DESC_LEN * usize::from(index);
         // GUEST-INPUT: the guest may rewrite the descriptor while we read;
@@ -209,8 +225,7 @@ impl Chain<'_> {
                 }
             },
             Table::Guest(addr) => TableEntry::from_bytes(
-                self.rings
-                    .memory()
+                self.mem
                     .read_obj::<[u8; DESC_LEN]>(GuestAddress(addr + at as u64))
                     .ok()?,
             ),
@@ -224,7 +239,7 @@ impl Chain<'_> {
             return None;
         }
         let n = (len / 16) as u16;
-        self.table = match self.rings.memory().host_ptr(addr, len as usize, 1) {
+        self.table = match self.mem.host_ptr(addr, len as usize, 1) {
             Some(p) => Table::Mapped(p),
             None => Table::Guest(addr),
         };

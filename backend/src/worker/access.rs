@@ -39,6 +39,8 @@ pub(crate) trait RingAccess {
     /// Asks for a kick once the driver adds the next entry; true when
     /// entries arrived meanwhile (look again before sleeping).
     fn rearm(&self, q: &mut Queue) -> bool;
+    /// The guest memory the rings are read through.
+    fn memory(&self) -> &MemHandle;
 }
 
 /// The rings mapped into this process.
@@ -89,6 +91,10 @@ impl RingAccess for Mapped {
     fn rearm(&self, q: &mut Queue) -> bool {
         self.0.rearm(q.next_avail())
     }
+
+    fn memory(&self) -> &MemHandle {
+        self.0.memory()
+    }
 }
 
 /// virtio-queue's walkers over the whole memory map.
@@ -132,6 +138,10 @@ impl RingAccess for Generic {
 
     fn rearm(&self, q: &mut Queue) -> bool {
         q.enable_notification(&*self.0).unwrap_or(false)
+    }
+
+    fn memory(&self) -> &MemHandle {
+        &self.0
     }
 }
 

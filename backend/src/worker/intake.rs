@@ -11,6 +11,7 @@
 //! neither a drain nor the frontend's messages.
 
 use std::rc::Rc;
+use std::sync::atomic::Ordering;
 
 use strata_graph::LocalView;
 use virtio_bindings::virtio_blk::VIRTIO_BLK_S_IOERR;
@@ -21,7 +22,8 @@ use super::dispatch::Job;
 use super::{Seen, Worker};
 use crate::queue::LedgerGuard;
 use crate::virtio::memory::MemHandle;
-use crate::virtio::ring::Rings;
+use crate::virtio::request::{self, Limits};
+use crate::virtio::ring::{Chain, Rings};
 
 /// Chains started between two publications of what finished. Small, so
 /// the guest sees its first completions while later chains are still
@@ -125,6 +127,9 @@ impl Worker {
                     end = Some(false);
                     break;
                 }
+                if std::mem::take(&mut self.recover) {
+                    self.resubmit(q, access.memory(), generation, &view, &limits, &mut ledger);
+                }
                 let resumes = ctx.export.error_hold().resumes();
                 if resumes != self.resumes_seen {
                     self.resumes_seen = resumes;
@@ -158,6 +163,10 @@ impl Worker {
                     // GUEST-INPUT: a head already in flight must not be
                     // completed twice.
                     if self.heads.start(head, generation) {
+                        if let Some(t) = &mut self.tracked {
+                            t.region.start(head, t.counter);
+                            t.counter = t.counter.wrapping_add(1);
+                        }
                         self.launch(head, parsed, generation, &view);
                         started += 1;
                     } else {
@@ -274,20 +283,94 @@ impl Worker {
             return false;
         }
         let old = q.next_used();
-        let mut put = false;
-        for c in self.publishing.drain(..) {
+        // What is kept is what went on the used ring.
+        self.publishing.retain(|c| {
             self.heads.finish(c.head, c.generation);
             if !ledger.retire(c.generation) {
+                // Still marked in the inflight region: a new process
+                // resubmits it, as it was never completed.
+                return false;
+            }
+            // Linked into the region's batch first: the slow path
+            // publishes each element as it puts it.
+            let undo = self.tracked.as_ref().map(|t| t.region.put(c.head));
+            match access.put_used(q, c.head, c.len) {
+                Ok(()) => true,
+                Err(e) => {
+                    if let (Some(t), Some(last)) = (&self.tracked, undo) {
+                        t.region.unput(last);
+                    }
+                    self.ctx
+                        .warn(format_args!("cannot complete chain {}: {e}", c.head));
+                    false
+                }
+            }
+        });
+        let put = !self.publishing.is_empty();
+        let notify = put && access.publish(q, old);
+        // Cleared only once the used index covers them: a crash in
+        // between leaves the batch for the next process to clear.
+        if let (true, Some(t)) = (put, &self.tracked) {
+            t.region
+                .published(self.publishing.iter().map(|c| c.head), q.next_used());
+        }
+        self.publishing.clear();
+        notify
+    }
+
+    /// Before the first chain of a ring the frontend set up: recovers the
+    /// queue's inflight region. What it still marks was taken and never
+    /// completed (by this process or one before it); those heads start
+    /// again, oldest first, and the avail ring is taken from past them.
+    fn resubmit(
+        &mut self,
+        q: &mut Queue,
+        mem: &MemHandle,
+        generation: u64,
+        view: &LocalView,
+        limits: &Limits,
+        ledger: &mut LedgerGuard<'_>,
+    ) {
+        let Some(region) = self.ctx.state.inflight() else {
+            self.tracked = None;
+            return;
+        };
+        let used = match q.used_idx(&**mem, Ordering::Acquire) {
+            Ok(u) => u.0,
+            Err(e) => {
+                self.ctx.warn(format_args!(
+                    "cannot read the used index ({e}); requests are not tracked"
+                ));
+                self.tracked = None;
+                return;
+            }
+        };
+        let rec = region.recover(q.size(), used);
+        let n = rec.resubmit.len();
+        q.set_next_avail(used.wrapping_add(n as u16));
+        if n > 0 {
+            tracing::info!(
+                "queue {}: resubmitting {n} requests left in flight (heads {:?})",
+                self.ctx.queue,
+                rec.resubmit
+            );
+        }
+        let mut started = 0;
+        for head in rec.resubmit {
+            if !self.heads.start(head, generation) {
                 continue;
             }
-            match access.put_used(q, c.head, c.len) {
-                Ok(()) => put = true,
-                Err(e) => self
-                    .ctx
-                    .warn(format_args!("cannot complete chain {}: {e}", c.head)),
-            }
+            let chain = Chain::in_guest(mem, q.desc_table(), q.size(), head);
+            let parsed = request::parse_descs(head, chain, mem, limits);
+            self.launch(head, parsed, generation, view);
+            started += 1;
         }
-        put && access.publish(q, old)
+        ledger.taken(started);
+        self.seen = Some(Seen::of(q));
+        self.tracked = Some(super::Tracked {
+            region,
+            counter: rec.next_counter,
+        });
     }
 
     /// The generation to take chains in: a new one when the frontend moved

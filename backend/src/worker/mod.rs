@@ -169,6 +169,18 @@ pub(crate) struct Worker {
     /// The export's resume count when this worker last retried what it
     /// held.
     resumes_seen: u64,
+    /// The queue's part of the frontend's inflight region, while it gave
+    /// one: every head taken is marked in it before it starts.
+    tracked: Option<Tracked>,
+    /// The ring was (re)set up: before taking from it, recover what the
+    /// inflight region says is still in flight.
+    recover: bool,
+}
+
+/// A queue's inflight region, and the counter of the next head taken.
+pub(crate) struct Tracked {
+    region: crate::vhost_user::QueueRegion,
+    counter: u64,
 }
 
 /// The ring as the worker last left it.
@@ -209,6 +221,8 @@ impl Worker {
             publishing: Vec::new(),
             poll: PollWindow::new(q.export.options().poll_max_ns),
             resumes_seen: q.export.error_hold().resumes(),
+            tracked: None,
+            recover: true,
         }
     }
 
