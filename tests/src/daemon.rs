@@ -118,7 +118,23 @@ impl Daemon {
         Self::run_with_env(args, &[], socket, log)
     }
 
+    /// As [`qsd`](Self::qsd), but a daemon that exits before it listens
+    /// is an error carrying its log, not a panic: for restarts, which a
+    /// supervisor would try again.
+    pub fn try_qsd(args: &[&str], socket: &Path, log: &Path) -> Result<Daemon, String> {
+        let mut d = Self::spawn(args, &[], socket, log);
+        d.try_wait_listening().map(|()| d)
+    }
+
     fn run_with_env(args: &[&str], env: &[(&str, &str)], socket: &Path, log: &Path) -> Daemon {
+        let mut d = Self::spawn(args, env, socket, log);
+        if let Err(e) = d.try_wait_listening() {
+            panic!("{e}");
+        }
+        d
+    }
+
+    fn spawn(args: &[&str], env: &[(&str, &str)], socket: &Path, log: &Path) -> Daemon {
         let out = File::create(log).expect("create daemon log");
         let child = Command::new(strata_bin())
             .args(args)
@@ -132,26 +148,24 @@ impl Daemon {
             .stderr(out)
             .spawn()
             .expect("start strata");
-        let mut d = Daemon {
+        Daemon {
             child: Some(child),
             socket: socket.into(),
             log: log.into(),
-        };
-        d.wait_listening();
-        d
+        }
     }
 
-    fn wait_listening(&mut self) {
+    fn try_wait_listening(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(20);
         while !std::fs::read_to_string(&self.log)
             .unwrap_or_default()
             .contains("listening on")
         {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!(
+                return Err(format!(
                     "strata exited with {status} before listening:\n{}",
                     self.log_text()
-                );
+                ));
             }
             assert!(
                 Instant::now() < deadline,
@@ -160,6 +174,7 @@ impl Daemon {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+        Ok(())
     }
 
     /// The vhost-user socket.

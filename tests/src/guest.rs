@@ -62,6 +62,29 @@ pub fn boot_watching(
     timeout: Duration,
     on_line: &mut dyn FnMut(&str),
 ) -> GuestRun {
+    boot_with(socket, num_queues, tests, "", timeout, on_line)
+}
+
+/// [`boot_watching`], with QEMU reconnecting to the socket every second
+/// after the daemon goes (`reconnect=1`), as it is run in production.
+pub fn boot_reconnecting(
+    socket: &Path,
+    num_queues: u16,
+    tests: &str,
+    timeout: Duration,
+    on_line: &mut dyn FnMut(&str),
+) -> GuestRun {
+    boot_with(socket, num_queues, tests, ",reconnect=1", timeout, on_line)
+}
+
+fn boot_with(
+    socket: &Path,
+    num_queues: u16,
+    tests: &str,
+    chardev_opts: &str,
+    timeout: Duration,
+    on_line: &mut dyn FnMut(&str),
+) -> GuestRun {
     let dir = guest_dir();
     let (kernel, initrd) = (dir.join("vmlinuz"), dir.join("initrd.gz"));
     assert!(
@@ -81,7 +104,10 @@ pub fn boot_watching(
         .arg("-append")
         .arg(format!("console=ttyS0 quiet panic=-1 strata.test={tests}"))
         .arg("-chardev")
-        .arg(format!("socket,id=c0,path={}", socket.display()))
+        .arg(format!(
+            "socket,id=c0,path={}{chardev_opts}",
+            socket.display()
+        ))
         .arg("-device")
         .arg(format!(
             "vhost-user-blk-pci,chardev=c0,num-queues={num_queues}"

@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 
 use serde_json::json;
 use strata_tests::daemon::{strata_bin, Daemon};
-use strata_tests::guest::{boot, boot_watching, GuestRun};
+use strata_tests::guest::{boot, boot_reconnecting, boot_watching, GuestRun};
 use strata_tests::qmp::Qmp;
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
@@ -660,4 +660,138 @@ fn the_guest_sees_a_resize_at_once_and_writes_the_new_tail() {
     let (code, out) = strata_tests::qemu::check(&img);
     assert_eq!(code, 0, "qemu-img check:\n{out}\n{log}");
     println!("resize: the guest saw 96 MiB {tenths} tenths of a second after block_resize");
+}
+
+/// A raw image served with two queues on `dir/vhost.sock`, as incarnation
+/// `n` of the daemon (its log is `dir/log.N`). A start that fails is
+/// tried again, as a supervisor would, and said so.
+fn raw_daemon(dir: &std::path::Path, img: &std::path::Path, n: usize) -> Daemon {
+    let sock = dir.join("vhost.sock");
+    let blockdev = format!("driver=file,node-name=disk,filename={}", img.display());
+    let export = format!(
+        "type=vhost-user-blk,id=vda,node-name=disk,addr.type=unix,addr.path={},\
+         writable=on,num-queues=2",
+        sock.display()
+    );
+    let args = ["--blockdev", &blockdev, "--export", &export];
+    let mut attempt = 0;
+    loop {
+        let log = dir.join(format!("log.{n}.{attempt}"));
+        match Daemon::try_qsd(&args, &sock, &log) {
+            Ok(d) => return d,
+            Err(e) if attempt < 10 => {
+                println!("restart {n}: attempt {attempt} failed: {e}");
+                std::thread::sleep(Duration::from_millis(200));
+                attempt += 1;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
+
+/// Rounds of fio verify on two queues for `secs` seconds, while the
+/// daemon is ended with `signal` and started again on the same socket
+/// `restarts` times, at random moments. QEMU reconnects (`reconnect=1`)
+/// and hands the new daemon the inflight region.
+fn restarts_under_fio(signal: i32, restarts: usize, secs: u32) {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_owned();
+    let img = d.join("disk.raw");
+    strata_tests::host::sh(
+        "qemu-img",
+        &["create", "-q", "-f", "raw", img.to_str().unwrap(), "256M"],
+    );
+    let first = raw_daemon(&d, &img, 0);
+    let sock = first.socket().to_owned();
+    let daemon = std::sync::Arc::new(std::sync::Mutex::new(Some(first)));
+    let mut seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    println!("restart: seed {seed}");
+    let mut operator = None;
+    let run = boot_reconnecting(
+        &sock,
+        2,
+        &format!("fio-rounds{secs}"),
+        BOOT_TIMEOUT,
+        &mut |line| {
+            if !line.starts_with("STRATA fio-running") || operator.is_some() {
+                return;
+            }
+            let (daemon, d, img) = (std::sync::Arc::clone(&daemon), d.clone(), img.clone());
+            let window = u64::from(secs) * 1000 / (restarts as u64 + 1);
+            operator = Some(std::thread::spawn(move || {
+                for n in 1..=restarts {
+                    // A random moment in each slice of the run.
+                    seed = seed
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    let wait = window / 2 + (seed >> 33) % (window / 2);
+                    std::thread::sleep(Duration::from_millis(wait));
+                    let old = daemon.lock().unwrap().take().expect("a daemon runs");
+                    let pid = old.pid();
+                    let log = if signal == libc::SIGKILL {
+                        old.kill()
+                    } else {
+                        let (st, log) = old.stop();
+                        assert!(st.success(), "SIGTERM: exit {st}\n{log}");
+                        log
+                    };
+                    assert!(!log.contains("panicked"), "{log}");
+                    println!("restart {n}: daemon {pid} ended after {wait} ms");
+                    *daemon.lock().unwrap() = Some(raw_daemon(&d, &img, n));
+                }
+            }));
+        },
+    );
+    show(&run);
+    operator
+        .expect("fio started")
+        .join()
+        .expect("every restart went through");
+    let last = daemon.lock().unwrap().take().unwrap();
+    check_done(&run, &last.log_text());
+    let rounds: Vec<_> = run
+        .lines
+        .iter()
+        .filter(|l| l.starts_with("STRATA round"))
+        .collect();
+    assert!(rounds.len() >= 2, "fio ran {} rounds", rounds.len());
+    for r in &rounds {
+        let clean = r
+            .split(' ')
+            .filter(|w| w.starts_with("rc=") || w.starts_with("err="))
+            .all(|w| w.ends_with("=0"));
+        assert!(clean, "{r}");
+    }
+    let resubmitted: usize = (1..=restarts)
+        .map(|n| {
+            (0..=10)
+                .map(|a| {
+                    std::fs::read_to_string(d.join(format!("log.{n}.{a}"))).unwrap_or_default()
+                })
+                .map(|log| log.matches("resubmitting").count())
+                .sum::<usize>()
+        })
+        .sum();
+    let (st, log) = last.stop();
+    assert!(st.success(), "{log}");
+    println!(
+        "restart: {restarts} restarts by signal {signal} under {} fio rounds, every one clean; \
+         {resubmitted} queues resubmitted requests left in flight",
+        rounds.len()
+    );
+}
+
+#[test]
+#[ignore = "boots a QEMU guest; ci/test runs it"]
+fn sigkill_and_restart_five_times_under_fio_verify_loses_nothing() {
+    restarts_under_fio(libc::SIGKILL, 5, 60);
+}
+
+#[test]
+#[ignore = "boots a QEMU guest; ci/test runs it"]
+fn the_upgrade_path_sigterm_and_restart_under_fio_verify() {
+    restarts_under_fio(libc::SIGTERM, 3, 30);
 }
