@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::vhost_user::QueueRegion;
+use crate::vhost_user::{DirtyLog, QueueRegion};
 
 /// One queue's shared state.
 pub struct QueueState {
@@ -37,6 +37,8 @@ pub struct QueueState {
     changed: Condvar,
     /// The queue's part of the frontend's inflight region, if it gave one.
     inflight: Mutex<Option<QueueRegion>>,
+    /// The connection's dirty log, shared by its queues.
+    log: Arc<DirtyLog>,
 }
 
 /// Counts kept under the ledger lock.
@@ -70,8 +72,13 @@ pub struct QueueTimeout {
 }
 
 impl QueueState {
-    /// A queue with fresh eventfds.
+    /// A queue with fresh eventfds and a dirty log of its own.
     pub fn new() -> io::Result<QueueState> {
+        Self::with_log(Arc::default())
+    }
+
+    /// A queue with fresh eventfds, logging into `log`.
+    pub fn with_log(log: Arc<DirtyLog>) -> io::Result<QueueState> {
         Ok(QueueState {
             ring_event: EventFd::new(EFD_NONBLOCK)?,
             wake: EventFd::new(EFD_NONBLOCK)?,
@@ -79,7 +86,13 @@ impl QueueState {
             ledger: Mutex::new(Ledger::default()),
             changed: Condvar::new(),
             inflight: Mutex::new(None),
+            log,
         })
+    }
+
+    /// The dirty log its writes to guest memory are marked in.
+    pub fn log(&self) -> &DirtyLog {
+        &self.log
     }
 
     /// Records the queue's part of the inflight region (SET_INFLIGHT_FD).
@@ -176,10 +189,11 @@ impl QueueState {
 pub struct Queues(Vec<Arc<QueueState>>);
 
 impl Queues {
-    /// `n` queues with fresh eventfds.
+    /// `n` queues with fresh eventfds, sharing one dirty log.
     pub fn new(n: usize) -> io::Result<Queues> {
+        let log = Arc::new(DirtyLog::default());
         (0..n)
-            .map(|_| QueueState::new().map(Arc::new))
+            .map(|_| QueueState::with_log(Arc::clone(&log)).map(Arc::new))
             .collect::<io::Result<_>>()
             .map(Queues)
     }
@@ -192,6 +206,11 @@ impl Queues {
     /// The queues, in order.
     pub fn iter(&self) -> impl Iterator<Item = &Arc<QueueState>> {
         self.0.iter()
+    }
+
+    /// The dirty log the queues share.
+    pub fn log(&self) -> Option<&DirtyLog> {
+        self.0.first().map(|q| q.log())
     }
 
     /// How many there are.

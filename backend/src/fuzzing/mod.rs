@@ -96,6 +96,11 @@ impl Harness {
         self.event(Event::Exit, worker::setup_io);
     }
 
+    /// The queue's dirty log.
+    pub fn log(&self) -> &crate::vhost_user::DirtyLog {
+        self.state.log()
+    }
+
     /// The queue, as the worker left it.
     pub fn queue(&self) -> MutexGuard<'_, Queue> {
         self.vring.0.lock().unwrap_or_else(|e| e.into_inner())

@@ -38,6 +38,7 @@ use vm_memory::{
     GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap, GuestRegionMmap,
 };
 
+use super::dirty_log::Bitmap;
 use super::inflight_region::{queue_bytes, Region};
 use super::queue_thread::{QueueCtx, QueueThread};
 use super::Vring;
@@ -64,7 +65,11 @@ pub fn protocol_features() -> VhostUserProtocolFeatures {
         | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
         | VhostUserProtocolFeatures::BACKEND_REQ
         | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+        | VhostUserProtocolFeatures::LOG_SHMFD
 }
+
+/// VHOST_F_LOG_ALL: the device logs its writes to guest memory.
+const LOG_ALL: u64 = 1 << 26;
 
 /// Where a region of guest memory sits in the frontend's address space.
 struct Mapping {
@@ -281,7 +286,8 @@ impl VhostUserBackendReqHandlerMut for Handler {
 
     fn get_features(&mut self) -> VuResult<u64> {
         Ok(config::device_features(self.export.options().read_only)
-            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits())
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+            | LOG_ALL)
     }
 
     fn set_features(&mut self, features: u64) -> VuResult<()> {
@@ -296,6 +302,9 @@ impl VhostUserBackendReqHandlerMut for Handler {
                 self.vring(i)?.set_enabled(true);
                 self.update_watch(i)?;
             }
+        }
+        if let Some(log) = self.queues.log() {
+            log.set_active(features & LOG_ALL != 0);
         }
         let event_idx = features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
         for v in &self.vrings {
@@ -600,8 +609,14 @@ impl VhostUserBackendReqHandlerMut for Handler {
         Err(VuError::InvalidOperation("no shared memory regions"))
     }
 
-    fn set_log_base(&mut self, _log: &VhostUserLog, _file: File) -> VuResult<()> {
-        Err(VuError::InvalidOperation("LOG_SHMFD is not offered"))
+    /// The frontend's dirty-log bitmap: marked while LOG_ALL is acked.
+    fn set_log_base(&mut self, msg: &VhostUserLog, file: File) -> VuResult<()> {
+        let bitmap = Bitmap::map(&file, msg.mmap_offset, msg.mmap_size)
+            .map_err(|e| invalid(format!("SET_LOG_BASE: {e}")))?;
+        if let Some(log) = self.queues.log() {
+            log.set_bitmap(bitmap);
+        }
+        Ok(())
     }
 }
 

@@ -6,12 +6,16 @@
 
 mod channel;
 mod connection;
+mod dirty_log;
 mod handler;
 mod inflight_region;
 mod queue_thread;
 
 pub use channel::Channel;
 pub(crate) use connection::serve_one;
+#[cfg(test)]
+pub(crate) use dirty_log::test_bitmap;
+pub use dirty_log::{Bitmap, DirtyLog, LOG_PAGE};
 pub use handler::{protocol_features, MAX_QUEUE_SIZE};
 pub use inflight_region::{QueueRegion, Recovered, Region};
 

@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use strata_graph::IoVecs;
 use vm_memory::atomic::GuestMemoryLoadGuard;
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 /// The guest's memory, as vhost-user maps it.
 pub type GuestMemory = GuestMemoryMmap<()>;
@@ -55,6 +55,17 @@ impl MemHandle {
         (ptr as usize % align == 0)
             .then(|| NonNull::new(ptr))
             .flatten()
+    }
+
+    /// The guest physical address of host address `host`, if it lies in
+    /// this map: for the dirty log, which counts guest pages.
+    pub fn gpa_of(&self, host: *const u8) -> Option<u64> {
+        let host = host as usize;
+        self.iter().find_map(|r| {
+            let base = r.as_ptr() as usize;
+            let off = host.checked_sub(base)?;
+            (off < r.len() as usize).then(|| r.start_addr().0 + off as u64)
+        })
     }
 
     /// Reads `N` bytes at `addr` with one volatile load, when they lie in
@@ -123,6 +134,16 @@ impl StatusByte {
             ptr: mem.host_ptr(addr, 1, 1)?,
             _mem: mem.clone(),
         })
+    }
+
+    /// The memory map the byte is in.
+    pub fn memory(&self) -> &MemHandle {
+        &self._mem
+    }
+
+    /// The byte's guest physical address.
+    pub fn gpa(&self) -> Option<u64> {
+        self._mem.gpa_of(self.ptr.as_ptr())
     }
 
     /// Stores the status. Must happen before the chain goes on the used ring.

@@ -223,6 +223,21 @@ impl Request {
     pub fn data(&self) -> &IoVecs<'_> {
         &self.data
     }
+
+    /// The guest memory the device wrote for this request, as guest
+    /// physical `(address, length)` ranges: the data of a read or GET_ID,
+    /// and the status byte. Taken from the buffers as validated, not from
+    /// the descriptors the guest may have rewritten since.
+    pub fn written(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        let data = matches!(self.kind, RequestKind::Read { .. } | RequestKind::GetId);
+        let mem = self.status.memory();
+        self.data
+            .as_iovecs()
+            .iter()
+            .filter(move |_| data)
+            .filter_map(move |v| Some((mem.gpa_of(v.iov_base as *const u8)?, v.iov_len as u64)))
+            .chain(self.status.gpa().map(|g| (g, 1)))
+    }
 }
 
 /// A chain that failed validation, with what is needed to complete it.

@@ -141,8 +141,13 @@ impl Worker {
                         end = Some(false);
                         break;
                     }
-                    Ok(0) if access.rearm(q) => continue,
                     Ok(0) => {
+                        let more = access.rearm(q);
+                        // Rearming wrote avail_event, in the used ring.
+                        log_used_ring(&ctx, q);
+                        if more {
+                            continue;
+                        }
                         end = Some(false);
                         break;
                     }
@@ -229,6 +234,9 @@ impl Worker {
             Err(rej) => {
                 self.ctx.warn(format_args!("{rej:?}"));
                 let used = rej.complete();
+                if let Some(s) = &rej.status {
+                    self.ctx.state.log().mark(s.gpa().map(|g| (g, 1)));
+                }
                 self.ctx.finish(head, used, generation);
             }
         }
@@ -308,6 +316,9 @@ impl Worker {
         });
         let put = !self.publishing.is_empty();
         let notify = put && access.publish(q, old);
+        if put {
+            log_used_ring(&self.ctx, q);
+        }
         // Cleared only once the used index covers them: a crash in
         // between leaves the batch for the next process to clear.
         if let (true, Some(t)) = (put, &self.tracked) {
@@ -396,6 +407,14 @@ impl Worker {
             self.seen = None;
         }
         ledger.generation()
+    }
+}
+
+/// Marks the used ring in the dirty log, after the device wrote to it.
+fn log_used_ring(ctx: &super::dispatch::QueueCtx, q: &Queue) {
+    let log = ctx.state.log();
+    if log.active() {
+        log.mark([(q.used_ring(), 6 + 8 * u64::from(q.size()))]);
     }
 }
 

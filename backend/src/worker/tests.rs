@@ -81,3 +81,33 @@ fn a_queue_without_io_fails_its_requests_instead_of_hanging() {
     );
     h.exit();
 }
+
+#[test]
+fn with_logging_on_a_read_marks_its_data_status_and_used_ring_and_nothing_else() {
+    use crate::vhost_user::LOG_PAGE;
+    let (mem, queue, used_at) = one_read();
+    let h = Harness::new(mem.clone(), queue);
+    let (bitmap, _file) = crate::vhost_user::test_bitmap(8);
+    h.log().set_bitmap(std::sync::Arc::clone(&bitmap));
+    h.log().set_active(true);
+    h.kick();
+    assert_eq!(used(&mem, used_at).2, 1, "completed");
+    let page = |addr: u64| addr / LOG_PAGE;
+    let marked: Vec<u64> = (0..64).filter(|&p| bitmap.is_marked(p)).collect();
+    let mut want = vec![page(DATA), page(STATUS), page(used_at.0)];
+    want.sort_unstable();
+    want.dedup();
+    assert_eq!(marked, want, "the header is read, not written: not marked");
+    h.exit();
+}
+
+#[test]
+fn with_logging_off_nothing_is_marked() {
+    let (mem, queue, _) = one_read();
+    let h = Harness::new(mem, queue);
+    let (bitmap, _file) = crate::vhost_user::test_bitmap(8);
+    h.log().set_bitmap(std::sync::Arc::clone(&bitmap));
+    h.kick();
+    assert!((0..64).all(|p| !bitmap.is_marked(p)));
+    h.exit();
+}

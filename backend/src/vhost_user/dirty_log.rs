@@ -1,0 +1,219 @@
+//! Dirty logging for live migration (VHOST_F_LOG_ALL, LOG_SHMFD): while
+//! the frontend asks for it, every page of guest memory the device writes
+//! gets its bit set in a bitmap the frontend shares (SET_LOG_BASE), one
+//! bit per 4 KiB of guest physical address, set atomically. QEMU copies
+//! those pages again before the guest runs on the destination.
+//!
+//! What the device writes: the data of IN and GET_ID requests and every
+//! status byte (marked when the request finishes, before it reaches the
+//! used ring), used elements, the used index and avail_event (the used
+//! ring, marked whenever it is written). While logging is off this costs
+//! one relaxed load and a predictable branch.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::Arc;
+
+use arc_swap::ArcSwapOption;
+
+/// The bytes of guest memory one bit stands for.
+pub const LOG_PAGE: u64 = 4096;
+/// Largest log accepted: enough for 128 TiB of guest memory.
+const MAX_LOG: u64 = 4 << 30;
+
+/// A connection's dirty log: whether logging is on, and the bitmap.
+#[derive(Default)]
+pub struct DirtyLog {
+    active: AtomicBool,
+    bitmap: ArcSwapOption<Bitmap>,
+}
+
+impl DirtyLog {
+    /// True while the frontend wants writes logged: the hot path's one
+    /// check.
+    #[inline]
+    pub fn active(&self) -> bool {
+        self.active.load(Ordering::Relaxed)
+    }
+
+    /// Turns logging on or off (LOG_ALL in SET_FEATURES). Off means no
+    /// marking at all, not marking into a stale bitmap.
+    pub fn set_active(&self, on: bool) {
+        if on != self.active.swap(on, Ordering::SeqCst) {
+            tracing::info!("dirty logging {}", if on { "on" } else { "off" });
+        }
+    }
+
+    /// Installs the bitmap the frontend shared (SET_LOG_BASE).
+    pub fn set_bitmap(&self, bitmap: Arc<Bitmap>) {
+        self.bitmap.store(Some(bitmap));
+    }
+
+    /// Marks the pages of each `(gpa, len)` range, when logging is on
+    /// and the frontend shared a bitmap.
+    pub fn mark(&self, ranges: impl IntoIterator<Item = (u64, u64)>) {
+        if !self.active() {
+            return;
+        }
+        if let Some(b) = &*self.bitmap.load() {
+            for (gpa, len) in ranges {
+                b.mark(gpa, len);
+            }
+        }
+    }
+}
+
+/// The frontend's log bitmap, mapped.
+pub struct Bitmap {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: plain shared memory, only touched through atomics, unmapped
+// when the last Arc goes.
+unsafe impl Send for Bitmap {}
+// SAFETY: as above.
+unsafe impl Sync for Bitmap {}
+
+impl Bitmap {
+    /// Maps `size` bytes of `file` at `offset`.
+    pub fn map(file: &File, offset: u64, size: u64) -> io::Result<Arc<Bitmap>> {
+        let bad = |what: String| io::Error::new(io::ErrorKind::InvalidInput, what);
+        if size == 0 || size > MAX_LOG {
+            return Err(bad(format!(
+                "a dirty log of {size} bytes (at most {MAX_LOG})"
+            )));
+        }
+        let file_len = file.metadata()?.len();
+        if offset % 4096 != 0 || offset.checked_add(size).is_none_or(|e| e > file_len) {
+            return Err(bad(format!(
+                "the dirty log at {offset}+{size} does not fit its {file_len}-byte file, or is \
+                 not page aligned"
+            )));
+        }
+        // SAFETY: a fresh shared mapping of `size` bytes that `file` holds
+        // (checked above), at an address range nothing else uses.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                size as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                offset as libc::off_t,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Arc::new(Bitmap {
+            ptr: ptr.cast(),
+            len: size as usize,
+        }))
+    }
+
+    /// Marks the pages of `len` bytes at guest physical address `gpa`.
+    /// Pages past the end of the log are not marked: the frontend sized
+    /// it for all of guest memory.
+    pub fn mark(&self, gpa: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        let first = gpa / LOG_PAGE;
+        let last = gpa.saturating_add(len - 1) / LOG_PAGE;
+        for page in first..=last.min(self.len as u64 * 8 - 1) {
+            let byte = (page / 8) as usize;
+            // SAFETY: `byte < len`, inside the mapping; an atomic byte may
+            // alias shared memory the frontend also updates atomically.
+            let b = unsafe { &*self.ptr.add(byte).cast::<AtomicU8>() };
+            b.fetch_or(1 << (page % 8), Ordering::Relaxed);
+        }
+    }
+
+    /// The bit of `page`.
+    pub fn is_marked(&self, page: u64) -> bool {
+        let byte = (page / 8) as usize;
+        if byte >= self.len {
+            return false;
+        }
+        // SAFETY: inside the mapping, read atomically.
+        let b = unsafe { &*self.ptr.add(byte).cast::<AtomicU8>() };
+        b.load(Ordering::Relaxed) & (1 << (page % 8)) != 0
+    }
+}
+
+impl Drop for Bitmap {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `map`, no longer used.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
+}
+
+/// A memfd of `size` bytes with a bitmap mapped on it, as a frontend
+/// shares one; for tests.
+#[cfg(test)]
+pub(crate) fn test_bitmap(size: u64) -> (Arc<Bitmap>, File) {
+    // SAFETY: a static NUL-terminated name; the fd is ours.
+    let fd = unsafe { libc::memfd_create(c"strata-test-log".as_ptr(), 0) };
+    assert!(fd >= 0);
+    // SAFETY: a fresh descriptor nothing else owns.
+    let file = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    file.set_len(size).unwrap();
+    (Bitmap::map(&file, 0, size).unwrap(), file)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_range_marks_every_page_it_touches_and_no_other() {
+        let (b, _f) = test_bitmap(64);
+        b.mark(4095, 2);
+        assert!(b.is_marked(0) && b.is_marked(1));
+        assert!(!b.is_marked(2));
+        b.mark(10 * LOG_PAGE, 1);
+        assert!(b.is_marked(10) && !b.is_marked(9) && !b.is_marked(11));
+        b.mark(20 * LOG_PAGE, 3 * LOG_PAGE);
+        assert!((20..23).all(|p| b.is_marked(p)) && !b.is_marked(23));
+        b.mark(0, 0);
+        // Past the end of the log: nothing, and no fault.
+        b.mark(u64::MAX - 10, 100);
+        b.mark(64 * 8 * LOG_PAGE, LOG_PAGE);
+        assert!(!b.is_marked(64 * 8));
+    }
+
+    #[test]
+    fn the_bits_are_where_the_frontend_reads_them() {
+        let (b, f) = test_bitmap(4096);
+        b.mark(9 * LOG_PAGE, 1);
+        let mut bytes = [0u8; 2];
+        std::os::unix::fs::FileExt::read_exact_at(&f, &mut bytes, 0).unwrap();
+        assert_eq!(bytes, [0, 0b10], "page 9: byte 1, bit 1");
+    }
+
+    #[test]
+    fn marking_stops_when_logging_is_turned_off() {
+        let log = DirtyLog::default();
+        let (b, _f) = test_bitmap(64);
+        log.set_bitmap(Arc::clone(&b));
+        log.mark([(0, 1)]);
+        assert!(!b.is_marked(0), "not on yet");
+        log.set_active(true);
+        log.mark([(LOG_PAGE, 1)]);
+        assert!(b.is_marked(1));
+        log.set_active(false);
+        log.mark([(2 * LOG_PAGE, 1)]);
+        assert!(!b.is_marked(2), "off again");
+    }
+
+    #[test]
+    fn a_log_that_does_not_fit_is_refused() {
+        let (_b, f) = test_bitmap(8192);
+        assert!(Bitmap::map(&f, 0, 16384).is_err());
+        assert!(Bitmap::map(&f, 100, 64).is_err());
+        assert!(Bitmap::map(&f, 0, 0).is_err());
+    }
+}
