@@ -287,6 +287,31 @@ impl Daemon {
             .collect()
     }
 
+    /// blockdev-set-active: activates or inactivates the node named
+    /// `node` with the nodes below it, or, without a name, every node.
+    pub fn blockdev_set_active(&self, node: Option<&str>, active: bool) -> Result<(), QmpError> {
+        let v = self.graph.view();
+        let tops: Vec<NodeId> = match node {
+            Some(name) => vec![v.find(name).ok_or_else(|| {
+                QmpError::device_not_found(format!("Failed to find node with node-name='{name}'"))
+            })?],
+            // Every node no other node has as a child: their subtrees
+            // cover the graph.
+            None => v
+                .nodes()
+                .filter(|(id, _)| {
+                    !v.parents(*id)
+                        .any(|(_, s)| matches!(s.parent(), strata_graph::Parent::Node(_)))
+                })
+                .map(|(id, _)| id)
+                .collect(),
+        };
+        for id in tops {
+            blockdev::set_active(&self.graph, id, active, &self.ctx)?;
+        }
+        Ok(())
+    }
+
     /// block_resize: grows the node named `node` (or `device`) to `size`
     /// bytes, and tells the frontend of every export whose disk grew.
     pub fn block_resize(

@@ -17,5 +17,5 @@ pub mod open;
 pub mod options;
 pub mod throttle;
 
-pub use open::{add, change_quorum, reopen, set_backing, BlockdevError, OpenContext};
+pub use open::{add, change_quorum, reopen, set_active, set_backing, BlockdevError, OpenContext};
 pub use options::{parse_size, ChildOption, Options, OptionsError};

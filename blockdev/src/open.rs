@@ -10,7 +10,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use strata_graph::{BlockDriver, EventSink, GraphError, NodeBuilder, NodeId, Transaction};
+use strata_graph::{
+    BlockDriver, EventSink, Graph, GraphError, GraphView, NodeBuilder, NodeId, Transaction,
+};
 
 use strata_formats::blkdebug::{BlkdebugNode, Rule};
 use strata_formats::blkverify::BlkverifyNode;
@@ -83,6 +85,9 @@ pub enum BlockdevError {
 #[derive(Clone, Debug, Default)]
 struct Common {
     read_only: bool,
+    /// `active=off`: opened for a migration's destination, whose image
+    /// another process still owns (see [`set_active`]).
+    inactive: bool,
     direct: bool,
     no_flush: bool,
     discard: bool,
@@ -94,10 +99,19 @@ struct Common {
 }
 
 impl Common {
+    /// Drivers open an inactive node without writing: it is made
+    /// writable only when activated.
+    fn driver_read_only(&self) -> bool {
+        self.read_only || self.inactive
+    }
+
     fn take(o: &mut Options, inherited: &Common) -> Result<Common, BlockdevError> {
         let mut c = inherited.clone();
         if let Some(ro) = o.take_bool("read-only")? {
             c.read_only = ro;
+        }
+        if let Some(active) = o.take_bool("active")? {
+            c.inactive = !active;
         }
         // Strata opens what it is told to; the hint needs no action.
         o.take_bool("auto-read-only")?;
@@ -175,11 +189,13 @@ fn open_node(
     o.finish()?;
     let recorded = record(recorded, tx, &spec);
     let ctx = ctx.clone();
-    Ok(
-        tx.add_node(name.as_deref(), recorded, monitor_owned, move |b| {
-            build(b, spec, &ctx)
-        })?,
-    )
+    let id = tx.add_node(name.as_deref(), recorded, monitor_owned, move |b| {
+        build(b, spec, &ctx, Build::Reuse)
+    })?;
+    if common.inactive {
+        tx.set_active(id, false)?;
+    }
+    Ok(id)
 }
 
 /// Reopens the node named in `opts` with these options: options left out
@@ -187,8 +203,17 @@ fn open_node(
 /// child given by name replaces the current one.
 pub fn reopen(
     tx: &mut Transaction<'_>,
+    o: Options,
+    ctx: &OpenContext,
+) -> Result<NodeId, BlockdevError> {
+    reopen_as(tx, o, ctx, false)
+}
+
+fn reopen_as(
+    tx: &mut Transaction<'_>,
     mut o: Options,
     ctx: &OpenContext,
+    fresh: bool,
 ) -> Result<NodeId, BlockdevError> {
     let recorded = o.to_json();
     let name = o.take_str("node-name")?;
@@ -208,6 +233,11 @@ pub fn reopen(
         return Err(BlockdevError::CannotChange("driver".into()));
     }
     let common = Common::take(&mut o, &Common::default())?;
+    if common.inactive == tx.view().node(id).expect("found above").is_active() && !fresh {
+        return Err(BlockdevError::CannotChange(
+            "active (blockdev-set-active changes it)".into(),
+        ));
+    }
     let spec = parse(tx, &driver, &mut o, &common, Some(id), ctx)?;
     o.finish()?;
     if let (Spec::File(f), Some(old_name)) = (&spec, old.get("filename").and_then(Value::as_str)) {
@@ -217,8 +247,120 @@ pub fn reopen(
     }
     let recorded = record(recorded, tx, &spec);
     let ctx = ctx.clone();
-    tx.reopen_node(id, recorded, move |b| build(b, spec, &ctx))?;
+    let how = if fresh { Build::Fresh } else { Build::Reuse };
+    tx.reopen_node(id, recorded, move |b| build(b, spec, &ctx, how))?;
+    if fresh {
+        tx.set_active(id, !common.inactive)?;
+    }
     Ok(id)
+}
+
+/// How a reopened node treats its predecessor's state.
+#[derive(Clone, Copy)]
+enum Build {
+    /// Carries it over (a reopen changes options, not what is known).
+    Reuse,
+    /// Reads the image again and writes nothing: a node changing between
+    /// active and inactive, whose image another process may have
+    /// changed. A writable qcow2 is then reopened once more to prepare
+    /// for writing, once the locks are held.
+    Fresh,
+}
+
+/// blockdev-set-active: makes node `id` and every node below it active
+/// or inactive, as a live migration hands an image between two daemons
+/// on shared storage.
+///
+/// Inactivating flushes everything while the users are drained, reopens
+/// every node of the subtree without its cached metadata and read-only,
+/// and makes it inactive: it takes no I/O and its images hold no locks.
+/// Activating reopens each node from the image as it is now, makes it
+/// active and takes its locks (and fails, leaving it inactive, while the
+/// other process holds them); then a qcow2 node is reopened writable
+/// (a dirty image is repaired only now, under the lock).
+pub fn set_active(
+    graph: &Graph,
+    id: NodeId,
+    active: bool,
+    ctx: &OpenContext,
+) -> Result<(), BlockdevError> {
+    let mut tx = graph.transaction();
+    let mut order = subtree(tx.view(), id);
+    if !active {
+        // Top down: a format node rereads its image while its file is
+        // still active.
+        order.reverse();
+    }
+    let before = graph.view();
+    let mut changed = Vec::new();
+    for n in order {
+        let node = tx
+            .view()
+            .node(n)
+            .ok_or_else(|| BlockdevError::NoSuchNode(n.to_string()))?;
+        if node.is_active() == active {
+            continue;
+        }
+        let mut opts = node.options().clone();
+        opts["node-name"] = json!(node.name());
+        opts["active"] = json!(active);
+        reopen_as(&mut tx, Options::from_keyval(opts)?, ctx, true)?;
+        changed.push(n);
+    }
+    if changed.is_empty() {
+        return Ok(());
+    }
+    tx.commit_drained(|| {
+        if active {
+            return Ok(());
+        }
+        // Everything the old drivers cached reaches the image before they
+        // go, while no request runs.
+        let top = before.node(id).ok_or(GraphError::NoSuchNode { id })?;
+        block_on(top.driver().flush(&before))
+            .map_err(|e| GraphError::Open {
+                name: top.name().into(),
+                source: e.into(),
+            })?
+            .map_err(|e| GraphError::Open {
+                name: top.name().into(),
+                source: e.into(),
+            })
+    })?;
+    if active {
+        let mut tx = graph.transaction();
+        for &n in &changed {
+            let v = tx.view();
+            let node = v.node(n).expect("reopened above");
+            if node.driver().driver_name() != "qcow2" || node.driver().is_read_only() {
+                continue;
+            }
+            let mut opts = node.options().clone();
+            opts["node-name"] = json!(node.name());
+            reopen(&mut tx, Options::from_keyval(opts)?, ctx)?;
+        }
+        tx.commit()?;
+    }
+    Ok(())
+}
+
+/// `id` and the nodes below it, children before parents.
+fn subtree(v: &GraphView, id: NodeId) -> Vec<NodeId> {
+    let mut out = Vec::new();
+    let mut stack = vec![(id, false)];
+    while let Some((n, expanded)) = stack.pop() {
+        if expanded {
+            if !out.contains(&n) {
+                out.push(n);
+            }
+            continue;
+        }
+        stack.push((n, true));
+        for (_, s) in v.children(n) {
+            stack.push((s.child(), false));
+        }
+    }
+    out
 }
 
 /// Points node `id`'s `backing` slot at `backing`, or detaches it, by
@@ -400,7 +542,7 @@ fn parse(
             Spec::File(FileOptions {
                 filename: filename.into(),
                 direct: common.direct,
-                read_only: common.read_only,
+                read_only: common.driver_read_only(),
                 no_flush: common.no_flush,
                 discard: common.discard,
                 locking,
@@ -547,7 +689,7 @@ fn parse(
                 file,
                 backing,
                 Qcow2Options {
-                    read_only: common.read_only,
+                    read_only: common.driver_read_only(),
                     l2_cache_size: l2,
                     refcount_cache_size: rc,
                     discard: common.discard,
@@ -688,6 +830,7 @@ fn build(
     b: &mut NodeBuilder<'_>,
     spec: Spec,
     ctx: &OpenContext,
+    how: Build,
 ) -> Result<Arc<dyn BlockDriver>, Box<dyn std::error::Error + Send + Sync>> {
     Ok(match spec {
         Spec::File(f) => {
@@ -709,9 +852,12 @@ fn build(
         }
         Spec::Blkverify(test, raw) => Arc::new(BlkverifyNode::open(b, test, raw)?),
         Spec::Blkdebug(image, rules) => Arc::new(BlkdebugNode::open(b, image, rules)?),
-        Spec::Qcow2(file, backing, q) => match b.previous().and_then(|p| p.reopen_state()) {
-            Some(state) => Arc::new(Qcow2Node::reopen(b, state, file, backing, &q)?),
-            None => Arc::new(Qcow2Node::open(b, file, backing, &q)?),
+        Spec::Qcow2(file, backing, q) => match (how, b.previous().and_then(|p| p.reopen_state())) {
+            (Build::Fresh, _) => Arc::new(Qcow2Node::open_unprepared(b, file, backing, &q)?),
+            (Build::Reuse, Some(state)) => {
+                Arc::new(Qcow2Node::reopen(b, state, file, backing, &q)?)
+            }
+            (Build::Reuse, None) => Arc::new(Qcow2Node::open(b, file, backing, &q)?),
         },
     })
 }

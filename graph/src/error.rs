@@ -87,6 +87,13 @@ pub enum BlockError {
     /// A buffer the request needs could not be allocated.
     #[error(transparent)]
     NoMemory(#[from] crate::AllocError),
+    /// The node is inactive: another process owns its image (a live
+    /// migration hands it over) until it is activated.
+    #[error("node '{node}' is inactive (blockdev-set-active activates it)")]
+    Inactive {
+        /// The node's name.
+        node: std::sync::Arc<str>,
+    },
 }
 
 impl BlockError {

@@ -105,16 +105,26 @@ pub fn slot_perms(v: &GraphView) -> Vec<Option<SlotPerm>> {
 
 fn slot_perms_in(v: &GraphView, order: &[NodeId]) -> Vec<Option<SlotPerm>> {
     let mut perms: Vec<Option<SlotPerm>> = vec![None; v.slots.len()];
+    let active = |n: NodeId| v.node(n).is_some_and(|n| n.is_active());
     for (sid, s) in v.slots() {
         if let Parent::User(u) = s.parent() {
-            perms[sid.index()] = Some(u.perm);
+            // A user of an inactive node can do nothing with it.
+            perms[sid.index()] = Some(if active(s.child()) {
+                u.perm
+            } else {
+                SlotPerm::UNUSED
+            });
         }
     }
     for &n in order {
         let Some(node) = v.node(n) else { continue };
         let used = combined(v, n, &perms);
         for (sid, s) in v.children(n) {
-            perms[sid.index()] = Some(node.driver().child_perm(s.role(), used));
+            perms[sid.index()] = Some(if node.is_active() {
+                node.driver().child_perm(s.role(), used)
+            } else {
+                SlotPerm::UNUSED
+            });
         }
     }
     perms
@@ -129,8 +139,12 @@ pub(crate) fn node_perms(v: &GraphView, order: &[NodeId]) -> Vec<(NodeId, SlotPe
         .collect()
 }
 
-/// What the parents of `n` need together and share in common.
+/// What the parents of `n` need together and share in common: nothing,
+/// for an inactive node.
 fn combined(v: &GraphView, n: NodeId, perms: &[Option<SlotPerm>]) -> SlotPerm {
+    if v.node(n).is_some_and(|n| !n.is_active()) {
+        return SlotPerm::UNUSED;
+    }
     v.parents(n).fold(SlotPerm::UNUSED, |acc, (sid, _)| {
         let p = perms[sid.index()].unwrap_or(SlotPerm::UNUSED);
         SlotPerm {

@@ -86,6 +86,7 @@ impl<'g> Transaction<'g> {
                     driver,
                     options: Arc::new(options),
                     monitor_owned,
+                    active: true,
                 });
                 Ok(id)
             }
@@ -155,6 +156,22 @@ impl<'g> Transaction<'g> {
                 Err(e)
             }
         }
+    }
+
+    /// Makes node `id` active or inactive. An inactive node takes no I/O
+    /// from users (their requests fail with
+    /// [`BlockError::Inactive`](crate::BlockError::Inactive)) and asks its
+    /// children for nothing, so the images below it hold no
+    /// locks; its users ask nothing of it either. The caller keeps a
+    /// node's subtree in one state, and reopens what must drop or re-read
+    /// cached state.
+    pub fn set_active(&mut self, id: NodeId, active: bool) -> Result<(), GraphError> {
+        let node = self.next.nodes[id.index()]
+            .as_mut()
+            .ok_or(GraphError::NoSuchNode { id })?;
+        node.active = active;
+        self.affected.push(id);
+        Ok(())
     }
 
     /// Deletes node `id` and its child slots. Refused while anything uses

@@ -12,6 +12,9 @@ pub struct Node {
     pub(crate) driver: Arc<dyn BlockDriver>,
     pub(crate) options: Arc<serde_json::Value>,
     pub(crate) monitor_owned: bool,
+    /// False while another process owns the image: the node takes no
+    /// I/O and asks no permissions (so its files hold no locks).
+    pub(crate) active: bool,
 }
 
 impl Node {
@@ -33,6 +36,11 @@ impl Node {
     /// The options the node was opened (or last reopened) with.
     pub fn options(&self) -> &serde_json::Value {
         &self.options
+    }
+
+    /// False while the node is inactive (see [`Transaction::set_active`](crate::Transaction::set_active)).
+    pub fn is_active(&self) -> bool {
+        self.active
     }
 
     /// True for nodes added on their own (by blockdev-add); false for
@@ -63,10 +71,17 @@ impl GraphView {
 
     /// The driver of the node in `slot`: how a driver reaches its child.
     pub fn child(&self, slot: SlotId) -> Result<&dyn BlockDriver, BlockError> {
-        self.slot(slot)
-            .and_then(|s| self.node(s.child))
-            .map(Node::driver)
-            .ok_or(BlockError::EmptySlot { slot })
+        let s = self.slot(slot).ok_or(BlockError::EmptySlot { slot })?;
+        let node = self.node(s.child).ok_or(BlockError::EmptySlot { slot })?;
+        // Users (exports, jobs) get nothing from an inactive node; its
+        // drivers still read their images (a format node opening reads
+        // its header), read-only.
+        if !node.active && matches!(s.parent, Parent::User(_)) {
+            return Err(BlockError::Inactive {
+                node: node.name.clone(),
+            });
+        }
+        Ok(node.driver())
     }
 
     /// Starts `f` on the driver in `slot`: how filters pass requests down.

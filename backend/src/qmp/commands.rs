@@ -26,6 +26,7 @@ pub const COMMANDS: &[&str] = &[
     "object-add",
     "object-del",
     "block_resize",
+    "blockdev-set-active",
 ];
 
 /// Runs command `name` with `args`. (`qmp_capabilities` is the session's.)
@@ -131,6 +132,14 @@ pub fn execute(daemon: &Daemon, name: &str, args: Map<String, Value>) -> Result<
         "object-add" => {
             daemon.object_add(&mut a)?;
             a.finish()?;
+            json!({})
+        }
+        "blockdev-set-active" => {
+            let node = a.take_str("node-name")?;
+            let active = a.take_bool("active")?;
+            let active = a.required("active", active)?;
+            a.finish()?;
+            daemon.blockdev_set_active(node.as_deref(), active)?;
             json!({})
         }
         "block_resize" => {

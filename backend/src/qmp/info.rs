@@ -42,6 +42,7 @@ pub fn named_block_nodes(v: &GraphView) -> Value {
                 "bps": 0, "bps_rd": 0, "bps_wr": 0, "iops": 0, "iops_rd": 0, "iops_wr": 0,
                 "backing_file_depth": 0,
                 "write_threshold": 0,
+                "active": node.is_active(),
                 "cache": {"writeback": true, "direct": direct, "no-flush": false},
                 "image": {
                     "filename": file,

@@ -149,6 +149,24 @@ impl Qcow2Node {
         })?
     }
 
+    /// Opens the image as [`open`](Self::open) does, but writes nothing
+    /// even when writable: a dirty image is repaired by the reopen that
+    /// follows, once the caller holds the image's locks (activation).
+    pub fn open_unprepared(
+        b: &mut NodeBuilder<'_>,
+        file: NodeId,
+        backing: Option<NodeId>,
+        opts: &Qcow2Options,
+    ) -> Result<Self, Qcow2Error> {
+        let ro = Qcow2Options {
+            read_only: true,
+            ..opts.clone()
+        };
+        let mut node = Self::open(b, file, backing, &ro)?;
+        node.read_only = opts.read_only;
+        Ok(node)
+    }
+
     async fn load(
         g: &GraphView,
         file: SlotId,
