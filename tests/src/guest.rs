@@ -85,57 +85,135 @@ fn boot_with(
     timeout: Duration,
     on_line: &mut dyn FnMut(&str),
 ) -> GuestRun {
-    let dir = guest_dir();
-    let (kernel, initrd) = (dir.join("vmlinuz"), dir.join("initrd.gz"));
-    assert!(
-        kernel.exists() && initrd.exists(),
-        "no guest in {}: run ci/build-guest (ci/test does)",
-        dir.display()
-    );
-    let mut child = Command::new("qemu-system-x86_64")
-        .args(["-accel", "tcg", "-cpu", "max", "-m", "512", "-smp", "2"])
-        .args(["-nographic", "-no-reboot", "-nic", "none"])
-        .args(["-object", "memory-backend-memfd,id=mem,size=512M,share=on"])
-        .args(["-numa", "node,memdev=mem"])
-        .arg("-kernel")
-        .arg(&kernel)
-        .arg("-initrd")
-        .arg(&initrd)
-        .arg("-append")
-        .arg(format!("console=ttyS0 quiet panic=-1 strata.test={tests}"))
-        .arg("-chardev")
-        .arg(format!(
-            "socket,id=c0,path={}{chardev_opts}",
-            socket.display()
-        ))
-        .arg("-device")
-        .arg(format!(
-            "vhost-user-blk-pci,chardev=c0,num-queues={num_queues}"
-        ))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start qemu-system-x86_64 (apt-get install qemu-system-x86)");
+    let (tx, rx) = mpsc::channel();
+    let chardev = format!("socket,id=c0,path={}{chardev_opts}", socket.display());
+    let _vm = Vm::start(&chardev, num_queues, tests, &[], tx, 0);
+    collect(&rx, timeout, &mut |_, l| on_line(l))
+}
 
-    let (tx, rx) = mpsc::channel::<String>();
-    for pipe in [
-        Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
-        Box::new(child.stderr.take().unwrap()),
-    ] {
-        let tx = tx.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(pipe).split(b'\n') {
-                let Ok(line) = line else { break };
-                let line = String::from_utf8_lossy(&line).replace('\r', "");
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+/// Boots the guest on `src_socket`, and a second QEMU that waits for it
+/// on `dst_socket` (`-incoming unix:MIG -S`), each with a QMP monitor
+/// (`qmp[0]`, `qmp[1]`). `on_line` gets each "STRATA ..." line with 0 for
+/// the source and 1 for the destination; it drives the migration. Ends
+/// when the guest's init ends on either side, or at `timeout`.
+pub fn boot_migrating(
+    sockets: [&Path; 2],
+    qmp: [&Path; 2],
+    incoming: &Path,
+    num_queues: u16,
+    tests: &str,
+    timeout: Duration,
+    on_line: &mut dyn FnMut(u8, &str),
+) -> GuestRun {
+    let (tx, rx) = mpsc::channel();
+    let mut vms = Vec::new();
+    for side in 0..2u8 {
+        let chardev = format!(
+            "socket,id=c0,path={},reconnect=1",
+            sockets[usize::from(side)].display()
+        );
+        let mut extra = vec![
+            "-qmp".to_owned(),
+            format!(
+                "unix:{},server=on,wait=off",
+                qmp[usize::from(side)].display()
+            ),
+        ];
+        if side == 1 {
+            extra.extend([
+                "-incoming".to_owned(),
+                format!("unix:{}", incoming.display()),
+                "-S".to_owned(),
+            ]);
+        }
+        vms.push(Vm::start(
+            &chardev,
+            num_queues,
+            tests,
+            &extra,
+            tx.clone(),
+            side,
+        ));
     }
     drop(tx);
+    collect(&rx, timeout, on_line)
+}
 
+/// A QEMU running the test guest, killed when dropped.
+struct Vm(std::process::Child);
+
+impl Vm {
+    /// Starts QEMU with the guest's disk on `chardev`; its console lines
+    /// go to `tx`, tagged `tag`.
+    fn start(
+        chardev: &str,
+        num_queues: u16,
+        tests: &str,
+        extra: &[String],
+        tx: mpsc::Sender<(u8, String)>,
+        tag: u8,
+    ) -> Vm {
+        let dir = guest_dir();
+        let (kernel, initrd) = (dir.join("vmlinuz"), dir.join("initrd.gz"));
+        assert!(
+            kernel.exists() && initrd.exists(),
+            "no guest in {}: run ci/build-guest (ci/test does)",
+            dir.display()
+        );
+        let mut child = Command::new("qemu-system-x86_64")
+            .args(["-accel", "tcg", "-cpu", "max", "-m", "512", "-smp", "2"])
+            .args(["-nographic", "-no-reboot", "-nic", "none"])
+            .args(["-object", "memory-backend-memfd,id=mem,size=512M,share=on"])
+            .args(["-numa", "node,memdev=mem"])
+            .arg("-kernel")
+            .arg(&kernel)
+            .arg("-initrd")
+            .arg(&initrd)
+            .arg("-append")
+            .arg(format!("console=ttyS0 quiet panic=-1 strata.test={tests}"))
+            .args(["-chardev", chardev])
+            .arg("-device")
+            .arg(format!(
+                "vhost-user-blk-pci,chardev=c0,num-queues={num_queues}"
+            ))
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start qemu-system-x86_64 (apt-get install qemu-system-x86)");
+        for pipe in [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+            Box::new(child.stderr.take().unwrap()),
+        ] {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(pipe).split(b'\n') {
+                    let Ok(line) = line else { break };
+                    let line = String::from_utf8_lossy(&line).replace('\r', "");
+                    if tx.send((tag, line)).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        Vm(child)
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Collects console lines until the guest's init ends or `timeout`.
+fn collect(
+    rx: &mpsc::Receiver<(u8, String)>,
+    timeout: Duration,
+    on_line: &mut dyn FnMut(u8, &str),
+) -> GuestRun {
     let deadline = Instant::now() + timeout;
     let mut run = GuestRun {
         lines: Vec::new(),
@@ -144,22 +222,21 @@ fn boot_with(
     };
     while let Some(left) = deadline.checked_duration_since(Instant::now()) {
         match rx.recv_timeout(left) {
-            Ok(line) => {
+            Ok((tag, line)) => {
                 run.console.push_str(&line);
                 run.console.push('\n');
                 // The console prefixes escape codes: match anywhere.
                 if line.contains("STRATA-DONE") {
                     run.done = true;
+                    break;
                 } else if let Some(at) = line.find("STRATA ") {
                     let l = line[at..].trim_end().to_owned();
-                    on_line(&l);
+                    on_line(tag, &l);
                     run.lines.push(l);
                 }
             }
             Err(_) => break,
         }
     }
-    let _ = child.kill();
-    let _ = child.wait();
     run
 }

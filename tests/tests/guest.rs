@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 
 use serde_json::json;
 use strata_tests::daemon::{strata_bin, Daemon};
-use strata_tests::guest::{boot, boot_reconnecting, boot_watching, GuestRun};
+use strata_tests::guest::{boot, boot_migrating, boot_reconnecting, boot_watching, GuestRun};
 use strata_tests::qmp::Qmp;
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
@@ -794,4 +794,158 @@ fn sigkill_and_restart_five_times_under_fio_verify_loses_nothing() {
 #[ignore = "boots a QEMU guest; ci/test runs it"]
 fn the_upgrade_path_sigterm_and_restart_under_fio_verify() {
     restarts_under_fio(libc::SIGTERM, 3, 30);
+}
+
+/// A live migration between two QEMUs, each with its own Strata daemon
+/// on one `fmt` image: the destination's daemon opens it inactive, QEMU
+/// migrates (Strata logs the pages it writes), the source's daemon is
+/// inactivated and the destination's activated, and the guest goes on
+/// running fio rounds on the destination. Every round passes, and
+/// `qemu-img check` is clean.
+fn live_migration(fmt: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let img = d.join(format!("disk.{fmt}"));
+    strata_tests::host::sh(
+        "qemu-img",
+        &["create", "-q", "-f", fmt, img.to_str().unwrap(), "256M"],
+    );
+    let serve = |side: &str, active: &str| {
+        let sd = d.join(side);
+        std::fs::create_dir_all(&sd).unwrap();
+        Daemon::qsd_with_monitor(
+            &sd,
+            &[
+                &format!(
+                    "driver=file,node-name=file,filename={}{active}",
+                    img.display()
+                ),
+                &format!("driver={fmt},node-name=disk,file=file{active}"),
+            ],
+            "id=vda,node-name=disk,writable=on,num-queues=2",
+            &[],
+        )
+    };
+    let (src, src_strata) = serve("src", "");
+    let (dst, dst_strata) = serve("dst", ",active=off");
+    let (qmp_src, qmp_dst, mig) = (
+        d.join("qemu-src.qmp"),
+        d.join("qemu-dst.qmp"),
+        d.join("mig.sock"),
+    );
+    let mut operator = None;
+    let mut strata = Some((src_strata, dst_strata));
+    let mut sides = Vec::new();
+    let run = boot_migrating(
+        [src.socket(), dst.socket()],
+        [&qmp_src, &qmp_dst],
+        &mig,
+        2,
+        "migrate30",
+        BOOT_TIMEOUT,
+        &mut |side, line| {
+            sides.push((side, line.to_owned()));
+            // Once the guest is into its rounds: reads fill its page cache
+            // while its RAM moves.
+            if !line.starts_with("STRATA round n=1 ") || operator.is_some() {
+                return;
+            }
+            let (mut src_strata, mut dst_strata) = strata.take().unwrap();
+            let (qmp_src, qmp_dst) = (qmp_src.clone(), qmp_dst.clone());
+            let mig = mig.clone();
+            operator = Some(std::thread::spawn(move || {
+                let mut qs = Qmp::connect(&qmp_src);
+                let mut qd = Qmp::connect(&qmp_dst);
+                qs.execute(
+                    "migrate-set-parameters",
+                    json!({"downtime-limit": 300, "max-bandwidth": 100u64 << 20}),
+                )
+                .unwrap();
+                let start = std::time::Instant::now();
+                qs.execute("migrate", json!({"uri": format!("unix:{}", mig.display())}))
+                    .unwrap();
+                let info = loop {
+                    let info = qs.execute("query-migrate", json!({})).unwrap();
+                    match info["status"].as_str() {
+                        Some("completed") => break info,
+                        Some("failed" | "cancelled") => panic!("migration failed: {info}"),
+                        _ => std::thread::sleep(Duration::from_millis(100)),
+                    }
+                    assert!(
+                        start.elapsed() < Duration::from_secs(120),
+                        "migration hangs: {info}"
+                    );
+                };
+                // The hand-over: the source lets go of the image, the
+                // destination takes it, and only then does the guest run.
+                src_strata
+                    .execute("blockdev-set-active", json!({"active": false}))
+                    .unwrap();
+                dst_strata
+                    .execute("blockdev-set-active", json!({"active": true}))
+                    .unwrap();
+                qd.execute("cont", json!({})).unwrap();
+                println!(
+                    "migration: completed in {:?}: {}",
+                    start.elapsed(),
+                    info["ram"]
+                );
+                (src_strata, dst_strata)
+            }));
+        },
+    );
+    show(&run);
+    let (_src_strata, _dst_strata) = operator
+        .expect("the guest got ready")
+        .join()
+        .expect("the migration and hand-over went through");
+    check_done(&run, &dst.log_text());
+    let rounds: Vec<_> = sides
+        .iter()
+        .filter(|(_, l)| l.starts_with("STRATA round n="))
+        .collect();
+    for (_, r) in &rounds {
+        let clean = r
+            .split(' ')
+            .filter(|w| w.starts_with("rc=") || w.starts_with("rrc=") || w.starts_with("err="))
+            .all(|w| w.ends_with("=0"));
+        assert!(clean, "{r}");
+    }
+    let on_dst = rounds.iter().filter(|(side, _)| *side == 1).count();
+    assert!(
+        on_dst >= 1,
+        "no fio round ended on the destination: {rounds:?}"
+    );
+    assert!(
+        sides
+            .iter()
+            .any(|(side, l)| *side == 1 && l.starts_with("STRATA DONE failed=0")),
+        "the guest finished on the destination"
+    );
+    let src_log = src.log_text();
+    assert!(src_log.contains("dirty logging on"), "{src_log}");
+    let (st, log) = dst.stop();
+    assert!(st.success(), "{log}");
+    let (st, log) = src.stop();
+    assert!(st.success(), "{log}");
+    if fmt == "qcow2" {
+        let (code, out) = strata_tests::qemu::check(&img);
+        assert_eq!(code, 0, "qemu-img check:\n{out}");
+    }
+    println!(
+        "migration ({fmt}): {} fio rounds, {on_dst} of them on the destination, all clean",
+        rounds.len()
+    );
+}
+
+#[test]
+#[ignore = "boots a QEMU guest; ci/test runs it"]
+fn live_migration_of_a_qcow2_disk_under_fio_verify() {
+    live_migration("qcow2");
+}
+
+#[test]
+#[ignore = "boots a QEMU guest; ci/test runs it"]
+fn live_migration_of_a_raw_disk_under_fio_verify() {
+    live_migration("raw");
 }

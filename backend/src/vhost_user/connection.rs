@@ -66,8 +66,10 @@ pub(crate) fn serve_stream(
         "export '{id}': requests completed per queue: {:?}",
         queues.completed()
     );
-    if let Err(e) = export.flush_blocking() {
-        tracing::error!("export '{id}': flush after disconnect failed: {e}");
+    match export.flush_blocking() {
+        // Flushed when it was inactivated; nothing to do now.
+        Ok(()) | Err(strata_graph::BlockError::Inactive { .. }) => {}
+        Err(e) => tracing::error!("export '{id}': flush after disconnect failed: {e}"),
     }
     Ok(())
 }

@@ -366,6 +366,18 @@ impl VhostUserBackendReqHandlerMut for Handler {
         let avail = self.frontend_to_gpa(available)?;
         let used = self.frontend_to_gpa(used)?;
         let vring = self.vring(index)?;
+        // QEMU sends the addresses again, unchanged, on a running ring when
+        // it turns dirty logging on or off (the log flag). The ring goes on
+        // as it is: rereading the used index under a worker that is
+        // publishing would rewind it.
+        let running_same = {
+            let s = vring.get_ref();
+            let q = s.get_queue();
+            q.ready() && q.desc_table() == desc && q.avail_ring() == avail && q.used_ring() == used
+        };
+        if running_same {
+            return Ok(());
+        }
         vring
             .set_queue_info(desc, avail, used)
             .map_err(|_| VuError::InvalidParam)?;
