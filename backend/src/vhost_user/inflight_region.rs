@@ -163,6 +163,9 @@ pub struct QueueRegion {
 /// What a new process finds in a queue's part.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Recovered {
+    /// False for a part just initialised: nothing was tracked in it, and
+    /// the ring goes on from where the frontend says (SET_VRING_BASE).
+    pub tracked: bool,
     /// Heads still in flight, oldest first: to resubmit before new ones.
     pub resubmit: Vec<u16>,
     /// The counter to give the next head.
@@ -230,6 +233,7 @@ impl QueueRegion {
             self.used_idx().store(ring_used, Ordering::Relaxed);
             self.version().store(VERSION, Ordering::Release);
             return Recovered {
+                tracked: false,
                 resubmit: Vec::new(),
                 next_counter: 0,
             };
@@ -251,6 +255,7 @@ impl QueueRegion {
         live.sort_unstable();
         let next_counter = live.last().map_or(0, |&(c, _)| c.wrapping_add(1));
         Recovered {
+            tracked: true,
             resubmit: live.into_iter().map(|(_, h)| h).collect(),
             next_counter,
         }
@@ -350,6 +355,7 @@ mod tests {
         assert_eq!(
             q.recover(16, 2),
             Recovered {
+                tracked: true,
                 resubmit: vec![5, 9],
                 next_counter: 3
             }

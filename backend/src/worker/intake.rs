@@ -358,7 +358,11 @@ impl Worker {
         };
         let rec = region.recover(q.size(), used);
         let n = rec.resubmit.len();
-        q.set_next_avail(used.wrapping_add(n as u16));
+        // A region just initialised knows nothing: the frontend's base
+        // stands (a migration's destination starts this way).
+        if rec.tracked {
+            q.set_next_avail(used.wrapping_add(n as u16));
+        }
         if n > 0 {
             tracing::info!(
                 "queue {}: resubmitting {n} requests left in flight (heads {:?})",
