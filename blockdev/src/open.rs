@@ -317,15 +317,14 @@ pub fn set_active(
         // Everything the old drivers cached reaches the image before they
         // go, while no request runs.
         let top = before.node(id).ok_or(GraphError::NoSuchNode { id })?;
-        block_on(top.driver().flush(&before))
-            .map_err(|e| GraphError::Open {
-                name: top.name().into(),
-                source: e.into(),
-            })?
-            .map_err(|e| GraphError::Open {
-                name: top.name().into(),
-                source: e.into(),
-            })
+        let flushed = match block_on(top.driver().flush(&before)) {
+            Ok(res) => res.map_err(Into::into),
+            Err(e) => Err(e.into()),
+        };
+        flushed.map_err(|source| GraphError::Open {
+            name: top.name().into(),
+            source,
+        })
     })?;
     if active {
         let mut tx = graph.transaction();

@@ -118,6 +118,30 @@ impl Daemon {
         Self::run_with_env(args, &[], socket, log)
     }
 
+    /// A daemon in `dir` exporting a 64 MiB null-co node whose every
+    /// request takes `latency`, on `dir/vm.sock`, with `extra_export`
+    /// appended to the export's options.
+    pub fn null(dir: &Path, latency: Duration, extra_export: &str) -> Daemon {
+        let sock = dir.join("vm.sock");
+        Self::qsd(
+            &[
+                "--blockdev",
+                &format!(
+                    "driver=null-co,node-name=null0,size=64M,latency-ns={}",
+                    latency.as_nanos()
+                ),
+                "--export",
+                &format!(
+                    "type=vhost-user-blk,id=e0,node-name=null0,addr.type=unix,addr.path={},\
+                     writable=on{extra_export}",
+                    sock.display()
+                ),
+            ],
+            &sock,
+            &dir.join("strata.log"),
+        )
+    }
+
     /// As [`qsd`](Self::qsd), but a daemon that exits before it listens
     /// is an error carrying its log, not a panic: for restarts, which a
     /// supervisor would try again.

@@ -12,27 +12,6 @@ use strata_tests::daemon::Daemon;
 use strata_tests::frontend::{TestFrontend, DATA, W};
 use virtio_bindings::virtio_blk::VIRTIO_BLK_T_IN;
 
-/// A daemon exporting a null-co node whose every request takes `latency`.
-fn null_daemon(dir: &Path, latency: Duration, extra_export: &str) -> Daemon {
-    let sock = dir.join("vm.sock");
-    Daemon::qsd(
-        &[
-            "--blockdev",
-            &format!(
-                "driver=null-co,node-name=null0,size=64M,latency-ns={}",
-                latency.as_nanos()
-            ),
-            "--export",
-            &format!(
-                "type=vhost-user-blk,id=e0,node-name=null0,addr.type=unix,addr.path={},writable=on{extra_export}",
-                sock.display()
-            ),
-        ],
-        &sock,
-        &dir.join("strata.log"),
-    )
-}
-
 struct Client {
     blkio: Blkio,
     q: Blkioq,
@@ -87,7 +66,7 @@ impl Client {
 #[test]
 fn frontends_that_leave_with_reads_in_flight_do_not_take_the_daemon_down() {
     let dir = tempfile::tempdir().unwrap();
-    let mut daemon = null_daemon(dir.path(), Duration::from_millis(400), "");
+    let mut daemon = Daemon::null(dir.path(), Duration::from_millis(400), "");
     for round in 0..3 {
         let mut c = connect(daemon.socket());
         c.start_reads(32);
@@ -120,7 +99,7 @@ fn frontends_that_leave_with_reads_in_flight_do_not_take_the_daemon_down() {
 #[test]
 fn a_request_abandoned_by_get_vring_base_never_reaches_the_ring() {
     let dir = tempfile::tempdir().unwrap();
-    let mut daemon = null_daemon(dir.path(), Duration::from_secs(2), ",x-stop-timeout-ms=300");
+    let mut daemon = Daemon::null(dir.path(), Duration::from_secs(2), ",x-stop-timeout-ms=300");
     let mut fe = TestFrontend::connect(daemon.socket(), 1);
     let (hdr, buf, status) = (DATA, DATA + 0x1000, DATA + 0x2000);
     fe.header(hdr, VIRTIO_BLK_T_IN, 0);
@@ -154,7 +133,7 @@ fn a_request_abandoned_by_get_vring_base_never_reaches_the_ring() {
 #[test]
 fn frontends_that_come_and_go_leak_no_descriptors() {
     let dir = tempfile::tempdir().unwrap();
-    let mut daemon = null_daemon(dir.path(), Duration::ZERO, ",num-queues=2");
+    let mut daemon = Daemon::null(dir.path(), Duration::ZERO, ",num-queues=2");
     let fds = |d: &Daemon| {
         std::fs::read_dir(format!("/proc/{}/fd", d.pid()))
             .unwrap()

@@ -16,24 +16,7 @@ use vm_memory::{Bytes, GuestAddress};
 /// A daemon exporting a null-co node whose every request takes `latency`,
 /// with `queues` queues, on `dir/vm.sock`.
 fn null_daemon(dir: &Path, latency: Duration, queues: u16) -> Daemon {
-    let sock = dir.join("vm.sock");
-    Daemon::qsd(
-        &[
-            "--blockdev",
-            &format!(
-                "driver=null-co,node-name=null0,size=64M,latency-ns={}",
-                latency.as_nanos()
-            ),
-            "--export",
-            &format!(
-                "type=vhost-user-blk,id=e0,node-name=null0,addr.type=unix,addr.path={},\
-                 writable=on,num-queues={queues}",
-                sock.display()
-            ),
-        ],
-        &sock,
-        &dir.join("strata.log"),
-    )
+    Daemon::null(dir, latency, &format!(",num-queues={queues}"))
 }
 
 /// Offers `n` 512-byte reads on queue `q` as chains at heads `first`,

@@ -85,17 +85,17 @@ impl Channel {
             return Ok(());
         }
         sock.set_read_timeout(Some(ACK_TIMEOUT))?;
-        let mut buf = [0u8; HEADER + 8];
-        sock.read_exact(&mut buf)
+        let (mut h, mut v) = ([0u8; HEADER], [0u8; 8]);
+        sock.read_exact(&mut h)
+            .and_then(|()| sock.read_exact(&mut v))
             .map_err(|e| io::Error::new(e.kind(), format!("no ack for the config change: {e}")))?;
-        let (h, v) = buf.split_at(HEADER);
-        let reply = Header::from_bytes(h.try_into().expect("HEADER bytes"));
+        let reply = Header::from_bytes(&h);
         if reply.request != code || reply.flags & REPLY == 0 || reply.size != 8 {
             return Err(io::Error::other(format!(
                 "the frontend answered the config change with {reply:?}"
             )));
         }
-        let value = u64::from_le_bytes(v.try_into().expect("8 bytes"));
+        let value = u64::from_le_bytes(v);
         if value != 0 {
             return Err(io::Error::other(format!(
                 "the frontend failed the config change ({value})"

@@ -12,11 +12,12 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwapOption;
+
+use super::shared_map::SharedMap;
 
 /// The bytes of guest memory one bit stands for.
 pub const LOG_PAGE: u64 = 4096;
@@ -66,52 +67,30 @@ impl DirtyLog {
 }
 
 /// The frontend's log bitmap, mapped.
-pub struct Bitmap {
-    ptr: *mut u8,
-    len: usize,
-}
-
-// SAFETY: plain shared memory, only touched through atomics, unmapped
-// when the last Arc goes.
-unsafe impl Send for Bitmap {}
-// SAFETY: as above.
-unsafe impl Sync for Bitmap {}
+pub struct Bitmap(SharedMap);
 
 impl Bitmap {
     /// Maps `size` bytes of `file` at `offset`.
     pub fn map(file: &File, offset: u64, size: u64) -> io::Result<Arc<Bitmap>> {
-        let bad = |what: String| io::Error::new(io::ErrorKind::InvalidInput, what);
-        if size == 0 || size > MAX_LOG {
-            return Err(bad(format!(
-                "a dirty log of {size} bytes (at most {MAX_LOG})"
-            )));
+        if size > MAX_LOG {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("a dirty log of {size} bytes (at most {MAX_LOG})"),
+            ));
         }
-        let file_len = file.metadata()?.len();
-        if offset % 4096 != 0 || offset.checked_add(size).is_none_or(|e| e > file_len) {
-            return Err(bad(format!(
-                "the dirty log at {offset}+{size} does not fit its {file_len}-byte file, or is \
-                 not page aligned"
-            )));
-        }
-        // SAFETY: a fresh shared mapping of `size` bytes that `file` holds
-        // (checked above), at an address range nothing else uses.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                size as usize,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                offset as libc::off_t,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(Arc::new(Bitmap {
-            ptr: ptr.cast(),
-            len: size as usize,
-        }))
+        Ok(Arc::new(Bitmap(SharedMap::map(
+            file,
+            offset,
+            size,
+            "dirty log",
+        )?)))
+    }
+
+    fn byte(&self, byte: usize) -> &AtomicU8 {
+        // SAFETY: callers keep `byte < len`, inside the mapping; an atomic
+        // byte may alias shared memory the frontend also updates
+        // atomically.
+        unsafe { &*self.0.ptr().add(byte).cast::<AtomicU8>() }
     }
 
     /// Marks the pages of `len` bytes at guest physical address `gpa`.
@@ -123,31 +102,16 @@ impl Bitmap {
         }
         let first = gpa / LOG_PAGE;
         let last = gpa.saturating_add(len - 1) / LOG_PAGE;
-        for page in first..=last.min(self.len as u64 * 8 - 1) {
-            let byte = (page / 8) as usize;
-            // SAFETY: `byte < len`, inside the mapping; an atomic byte may
-            // alias shared memory the frontend also updates atomically.
-            let b = unsafe { &*self.ptr.add(byte).cast::<AtomicU8>() };
-            b.fetch_or(1 << (page % 8), Ordering::Relaxed);
+        for page in first..=last.min(self.0.len() as u64 * 8 - 1) {
+            self.byte((page / 8) as usize)
+                .fetch_or(1 << (page % 8), Ordering::Relaxed);
         }
     }
 
     /// The bit of `page`.
     pub fn is_marked(&self, page: u64) -> bool {
         let byte = (page / 8) as usize;
-        if byte >= self.len {
-            return false;
-        }
-        // SAFETY: inside the mapping, read atomically.
-        let b = unsafe { &*self.ptr.add(byte).cast::<AtomicU8>() };
-        b.load(Ordering::Relaxed) & (1 << (page % 8)) != 0
-    }
-}
-
-impl Drop for Bitmap {
-    fn drop(&mut self) {
-        // SAFETY: the mapping made in `map`, no longer used.
-        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+        byte < self.0.len() && self.byte(byte).load(Ordering::Relaxed) & (1 << (page % 8)) != 0
     }
 }
 

@@ -19,9 +19,10 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU16, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
+
+use super::shared_map::SharedMap;
 
 /// The region's layout version.
 const VERSION: u16 = 1;
@@ -39,17 +40,10 @@ pub fn queue_bytes(queue_size: u16) -> usize {
 
 /// A mapped inflight region, shared with the frontend.
 pub struct Region {
-    ptr: *mut u8,
-    len: usize,
+    map: SharedMap,
     num_queues: u16,
     queue_size: u16,
 }
-
-// SAFETY: the mapping is plain shared memory; every access goes through
-// atomics, and it is unmapped only when the last Arc goes.
-unsafe impl Send for Region {}
-// SAFETY: as above.
-unsafe impl Sync for Region {}
 
 impl Region {
     /// A new region for `num_queues` queues of `queue_size` in a memfd,
@@ -92,36 +86,9 @@ impl Region {
                  of {queue_size} ({need} bytes)"
             )));
         }
-        let file_len = file.metadata()?.len();
-        if mmap_offset
-            .checked_add(need as u64)
-            .is_none_or(|end| end > file_len)
-            || mmap_offset % 4096 != 0
-        {
-            return Err(bad(format!(
-                "the inflight region at {mmap_offset}+{need} does not fit its {file_len}-byte \
-                 file, or is not page aligned"
-            )));
-        }
-        // SAFETY: a fresh shared mapping of `need` bytes of `file`, which
-        // holds them (checked above); nothing else in this process uses
-        // that address range.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                need,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                mmap_offset as libc::off_t,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
+        let map = SharedMap::map(file, mmap_offset, need as u64, "inflight region")?;
         Ok(Arc::new(Region {
-            ptr: ptr.cast(),
-            len: need,
+            map,
             num_queues,
             queue_size,
         }))
@@ -143,13 +110,6 @@ impl Region {
             region: Arc::clone(self),
             base: q * queue_bytes(self.queue_size),
         })
-    }
-}
-
-impl Drop for Region {
-    fn drop(&mut self) {
-        // SAFETY: the mapping made in `map`, which no one uses any more.
-        unsafe { libc::munmap(self.ptr.cast(), self.len) };
     }
 }
 
@@ -179,7 +139,7 @@ impl QueueRegion {
         // it by the queue size), aligned for T (the part is 64-byte
         // aligned and every field sits at a multiple of its size), and
         // atomics of T's size may alias the shared memory.
-        unsafe { &*self.region.ptr.add(self.base + off).cast::<T>() }
+        unsafe { &*self.region.map.ptr().add(self.base + off).cast::<T>() }
     }
 
     fn version(&self) -> &AtomicU16 {
@@ -304,7 +264,7 @@ mod tests {
 
     fn bytes(r: &Region) -> &[u8] {
         // SAFETY: the whole mapping, read while nothing writes it.
-        unsafe { std::slice::from_raw_parts(r.ptr, r.len) }
+        unsafe { std::slice::from_raw_parts(r.map.ptr(), r.map.len()) }
     }
 
     #[test]

@@ -10,6 +10,7 @@ mod dirty_log;
 mod handler;
 mod inflight_region;
 mod queue_thread;
+mod shared_map;
 
 pub use channel::Channel;
 pub(crate) use connection::serve_one;
