@@ -228,6 +228,7 @@ impl Worker {
                         req.kind
                     ));
                     req.status.set(VIRTIO_BLK_S_IOERR as u8);
+                    self.ctx.state.log().mark(req.status.gpa().map(|g| (g, 1)));
                     self.ctx.finish(head, 1, generation);
                 }
             },
