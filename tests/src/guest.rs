@@ -87,21 +87,22 @@ fn boot_with(
 ) -> GuestRun {
     let (tx, rx) = mpsc::channel();
     let chardev = format!("socket,id=c0,path={}{chardev_opts}", socket.display());
-    let _vm = Vm::start(&chardev, num_queues, tests, &[], tx, 0);
+    let _vm = Vm::start(&chardev, num_queues, tests, "", &[], tx, 0);
     collect(&rx, timeout, &mut |_, l| on_line(l))
 }
 
-/// Boots the guest on `src_socket`, and a second QEMU that waits for it
-/// on `dst_socket` (`-incoming unix:MIG -S`), each with a QMP monitor
-/// (`qmp[0]`, `qmp[1]`). `on_line` gets each "STRATA ..." line with 0 for
+/// Boots the guest on the source's vhost-user socket, and a second QEMU
+/// that waits for it on the destination's (`-incoming unix:MIG -S`), each
+/// with a QMP monitor: `sides` holds both sockets of each. `kernel_args`
+/// go on the guest kernel's command line. `on_line` gets each "STRATA ..." line with 0 for
 /// the source and 1 for the destination; it drives the migration. Ends
 /// when the guest's init ends on either side, or at `timeout`.
 pub fn boot_migrating(
-    sockets: [&Path; 2],
-    qmp: [&Path; 2],
+    sides: [(&Path, &Path); 2],
     incoming: &Path,
     num_queues: u16,
     tests: &str,
+    kernel_args: &str,
     timeout: Duration,
     on_line: &mut dyn FnMut(u8, &str),
 ) -> GuestRun {
@@ -110,13 +111,13 @@ pub fn boot_migrating(
     for side in 0..2u8 {
         let chardev = format!(
             "socket,id=c0,path={},reconnect=1",
-            sockets[usize::from(side)].display()
+            sides[usize::from(side)].0.display()
         );
         let mut extra = vec![
             "-qmp".to_owned(),
             format!(
                 "unix:{},server=on,wait=off",
-                qmp[usize::from(side)].display()
+                sides[usize::from(side)].1.display()
             ),
         ];
         if side == 1 {
@@ -130,6 +131,7 @@ pub fn boot_migrating(
             &chardev,
             num_queues,
             tests,
+            kernel_args,
             &extra,
             tx.clone(),
             side,
@@ -138,6 +140,9 @@ pub fn boot_migrating(
     drop(tx);
     collect(&rx, timeout, on_line)
 }
+
+/// The guest's RAM, in bytes: one memfd that vhost-user shares.
+pub const GUEST_RAM: u64 = 512 << 20;
 
 /// A QEMU running the test guest, killed when dropped.
 struct Vm(std::process::Child);
@@ -149,6 +154,7 @@ impl Vm {
         chardev: &str,
         num_queues: u16,
         tests: &str,
+        kernel_args: &str,
         extra: &[String],
         tx: mpsc::Sender<(u8, String)>,
         tag: u8,
@@ -161,16 +167,25 @@ impl Vm {
             dir.display()
         );
         let mut child = Command::new("qemu-system-x86_64")
-            .args(["-accel", "tcg", "-cpu", "max", "-m", "512", "-smp", "2"])
+            .args(["-accel", "tcg", "-cpu", "max", "-smp", "2"])
+            .args(["-m", &format!("{}M", GUEST_RAM >> 20)])
             .args(["-nographic", "-no-reboot", "-nic", "none"])
-            .args(["-object", "memory-backend-memfd,id=mem,size=512M,share=on"])
+            .args([
+                "-object",
+                &format!(
+                    "memory-backend-memfd,id=mem,size={}M,share=on",
+                    GUEST_RAM >> 20
+                ),
+            ])
             .args(["-numa", "node,memdev=mem"])
             .arg("-kernel")
             .arg(&kernel)
             .arg("-initrd")
             .arg(&initrd)
             .arg("-append")
-            .arg(format!("console=ttyS0 quiet panic=-1 strata.test={tests}"))
+            .arg(format!(
+                "console=ttyS0 quiet panic=-1 strata.test={tests} {kernel_args}"
+            ))
             .args(["-chardev", chardev])
             .arg("-device")
             .arg(format!(

@@ -6,5 +6,6 @@ pub mod daemon;
 pub mod frontend;
 pub mod guest;
 pub mod host;
+pub mod memory_diff;
 pub mod qemu;
 pub mod qmp;

@@ -3,13 +3,17 @@
 //! These boot a VM, so they are ignored by a plain `cargo test`; ci/test
 //! builds the guest and runs them with `--ignored`.
 
+use std::path::Path;
 use std::time::Duration;
 
 use std::process::{Command, Stdio};
 
 use serde_json::json;
 use strata_tests::daemon::{strata_bin, Daemon};
-use strata_tests::guest::{boot, boot_migrating, boot_reconnecting, boot_watching, GuestRun};
+use strata_tests::guest::{
+    boot, boot_migrating, boot_reconnecting, boot_watching, GuestRun, GUEST_RAM,
+};
+use strata_tests::memory_diff::MemoryDiff;
 use strata_tests::qmp::Qmp;
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
@@ -590,8 +594,14 @@ fn a_volume_that_fills_under_fio_is_grown_and_resumed_without_a_guest_error() {
         }));
     });
     show(&run);
+    let Some(operator) = operator else {
+        panic!(
+            "the guest never started fio\n--- console ---\n{}\n--- strata ---\n{}",
+            run.console,
+            daemon.log_text()
+        );
+    };
     let ev = operator
-        .expect("fio started")
         .join()
         .expect("the volume filled, and was grown and resumed");
     assert_eq!(
@@ -796,13 +806,58 @@ fn the_upgrade_path_sigterm_and_restart_under_fio_verify() {
     restarts_under_fio(libc::SIGTERM, 3, 30);
 }
 
-/// A live migration between two QEMUs, each with its own Strata daemon
-/// on one `fmt` image: the destination's daemon opens it inactive, QEMU
-/// migrates (Strata logs the pages it writes), the source's daemon is
-/// inactivated and the destination's activated, and the guest goes on
-/// running fio rounds on the destination. Every round passes, and
-/// `qemu-img check` is clean.
+/// Tries to migrate at most this many times: QEMU 7.2's TCG loses pages
+/// the guest's CPU wrote, about one migration in three here, with
+/// qemu-storage-daemon or QEMU's own virtio-blk as much as with Strata.
+const MIGRATION_ATTEMPTS: usize = 6;
+
+/// Live migration between two QEMUs, each with its own Strata daemon on
+/// one `fmt` image, while the guest writes and reads with fio verify. Two
+/// migrations:
+/// - The device's part, with a guest that does not zero pages it
+///   allocates (`init_on_alloc=0`): the kernel's zeroing would dirty for
+///   QEMU a page the device then fills, and hide a page it failed to log.
+///   Once QEMU says "completed", no page the device filled from disk may
+///   differ between the two sides. Such a guest makes QEMU's TCG lose its
+///   own pages nearly every time, so it does not run on.
+/// - End to end, with the default guest: both sides' memory must be
+///   identical, then the disk is handed over and the guest runs on the
+///   destination, where every fio round passes, and `qemu-img check` is
+///   clean. A migration in which QEMU lost pages the guest's CPU wrote
+///   (and no disk data) is QEMU's failure, not Strata's: it is reported
+///   and tried again.
 fn live_migration(fmt: &str) {
+    match migrate_once(fmt, Mode::DeviceWrites) {
+        Ok(done) => println!("{done}"),
+        Err(lost) => println!("device writes: {lost}"),
+    }
+    for attempt in 1..=MIGRATION_ATTEMPTS {
+        match migrate_once(fmt, Mode::EndToEnd) {
+            Ok(done) => return println!("{done}"),
+            Err(lost) => println!("migration attempt {attempt}: {lost}; trying again"),
+        }
+    }
+    panic!("QEMU lost guest pages in {MIGRATION_ATTEMPTS} migrations in a row");
+}
+
+/// What one migration checks.
+#[derive(Clone, Copy, PartialEq)]
+enum Mode {
+    /// Only that every page the device filled arrived.
+    DeviceWrites,
+    /// That all memory arrived, and the guest runs on with its disk.
+    EndToEnd,
+}
+
+/// How the memory of both sides compared once QEMU said "completed".
+enum Moved {
+    /// Identical: the guest may run on the destination.
+    Identical,
+    /// QEMU lost pages the guest's CPU wrote; both QEMUs were quit.
+    LostByQemu(String),
+}
+
+fn migrate_once(fmt: &str, mode: Mode) -> Result<String, String> {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let img = d.join(format!("disk.{fmt}"));
@@ -837,11 +892,14 @@ fn live_migration(fmt: &str) {
     let mut strata = Some((src_strata, dst_strata));
     let mut sides = Vec::new();
     let run = boot_migrating(
-        [src.socket(), dst.socket()],
-        [&qmp_src, &qmp_dst],
+        [(src.socket(), &qmp_src), (dst.socket(), &qmp_dst)],
         &mig,
         2,
         "migrate30",
+        match mode {
+            Mode::DeviceWrites => "init_on_alloc=0",
+            Mode::EndToEnd => "",
+        },
         BOOT_TIMEOUT,
         &mut |side, line| {
             sides.push((side, line.to_owned()));
@@ -852,7 +910,7 @@ fn live_migration(fmt: &str) {
             }
             let (mut src_strata, mut dst_strata) = strata.take().unwrap();
             let (qmp_src, qmp_dst) = (qmp_src.clone(), qmp_dst.clone());
-            let mig = mig.clone();
+            let (mig, d, img) = (mig.clone(), d.to_owned(), img.clone());
             operator = Some(std::thread::spawn(move || {
                 let mut qs = Qmp::connect(&qmp_src);
                 let mut qd = Qmp::connect(&qmp_dst);
@@ -876,6 +934,25 @@ fn live_migration(fmt: &str) {
                         "migration hangs: {info}"
                     );
                 };
+                let elapsed = start.elapsed();
+                let diff = compare_memory(&d, &img, [&mut qs, &mut qd]);
+                if !diff.pages.is_empty() || mode == Mode::DeviceWrites {
+                    for q in [&mut qs, &mut qd] {
+                        let _ = q.execute("quit", json!({}));
+                    }
+                    assert!(
+                        diff.device_data.is_empty(),
+                        "pages the device filled from disk arrived stale (not logged): {:x?}",
+                        diff.device_data
+                    );
+                    let lost = format!(
+                        "every page the device filled arrived; QEMU lost {} pages the guest's \
+                         CPU wrote ({:x?})",
+                        diff.pages.len(),
+                        &diff.pages[..diff.pages.len().min(8)]
+                    );
+                    return (Moved::LostByQemu(lost), src_strata, dst_strata);
+                }
                 // The hand-over: the source lets go of the image, the
                 // destination takes it, and only then does the guest run.
                 src_strata
@@ -886,19 +963,21 @@ fn live_migration(fmt: &str) {
                     .unwrap();
                 qd.execute("cont", json!({})).unwrap();
                 println!(
-                    "migration: completed in {:?}: {}",
-                    start.elapsed(),
+                    "migration: completed in {elapsed:?}, memory identical on both sides: {}",
                     info["ram"]
                 );
-                (src_strata, dst_strata)
+                (Moved::Identical, src_strata, dst_strata)
             }));
         },
     );
     show(&run);
-    let (_src_strata, _dst_strata) = operator
+    let (moved, _src_strata, _dst_strata) = operator
         .expect("the guest got ready")
         .join()
         .expect("the migration and hand-over went through");
+    if let Moved::LostByQemu(lost) = moved {
+        return Err(lost);
+    }
     check_done(&run, &dst.log_text());
     let rounds: Vec<_> = sides
         .iter()
@@ -932,20 +1011,50 @@ fn live_migration(fmt: &str) {
         let (code, out) = strata_tests::qemu::check(&img);
         assert_eq!(code, 0, "qemu-img check:\n{out}");
     }
-    println!(
+    Ok(format!(
         "migration ({fmt}): {} fio rounds, {on_dst} of them on the destination, all clean",
         rounds.len()
+    ))
+}
+
+/// Dumps both sides' guest memory (both are stopped) and the disk as raw
+/// bytes, and compares them.
+fn compare_memory(d: &Path, img: &Path, qmp: [&mut Qmp; 2]) -> MemoryDiff {
+    let dumps = [d.join("src.mem"), d.join("dst.mem")];
+    for (q, dump) in qmp.into_iter().zip(&dumps) {
+        q.execute(
+            "pmemsave",
+            json!({"val": 0, "size": GUEST_RAM, "filename": dump}),
+        )
+        .unwrap();
+    }
+    let disk = d.join("disk.bytes");
+    strata_tests::host::sh(
+        "qemu-img",
+        &[
+            "convert",
+            "-U",
+            "-O",
+            "raw",
+            img.to_str().unwrap(),
+            disk.to_str().unwrap(),
+        ],
     );
+    let diff = MemoryDiff::compare(&dumps[0], &dumps[1], &disk);
+    for f in dumps.iter().chain([&disk]) {
+        let _ = std::fs::remove_file(f);
+    }
+    diff
 }
 
 #[test]
-#[ignore = "boots two QEMU guests; fails intermittently, so ci/test skips it (README)"]
+#[ignore = "boots two QEMU guests; ci/test runs it"]
 fn live_migration_of_a_qcow2_disk_under_fio_verify() {
     live_migration("qcow2");
 }
 
 #[test]
-#[ignore = "boots two QEMU guests; fails intermittently, so ci/test skips it (README)"]
+#[ignore = "boots two QEMU guests; ci/test runs it"]
 fn live_migration_of_a_raw_disk_under_fio_verify() {
     live_migration("raw");
 }
