@@ -186,48 +186,51 @@ impl QueueState {
 }
 
 /// The queues of one connection's device.
-pub struct Queues(Vec<Arc<QueueState>>);
+pub struct Queues {
+    queues: Vec<Arc<QueueState>>,
+    log: Arc<DirtyLog>,
+}
 
 impl Queues {
     /// `n` queues with fresh eventfds, sharing one dirty log.
     pub fn new(n: usize) -> io::Result<Queues> {
         let log = Arc::new(DirtyLog::default());
-        (0..n)
+        let queues = (0..n)
             .map(|_| QueueState::with_log(Arc::clone(&log)).map(Arc::new))
-            .collect::<io::Result<_>>()
-            .map(Queues)
+            .collect::<io::Result<_>>()?;
+        Ok(Queues { queues, log })
     }
 
     /// Queue `i`.
     pub fn get(&self, i: usize) -> Option<&Arc<QueueState>> {
-        self.0.get(i)
+        self.queues.get(i)
     }
 
     /// The queues, in order.
     pub fn iter(&self) -> impl Iterator<Item = &Arc<QueueState>> {
-        self.0.iter()
+        self.queues.iter()
     }
 
     /// The dirty log the queues share.
-    pub fn log(&self) -> Option<&DirtyLog> {
-        self.0.first().map(|q| q.log())
+    pub fn log(&self) -> &DirtyLog {
+        &self.log
     }
 
     /// How many there are.
     pub fn len(&self) -> usize {
-        self.0.len()
+        self.queues.len()
     }
 
     /// True for a device without queues.
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.queues.is_empty()
     }
 
     /// Waits until no queue has a request running (the caller has paused
     /// the export).
     pub fn wait_idle(&self, timeout: Duration) -> Result<(), QueueTimeout> {
         let deadline = Instant::now() + timeout;
-        for (i, q) in self.0.iter().enumerate() {
+        for (i, q) in self.queues.iter().enumerate() {
             q.wait_idle(i, deadline.saturating_duration_since(Instant::now()))?;
         }
         Ok(())
@@ -235,7 +238,7 @@ impl Queues {
 
     /// Makes every worker look at its virtqueue again.
     pub fn wake_all(&self) {
-        for q in &self.0 {
+        for q in &self.queues {
             if let Err(e) = q.wake.write(1) {
                 tracing::error!("cannot wake a queue worker: {e}");
             }
@@ -246,13 +249,13 @@ impl Queues {
     pub fn exit_all(&self, timeout: Duration) -> Result<(), QueueTimeout> {
         let deadline = Instant::now() + timeout;
         let mut res = Ok(());
-        for q in &self.0 {
+        for q in &self.queues {
             q.bump_generation();
             if let Err(e) = q.exit.write(1) {
                 tracing::error!("cannot signal a queue worker to exit: {e}");
             }
         }
-        for (i, q) in self.0.iter().enumerate() {
+        for (i, q) in self.queues.iter().enumerate() {
             let left = deadline.saturating_duration_since(Instant::now());
             if let Err(e) = q.wait_for(i, "the worker has not torn down", left, |l| l.gone) {
                 res = Err(e);
@@ -263,7 +266,7 @@ impl Queues {
 
     /// Requests completed per queue since the frontend connected.
     pub fn completed(&self) -> Vec<u64> {
-        self.0.iter().map(|q| q.completed()).collect()
+        self.queues.iter().map(|q| q.completed()).collect()
     }
 }
 

@@ -37,6 +37,11 @@ pub fn qemu_io(path: &Path, cmd: &str) {
     );
 }
 
+/// Creates an empty `fmt` image of `size` (as qemu-img spells sizes).
+pub fn create(path: &Path, fmt: &str, size: &str) {
+    qemu_img_ok(&["create", "-q", "-f", fmt, path.to_str().unwrap(), size]);
+}
+
 /// The image's content as qemu-img reads it.
 pub fn to_raw(path: &Path) -> Vec<u8> {
     let raw = path.with_extension("as-raw");

@@ -559,10 +559,7 @@ fn a_volume_that_fills_under_fio_is_grown_and_resumed_without_a_guest_error() {
     // cannot fit until the host grows it.
     let vol = strata_tests::host::Tmpfs::mount(d, "vol", "16M");
     let img = vol.path.join("disk.qcow2");
-    strata_tests::host::sh(
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", img.to_str().unwrap(), "128M"],
-    );
+    strata_tests::qemu::create(&img, "qcow2", "128M");
     let (daemon, mut qmp) = Daemon::qsd_with_monitor(
         d,
         &[
@@ -624,10 +621,7 @@ fn the_guest_sees_a_resize_at_once_and_writes_the_new_tail() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let img = d.join("disk.qcow2");
-    strata_tests::host::sh(
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", img.to_str().unwrap(), "64M"],
-    );
+    strata_tests::qemu::create(&img, "qcow2", "64M");
     let (daemon, mut qmp) = Daemon::qsd_with_monitor(
         d,
         &[
@@ -707,10 +701,7 @@ fn restarts_under_fio(signal: i32, restarts: usize, secs: u32) {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path().to_owned();
     let img = d.join("disk.raw");
-    strata_tests::host::sh(
-        "qemu-img",
-        &["create", "-q", "-f", "raw", img.to_str().unwrap(), "256M"],
-    );
+    strata_tests::qemu::create(&img, "raw", "256M");
     let first = raw_daemon(&d, &img, 0);
     let sock = first.socket().to_owned();
     let daemon = std::sync::Arc::new(std::sync::Mutex::new(Some(first)));
@@ -861,10 +852,7 @@ fn migrate_once(fmt: &str, mode: Mode) -> Result<String, String> {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let img = d.join(format!("disk.{fmt}"));
-    strata_tests::host::sh(
-        "qemu-img",
-        &["create", "-q", "-f", fmt, img.to_str().unwrap(), "256M"],
-    );
+    strata_tests::qemu::create(&img, fmt, "256M");
     let serve = |side: &str, active: &str| {
         let sd = d.join(side);
         std::fs::create_dir_all(&sd).unwrap();

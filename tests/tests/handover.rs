@@ -47,10 +47,7 @@ fn active(qmp: &mut Qmp, node: &str) -> bool {
 fn a_disk_is_handed_from_one_daemon_to_another_on_the_same_image() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("disk.qcow2");
-    sh(
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", img.to_str().unwrap(), "64M"],
-    );
+    strata_tests::qemu::create(&img, "qcow2", "64M");
     let (src, mut src_qmp) = daemon(&dir.path().join("src"), &img, "");
     let mut a = SyncClient::connect(src.socket(), false).unwrap();
     a.write(0, &vec![0x11; MIB as usize]).unwrap();
@@ -127,10 +124,7 @@ fn a_disk_is_handed_from_one_daemon_to_another_on_the_same_image() {
 fn blockdev_set_active_refuses_what_it_cannot_do() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("disk.qcow2");
-    sh(
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", img.to_str().unwrap(), "16M"],
-    );
+    strata_tests::qemu::create(&img, "qcow2", "16M");
     let (d, mut qmp) = daemon(dir.path(), &img, "");
     let e = qmp
         .execute(

@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde_json::json;
 use strata_tests::client::SyncClient;
 use strata_tests::daemon::{strata_bin, Daemon};
-use strata_tests::host::{sh, Tmpfs};
+use strata_tests::host::Tmpfs;
 use strata_tests::qmp::Qmp;
 
 const MIB: u64 = 1 << 20;
@@ -32,10 +32,7 @@ fn serve(dir: &Path, img: &Path, export_opts: &str) -> (Daemon, Qmp) {
 fn small_volume(dir: &Path, size: &str) -> (Tmpfs, std::path::PathBuf) {
     let fs = Tmpfs::mount(dir, "vol", size);
     let img = fs.path.join("disk.qcow2");
-    sh(
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", img.to_str().unwrap(), "64M"],
-    );
+    strata_tests::qemu::create(&img, "qcow2", "64M");
     (fs, img)
 }
 
@@ -159,10 +156,7 @@ fn on_error_report_fails_the_write_and_says_so() {
 fn bad_on_error_values_and_unknown_exports_are_named() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("d.qcow2");
-    sh(
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", img.to_str().unwrap(), "1M"],
-    );
+    strata_tests::qemu::create(&img, "qcow2", "1M");
     let out = std::process::Command::new(strata_bin())
         .args(["--blockdev", &format!("driver=file,node-name=f,filename={}", img.display())])
         .args(["--blockdev", "driver=qcow2,node-name=disk,file=f"])

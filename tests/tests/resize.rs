@@ -25,10 +25,7 @@ fn capacity(fe: &mut TestFrontend) -> u64 {
 
 fn serve(dir: &Path, fmt: &str) -> (Daemon, Qmp, std::path::PathBuf) {
     let img = dir.join(format!("disk.{fmt}"));
-    sh(
-        "qemu-img",
-        &["create", "-q", "-f", fmt, img.to_str().unwrap(), "16M"],
-    );
+    strata_tests::qemu::create(&img, fmt, "16M");
     let (d, qmp) = Daemon::qsd_with_monitor(
         dir,
         &[

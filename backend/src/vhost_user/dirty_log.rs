@@ -53,13 +53,14 @@ impl DirtyLog {
     }
 
     /// Marks the pages of each `(gpa, len)` range, when logging is on
-    /// and the frontend shared a bitmap.
-    pub fn mark(&self, ranges: impl IntoIterator<Item = (u64, u64)>) {
+    /// and the frontend shared a bitmap. The ranges are worked out only
+    /// then: while logging is off, a caller pays one load.
+    pub fn mark<I: IntoIterator<Item = (u64, u64)>>(&self, ranges: impl FnOnce() -> I) {
         if !self.active() {
             return;
         }
         if let Some(b) = &*self.bitmap.load() {
-            for (gpa, len) in ranges {
+            for (gpa, len) in ranges() {
                 b.mark(gpa, len);
             }
         }
@@ -163,13 +164,13 @@ mod tests {
         let log = DirtyLog::default();
         let (b, _f) = test_bitmap(64);
         log.set_bitmap(Arc::clone(&b));
-        log.mark([(0, 1)]);
+        log.mark(|| [(0, 1)]);
         assert!(!b.is_marked(0), "not on yet");
         log.set_active(true);
-        log.mark([(LOG_PAGE, 1)]);
+        log.mark(|| [(LOG_PAGE, 1)]);
         assert!(b.is_marked(1));
         log.set_active(false);
-        log.mark([(2 * LOG_PAGE, 1)]);
+        log.mark(|| [(2 * LOG_PAGE, 1)]);
         assert!(!b.is_marked(2), "off again");
     }
 

@@ -303,9 +303,7 @@ impl VhostUserBackendReqHandlerMut for Handler {
                 self.update_watch(i)?;
             }
         }
-        if let Some(log) = self.queues.log() {
-            log.set_active(features & LOG_ALL != 0);
-        }
+        self.queues.log().set_active(features & LOG_ALL != 0);
         let event_idx = features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
         for v in &self.vrings {
             v.set_queue_event_idx(event_idx);
@@ -625,9 +623,7 @@ impl VhostUserBackendReqHandlerMut for Handler {
     fn set_log_base(&mut self, msg: &VhostUserLog, file: File) -> VuResult<()> {
         let bitmap = Bitmap::map(&file, msg.mmap_offset, msg.mmap_size)
             .map_err(|e| invalid(format!("SET_LOG_BASE: {e}")))?;
-        if let Some(log) = self.queues.log() {
-            log.set_bitmap(bitmap);
-        }
+        self.queues.log().set_bitmap(bitmap);
         Ok(())
     }
 }

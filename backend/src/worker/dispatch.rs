@@ -186,7 +186,7 @@ async fn execute(ctx: Rc<QueueCtx>, view: LocalView, job: Job) {
         Reply::Unsupported => (VIRTIO_BLK_S_UNSUPP, 1),
     };
     req.status.set(status as u8);
-    ctx.state.log().mark(req.written());
+    ctx.state.log().mark(|| req.written());
     ctx.finish(req.head, used, generation);
 }
 
