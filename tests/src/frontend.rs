@@ -6,21 +6,25 @@
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{fence, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::{
-    VhostUserConfigFlags, VhostUserInflight, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserInflight, VhostUserProtocolFeatures,
+    VhostUserVirtioFeatures,
 };
 use vhost::vhost_user::{
     Frontend, FrontendReqHandler, VhostUserFrontend, VhostUserFrontendReqHandler,
 };
-use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vhost::{VhostBackend, VhostUserDirtyLogRegion, VhostUserMemoryRegionInfo, VringConfigData};
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
-use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use virtio_bindings::virtio_ring::{
+    VIRTIO_RING_F_EVENT_IDX, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
+};
 use vm_memory::{Address, Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -28,7 +32,7 @@ use vmm_sys_util::eventfd::EventFd;
 pub const MEM_SIZE: usize = 16 << 20;
 /// Where test buffers start.
 pub const DATA: u64 = 1 << 20;
-/// Descriptors per queue.
+/// Descriptors per queue, unless [`Options`] says otherwise.
 pub const QUEUE_SIZE: u16 = 64;
 const RING_STRIDE: u64 = 0x4000;
 /// Descriptor flag: device-writable.
@@ -52,6 +56,35 @@ pub struct TestFrontend {
     setup: Setup,
 }
 
+/// What the frontend negotiates, beyond the features every test needs.
+#[derive(Clone, Copy, Debug)]
+pub struct Options {
+    /// Descriptors per queue (at most 256: the rings' spacing).
+    pub queue_size: u16,
+    /// VIRTIO_RING_F_EVENT_IDX: the driver kicks only when the device's
+    /// avail_event asks for it (see [`TestFrontend::needs_kick`]).
+    pub event_idx: bool,
+    /// Take the inflight region when the daemon offers it, as QEMU does.
+    pub inflight: bool,
+    /// Hand the daemon a dirty-log bitmap and turn VHOST_F_LOG_ALL on, as
+    /// QEMU does while migrating (see [`TestFrontend::dirty_pages`]).
+    pub dirty_log: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            queue_size: QUEUE_SIZE,
+            event_idx: false,
+            inflight: true,
+            dirty_log: false,
+        }
+    }
+}
+
+/// VHOST_F_LOG_ALL.
+const LOG_ALL: u64 = 1 << 26;
+
 /// What a (re)connection sets up again.
 struct Setup {
     /// The guest memory's memfd.
@@ -61,6 +94,11 @@ struct Setup {
     /// The inflight region the daemon handed over, kept across
     /// reconnects.
     inflight: Option<(VhostUserInflight, File)>,
+    options: Options,
+    /// The virtio features acked, without LOG_ALL.
+    features: u64,
+    /// The dirty-log bitmap, one bit per 4 KiB page, when logging.
+    log: Option<File>,
 }
 
 /// The backend-request channel's frontend end, served by the vhost
@@ -102,7 +140,19 @@ pub type Desc = (u64, u32, u16);
 impl TestFrontend {
     /// Connects to `socket` and sets up `num_queues` queues.
     pub fn connect(socket: &Path, num_queues: usize) -> TestFrontend {
-        Self::connect_with(socket, num_queues, &[(0, MEM_SIZE as u64)], 0, None)
+        Self::connect_opts(socket, num_queues, Options::default())
+    }
+
+    /// Like [`connect`](Self::connect), negotiating as `options` says.
+    pub fn connect_opts(socket: &Path, num_queues: usize, options: Options) -> TestFrontend {
+        Self::connect_with(
+            socket,
+            num_queues,
+            &[(0, MEM_SIZE as u64)],
+            0,
+            None,
+            options,
+        )
     }
 
     /// Like [`connect`](Self::connect), with the BACKEND_REQ protocol
@@ -119,6 +169,7 @@ impl TestFrontend {
             &[(0, MEM_SIZE as u64)],
             0,
             Some(Arc::clone(&changes)),
+            Options::default(),
         );
         (fe, changes)
     }
@@ -134,7 +185,14 @@ impl TestFrontend {
         ring_offset: u64,
     ) -> TestFrontend {
         let regions = [(0, split), (split, MEM_SIZE as u64 - split)];
-        Self::connect_with(socket, num_queues, &regions, ring_offset, None)
+        Self::connect_with(
+            socket,
+            num_queues,
+            &regions,
+            ring_offset,
+            None,
+            Options::default(),
+        )
     }
 
     fn connect_with(
@@ -143,13 +201,10 @@ impl TestFrontend {
         regions: &[(u64, u64)],
         ring_offset: u64,
         changes: Option<Arc<ConfigChanges>>,
+        options: Options,
     ) -> TestFrontend {
-        // SAFETY: memfd_create with a static NUL-terminated name.
-        let fd = unsafe { libc::memfd_create(c"strata-test-guest".as_ptr(), 0) };
-        assert!(fd >= 0, "memfd_create");
-        // SAFETY: `fd` is a fresh descriptor we own.
-        let file = unsafe { File::from_raw_fd(fd) };
-        file.set_len(MEM_SIZE as u64).unwrap();
+        assert!(options.queue_size <= 256, "rings are 16 KiB apart");
+        let file = memfd(c"strata-test-guest", MEM_SIZE as u64);
         let mem = GuestMemoryMmap::<()>::from_ranges_with_files([(
             GuestAddress(0),
             MEM_SIZE,
@@ -170,6 +225,11 @@ impl TestFrontend {
             regions: regions.to_vec(),
             changes,
             inflight: None,
+            options,
+            features: 0,
+            log: options
+                .dirty_log
+                .then(|| memfd(c"strata-test-log", DIRTY_LOG_SIZE)),
         };
         let fe = Frontend::connect(socket, num_queues as u64).expect("connect");
         let mut t = TestFrontend {
@@ -202,21 +262,32 @@ impl TestFrontend {
     /// memory, the inflight region (fetched once, then handed back), and
     /// every ring from its used index.
     fn handshake(&mut self) {
+        let opts = self.setup.options;
+        let qs = opts.queue_size;
         let fe = &mut self.fe;
         fe.set_owner().unwrap();
         let offered = fe.get_features().unwrap();
         let proto = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
         assert_ne!(offered & proto, 0, "PROTOCOL_FEATURES offered");
-        let wanted = offered & (1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_BLK_F_RO | proto);
-        fe.set_features(wanted).unwrap();
+        let mut wanted = 1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_BLK_F_RO | proto;
+        if opts.event_idx {
+            wanted |= 1 << VIRTIO_RING_F_EVENT_IDX;
+        }
+        self.setup.features = offered & wanted;
+        fe.set_features(self.setup.features).unwrap();
         let pf = fe.get_protocol_features().unwrap();
         let mut need = VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::REPLY_ACK
-            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
-            | (pf & VhostUserProtocolFeatures::INFLIGHT_SHMFD);
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
+        if opts.inflight {
+            need |= pf & VhostUserProtocolFeatures::INFLIGHT_SHMFD;
+        }
         if self.setup.changes.is_some() {
             need |= VhostUserProtocolFeatures::BACKEND_REQ;
+        }
+        if opts.dirty_log {
+            need |= VhostUserProtocolFeatures::LOG_SHMFD;
         }
         assert!(pf.contains(need), "protocol features {pf:?} lack {need:?}");
         fe.set_protocol_features(need).unwrap();
@@ -240,22 +311,34 @@ impl TestFrontend {
             })
             .collect();
         fe.set_mem_table(&table).unwrap();
+        if let Some(log) = &self.setup.log {
+            // QEMU's order: the log first, then LOG_ALL with the features.
+            let region = VhostUserDirtyLogRegion {
+                mmap_size: DIRTY_LOG_SIZE,
+                mmap_offset: 0,
+                mmap_handle: log.as_raw_fd(),
+            };
+            fe.set_log_base(0, Some(region)).unwrap();
+            fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+            fe.set_features(self.setup.features | LOG_ALL).unwrap();
+            fe.set_hdr_flags(VhostUserHeaderFlag::empty());
+        }
         if need.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD) {
             if self.setup.inflight.is_none() {
-                let ask = VhostUserInflight::new(0, 0, self.queues.len() as u16, QUEUE_SIZE);
+                let ask = VhostUserInflight::new(0, 0, self.queues.len() as u16, qs);
                 self.setup.inflight = Some(fe.get_inflight_fd(&ask).unwrap());
             }
             let (msg, file) = self.setup.inflight.as_ref().expect("fetched above");
             fe.set_inflight_fd(msg, file.as_raw_fd()).unwrap();
         }
         for (q, queue) in self.queues.iter().enumerate() {
-            let (desc, avail, used) = Self::ring_addrs(queue.base);
-            fe.set_vring_num(q, QUEUE_SIZE).unwrap();
+            let (desc, avail, used) = ring_addrs(queue.base, qs);
+            fe.set_vring_num(q, qs).unwrap();
             fe.set_vring_addr(
                 q,
                 &VringConfigData {
-                    queue_max_size: QUEUE_SIZE,
-                    queue_size: QUEUE_SIZE,
+                    queue_max_size: qs,
+                    queue_size: qs,
                     flags: 0,
                     desc_table_addr: host + desc,
                     used_ring_addr: host + used,
@@ -277,11 +360,67 @@ impl TestFrontend {
         self.setup.inflight.is_some()
     }
 
-    fn ring_addrs(base: u64) -> (u64, u64, u64) {
-        let desc = base;
-        let avail = desc + 16 * u64::from(QUEUE_SIZE);
-        let used = (avail + 6 + 2 * u64::from(QUEUE_SIZE) + 3) & !3;
-        (desc, avail, used)
+    /// Queue `q`'s descriptor table, avail ring and used ring.
+    pub fn ring_addrs(&self, q: usize) -> (u64, u64, u64) {
+        ring_addrs(self.queues[q].base, self.setup.options.queue_size)
+    }
+
+    /// Descriptors per queue.
+    pub fn queue_size(&self) -> u16 {
+        self.setup.options.queue_size
+    }
+
+    /// With EVENT_IDX, whether the device asked to be kicked for an
+    /// avail index moving from `old` to `new` (the spec's
+    /// vring_need_event on avail_event). Always true without it.
+    pub fn needs_kick(&self, q: usize, old: u16, new: u16) -> bool {
+        if !self.setup.options.event_idx {
+            return true;
+        }
+        let (_, _, used) = self.ring_addrs(q);
+        fence(Ordering::SeqCst);
+        let at = GuestAddress(used + 4 + 8 * u64::from(self.queue_size()));
+        let event = u16::from_le(self.mem.read_obj(at).unwrap());
+        new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
+    }
+
+    /// Turns VHOST_F_LOG_ALL on or off, as QEMU does when a migration
+    /// starts and when it ends or fails; the log stays mapped.
+    pub fn set_dirty_logging(&mut self, on: bool) {
+        assert!(self.setup.log.is_some(), "connected without a dirty log");
+        let acked = self.setup.features;
+        // Like QEMU, wait for the daemon's ack, so that requests offered
+        // next are logged (or not) for sure.
+        self.fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+        let set = self
+            .fe
+            .set_features(if on { acked | LOG_ALL } else { acked });
+        self.fe.set_hdr_flags(VhostUserHeaderFlag::empty());
+        set.unwrap();
+    }
+
+    /// Clears the dirty log, as QEMU does after each sync.
+    pub fn clear_dirty_pages(&self) {
+        let log = self
+            .setup
+            .log
+            .as_ref()
+            .expect("connected without a dirty log");
+        log.write_all_at(&[0; DIRTY_LOG_SIZE as usize], 0).unwrap();
+    }
+
+    /// The guest pages the daemon marked in the dirty log so far, or
+    /// `None` when not logging.
+    pub fn dirty_pages(&self) -> Option<Vec<u64>> {
+        let mut bits = vec![0u8; DIRTY_LOG_SIZE as usize];
+        self.setup
+            .log
+            .as_ref()?
+            .read_exact_at(&mut bits, 0)
+            .unwrap();
+        let pages =
+            (0..MEM_SIZE as u64 / 4096).filter(|&p| bits[(p / 8) as usize] >> (p % 8) & 1 != 0);
+        Some(pages.collect())
     }
 
     /// The guest memory, to place buffers and read results.
@@ -332,9 +471,10 @@ impl TestFrontend {
 
     /// Makes the chain at `head` available again without kicking.
     pub fn offer_head_quietly(&mut self, q: usize, head: u16) {
-        let (_, avail, _) = Self::ring_addrs(self.queues[q].base);
+        let (_, avail, _) = self.ring_addrs(q);
+        let qs = self.queue_size();
         let queue = &mut self.queues[q];
-        let slot = queue.next_avail % QUEUE_SIZE;
+        let slot = queue.next_avail % qs;
         self.mem
             .write_obj(head.to_le(), GuestAddress(avail + 4 + 2 * u64::from(slot)))
             .unwrap();
@@ -349,7 +489,7 @@ impl TestFrontend {
     /// Places descriptors at table indices starting at `first` without
     /// offering them.
     pub fn place(&mut self, q: usize, first: u16, descs: &[(u64, u32, u16, u16)]) {
-        let (desc, _, _) = Self::ring_addrs(self.queues[q].base);
+        let (desc, _, _) = self.ring_addrs(q);
         for (i, &(addr, len, flags, next)) in descs.iter().enumerate() {
             let at = GuestAddress(desc + 16 * u64::from(first + i as u16));
             self.mem.write_obj(addr.to_le(), at).unwrap(); // addr
@@ -368,7 +508,7 @@ impl TestFrontend {
     /// Publishes `idx` as queue `q`'s avail index, whatever the ring holds,
     /// and kicks: what a buggy or hostile driver might do.
     pub fn set_avail_idx(&mut self, q: usize, idx: u16) {
-        let (_, avail, _) = Self::ring_addrs(self.queues[q].base);
+        let (_, avail, _) = self.ring_addrs(q);
         self.mem
             .write_obj(idx.to_le(), GuestAddress(avail + 2))
             .unwrap();
@@ -420,7 +560,7 @@ impl TestFrontend {
 
     /// The used index the device last published on queue `q`.
     pub fn used_idx(&self, q: usize) -> u16 {
-        let (_, _, used) = Self::ring_addrs(self.queues[q].base);
+        let (_, _, used) = self.ring_addrs(q);
         fence(Ordering::SeqCst);
         u16::from_le(self.mem.read_obj(GuestAddress(used + 2)).unwrap())
     }
@@ -453,14 +593,15 @@ impl TestFrontend {
 
     /// The next used element of queue `q`, if the device published one.
     pub fn poll_used(&mut self, q: usize) -> Option<(u32, u32)> {
-        let (_, _, used) = Self::ring_addrs(self.queues[q].base);
+        let (_, _, used) = self.ring_addrs(q);
         fence(Ordering::SeqCst);
         let idx: u16 = self.mem.read_obj(GuestAddress(used + 2)).unwrap();
+        let qs = self.queue_size();
         let queue = &mut self.queues[q];
         if u16::from_le(idx) == queue.last_used {
             return None;
         }
-        let slot = u64::from(queue.last_used % QUEUE_SIZE);
+        let slot = u64::from(queue.last_used % qs);
         let elem = GuestAddress(used + 4 + 8 * slot);
         let id: u32 = self.mem.read_obj(elem).unwrap();
         let len: u32 = self.mem.read_obj(elem.unchecked_add(4)).unwrap();
@@ -494,4 +635,27 @@ impl TestFrontend {
     pub fn byte(&self, at: u64) -> u8 {
         self.mem.read_obj(GuestAddress(at)).unwrap()
     }
+}
+
+/// The dirty log's size: one bit per 4 KiB page of guest memory, in one
+/// page.
+const DIRTY_LOG_SIZE: u64 = 4096;
+const _: () = assert!(MEM_SIZE as u64 / 4096 / 8 <= DIRTY_LOG_SIZE);
+
+fn ring_addrs(base: u64, queue_size: u16) -> (u64, u64, u64) {
+    let desc = base;
+    let avail = desc + 16 * u64::from(queue_size);
+    let used = (avail + 6 + 2 * u64::from(queue_size) + 3) & !3;
+    (desc, avail, used)
+}
+
+/// A zeroed memfd of `len` bytes.
+fn memfd(name: &std::ffi::CStr, len: u64) -> File {
+    // SAFETY: memfd_create with a NUL-terminated name.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), 0) };
+    assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+    // SAFETY: `fd` is a fresh descriptor we own.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(len).unwrap();
+    file
 }
