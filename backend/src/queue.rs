@@ -91,7 +91,7 @@ impl QueueState {
     }
 
     /// The dirty log its writes to guest memory are marked in.
-    pub fn log(&self) -> &DirtyLog {
+    pub fn log(&self) -> &Arc<DirtyLog> {
         &self.log
     }
 

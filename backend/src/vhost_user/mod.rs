@@ -16,7 +16,7 @@ pub use channel::Channel;
 pub(crate) use connection::serve_one;
 #[cfg(test)]
 pub(crate) use dirty_log::test_bitmap;
-pub use dirty_log::{Bitmap, DirtyLog, LOG_PAGE};
+pub use dirty_log::{Bitmap, DirtyLog, Marker, LOG_PAGE};
 pub use handler::{protocol_features, MAX_QUEUE_SIZE};
 pub use inflight_region::{QueueRegion, Recovered, Region};
 

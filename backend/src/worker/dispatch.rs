@@ -12,6 +12,7 @@ use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BL
 use crate::export::{Export, SERIAL_LEN};
 use crate::queue::QueueState;
 use crate::ratelimit::RateLimit;
+use crate::vhost_user::Marker;
 use crate::virtio::request::{Request, RequestKind};
 
 /// A finished chain, waiting for the used ring.
@@ -40,11 +41,14 @@ pub(crate) struct QueueCtx {
     errors: RefCell<RateLimit>,
     /// BLOCK_IO_ERROR events for failures that are reported, not held.
     reported: RefCell<RateLimit>,
+    /// This thread's way into the dirty log.
+    log: RefCell<Marker>,
 }
 
 impl QueueCtx {
     pub fn new(export: Arc<Export>, state: Arc<QueueState>, queue: usize) -> Self {
         QueueCtx {
+            log: RefCell::new(state.log().marker()),
             export,
             state,
             queue,
@@ -54,6 +58,13 @@ impl QueueCtx {
             errors: RefCell::new(RateLimit::new(10, std::time::Duration::from_secs(5))),
             reported: RefCell::new(RateLimit::new(10, std::time::Duration::from_secs(1))),
         }
+    }
+
+    /// Marks guest memory the device wrote in the dirty log, while
+    /// logging is on; see [`Marker::mark`].
+    #[inline]
+    pub fn mark<I: IntoIterator<Item = (u64, u64)>>(&self, ranges: impl FnOnce() -> I) {
+        self.log.borrow_mut().mark(ranges);
     }
 
     /// Records a finished chain.
@@ -186,7 +197,7 @@ async fn execute(ctx: Rc<QueueCtx>, view: LocalView, job: Job) {
         Reply::Unsupported => (VIRTIO_BLK_S_UNSUPP, 1),
     };
     req.status.set(status as u8);
-    ctx.state.log().mark(|| req.written());
+    ctx.mark(|| req.written());
     ctx.finish(req.head, used, generation);
 }
 

@@ -228,10 +228,7 @@ impl Worker {
                         req.kind
                     ));
                     req.status.set(VIRTIO_BLK_S_IOERR as u8);
-                    self.ctx
-                        .state
-                        .log()
-                        .mark(|| req.status.gpa().map(|g| (g, 1)));
+                    self.ctx.mark(|| req.status.gpa().map(|g| (g, 1)));
                     self.ctx.finish(head, 1, generation);
                 }
             },
@@ -239,7 +236,7 @@ impl Worker {
                 self.ctx.warn(format_args!("{rej:?}"));
                 let used = rej.complete();
                 if let Some(s) = &rej.status {
-                    self.ctx.state.log().mark(|| s.gpa().map(|g| (g, 1)));
+                    self.ctx.mark(|| s.gpa().map(|g| (g, 1)));
                 }
                 self.ctx.finish(head, used, generation);
             }
@@ -420,9 +417,7 @@ impl Worker {
 
 /// Marks the used ring in the dirty log, after the device wrote to it.
 fn log_used_ring(ctx: &super::dispatch::QueueCtx, q: &Queue) {
-    ctx.state
-        .log()
-        .mark(|| [(q.used_ring(), 6 + 8 * u64::from(q.size()))]);
+    ctx.mark(|| [(q.used_ring(), 6 + 8 * u64::from(q.size()))]);
 }
 
 impl Seen {
