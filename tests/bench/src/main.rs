@@ -5,6 +5,7 @@ mod backend;
 mod chart;
 mod idle;
 mod load;
+mod migration_cost;
 mod report;
 mod sandbox_cost;
 mod scaling;
@@ -69,6 +70,14 @@ struct Args {
     /// Skip the sandbox's cost (Strata with --sandbox on against off).
     #[arg(long)]
     no_sandbox: bool,
+    /// Skip the cost of the inflight region and of dirty logging (Strata
+    /// against itself).
+    #[arg(long)]
+    no_migration: bool,
+    /// Only the cost of the inflight region and of dirty logging, printed
+    /// and not written to BENCHMARKS.md: a quick look.
+    #[arg(long)]
+    migration_only: bool,
     /// Drive an already running backend at this vhost-user socket with one
     /// load (--depth, --write, --poll, --secs) and print what it did; for
     /// profiling.
@@ -156,39 +165,37 @@ fn main() -> anyhow::Result<()> {
     std::fs::create_dir_all(&plan.workdir)
         .with_context(|| format!("creating {}", plan.workdir.display()))?;
 
-    let cells = suite::run(&plan, &mut |line| eprintln!("{line}"))?;
-    let idle = if args.no_idle {
-        None
+    let only = args.migration_only;
+    let cells = if only {
+        Vec::new()
     } else {
+        suite::run(&plan, &mut |line| eprintln!("{line}"))?
+    };
+    let mut extras = report::Extras::default();
+    if !(args.no_idle || only) {
         let dir = |k: Kind| plan.workdir.join("idle").join(k.name());
-        Some(report::IdlePair {
+        extras.idle = Some(report::IdlePair {
             strata: idle::measure(Kind::Strata, &plan.strata, &dir(Kind::Strata), idle_window)?,
             qsd: idle::measure(Kind::Qsd, &plan.qsd, &dir(Kind::Qsd), idle_window)?,
-        })
-    };
-
-    let scaling = if args.no_scaling || args.smoke {
-        None
-    } else {
-        Some(scaling::run(&plan, &mut |line| eprintln!("{line}"))?)
-    };
-
-    let sandbox = if args.no_sandbox || args.smoke {
-        None
-    } else {
-        Some(sandbox_cost::run(&plan, &mut |line| eprintln!("{line}"))?)
-    };
+        });
+    }
+    if !(args.no_scaling || args.smoke || only) {
+        extras.scaling = Some(scaling::run(&plan, &mut |line| eprintln!("{line}"))?);
+    }
+    if !(args.no_sandbox || args.smoke || only) {
+        extras.sandbox = Some(sandbox_cost::run(&plan, &mut |line| eprintln!("{line}"))?);
+    }
+    if !(args.no_migration || args.smoke) {
+        extras.migration = Some(migration_cost::run(&plan, &mut |line| eprintln!("{line}"))?);
+    }
 
     let date = date();
-    let section = report::markdown(
-        &plan,
-        &cells,
-        idle.as_ref(),
-        scaling.as_ref(),
-        sandbox.as_ref(),
-        &date,
-    );
+    let section = report::markdown(&plan, &cells, &extras, &date);
     println!("{section}");
+    if only {
+        // A partial run would drop the matrix from BENCHMARKS.md.
+        return Ok(());
+    }
     let doc = std::fs::read_to_string(&markdown).unwrap_or_else(|_| "# Benchmarks\n".into());
     std::fs::write(&markdown, report::splice(&doc, &section))
         .with_context(|| format!("writing {}", markdown.display()))?;

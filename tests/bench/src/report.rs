@@ -4,6 +4,7 @@
 use std::fmt::Write as _;
 
 use crate::idle::Idle;
+use crate::migration_cost::{self, Row, Setting};
 use crate::sandbox_cost::SandboxCost;
 use crate::scaling::{self, Scaling};
 use crate::suite::{Cell, Plan, Workload};
@@ -14,6 +15,19 @@ use crate::target::Target;
 pub const BEGIN: &str = "<!-- strata-bench:begin -->";
 /// See [`BEGIN`].
 pub const END: &str = "<!-- strata-bench:end -->";
+
+/// The measurements beside the matrix, each skipped when `None`.
+#[derive(Default)]
+pub struct Extras {
+    /// The idle daemons.
+    pub idle: Option<IdlePair>,
+    /// One queue against two.
+    pub scaling: Option<Scaling>,
+    /// The sandbox on against off.
+    pub sandbox: Option<SandboxCost>,
+    /// The inflight region and the dirty log, on against off.
+    pub migration: Option<Vec<Row>>,
+}
 
 /// Idle figures for both backends.
 pub struct IdlePair {
@@ -60,14 +74,13 @@ fn find(cells: &[Cell], target: Target, w: Workload) -> Option<&Cell> {
 }
 
 /// The generated section, markers included.
-pub fn markdown(
-    plan: &Plan,
-    cells: &[Cell],
-    idle: Option<&IdlePair>,
-    scaling: Option<&Scaling>,
-    sandbox: Option<&SandboxCost>,
-    date: &str,
-) -> String {
+pub fn markdown(plan: &Plan, cells: &[Cell], extras: &Extras, date: &str) -> String {
+    let Extras {
+        idle,
+        scaling,
+        sandbox,
+        migration,
+    } = extras;
     let mut s = String::new();
     let _ = writeln!(s, "{BEGIN}");
     let _ = writeln!(
@@ -84,30 +97,32 @@ pub fn markdown(
         plan.measure.as_secs_f64(),
         plan.warmup.as_secs_f64(),
     );
-    let _ = writeln!(
-        s,
-        "| target | workload | Strata IOPS | qsd IOPS | IOPS ratio | mean lat (us) Strata / qsd | \
-         p99 (us) Strata / qsd | CPU/req (ns) Strata / qsd | CPU ratio |"
-    );
-    let _ = writeln!(s, "|---|---|--:|--:|--:|--:|--:|--:|--:|");
-    for c in cells {
-        let (a, b) = (&c.strata, &c.qsd);
+    if !cells.is_empty() {
         let _ = writeln!(
             s,
-            "| {} | {} | {:.0} | {:.0} | **{}** | {:.1} / {:.1} | {:.1} / {:.1} | {:.0} / {:.0} | {} |",
-            c.target.name(),
-            c.workload.label(),
-            a.iops,
-            b.iops,
-            ratio(a.iops, b.iops),
-            a.mean_us,
-            b.mean_us,
-            a.p99_us,
-            b.p99_us,
-            a.cpu_ns,
-            b.cpu_ns,
-            ratio(a.cpu_ns, b.cpu_ns),
+            "| target | workload | Strata IOPS | qsd IOPS | IOPS ratio | mean lat (us) Strata / qsd | \
+             p99 (us) Strata / qsd | CPU/req (ns) Strata / qsd | CPU ratio |"
         );
+        let _ = writeln!(s, "|---|---|--:|--:|--:|--:|--:|--:|--:|");
+        for c in cells {
+            let (a, b) = (&c.strata, &c.qsd);
+            let _ = writeln!(
+                s,
+                "| {} | {} | {:.0} | {:.0} | **{}** | {:.1} / {:.1} | {:.1} / {:.1} | {:.0} / {:.0} | {} |",
+                c.target.name(),
+                c.workload.label(),
+                a.iops,
+                b.iops,
+                ratio(a.iops, b.iops),
+                a.mean_us,
+                b.mean_us,
+                a.p99_us,
+                b.p99_us,
+                a.cpu_ns,
+                b.cpu_ns,
+                ratio(a.cpu_ns, b.cpu_ns),
+            );
+        }
     }
 
     let raw_rows: Vec<_> = cells
@@ -200,7 +215,45 @@ pub fn markdown(
         }
     }
 
-    let goals = goals(cells, idle, scaling, sandbox);
+    if let Some(rows) = migration {
+        let _ = writeln!(
+            s,
+            "\nWhat restarts and live migration cost: Strata against itself, QD{} random I/O, \
+             through the tests' own vhost-user frontend (libblkio negotiates neither feature) \
+             with EVENT_IDX, polling its used ring. *plain*: no inflight region; *inflight*: the \
+             INFLIGHT_SHMFD region QEMU always sets up when offered; *dirty log*: also \
+             SET_LOG_BASE and LOG_ALL, as during a migration. Median of {} runs per setting, the \
+             settings rotated.\n",
+            migration_cost::DEPTH,
+            plan.runs.max(migration_cost::MIN_RUNS)
+        );
+        let _ = writeln!(
+            s,
+            "| target | workload | plain IOPS | inflight IOPS | dirty log IOPS | inflight cost | \
+             logging cost | CPU/req (ns) plain / inflight / log |"
+        );
+        let _ = writeln!(s, "|---|---|--:|--:|--:|--:|--:|--:|");
+        for r in rows {
+            let [p, i, l] = &r.by_setting;
+            let _ = writeln!(
+                s,
+                "| {} | {} QD{} | {:.0} | {:.0} | {:.0} | **{:.1}%** | **{:.1}%** | {:.0} / {:.0} / {:.0} |",
+                r.target.name(),
+                if r.write { "randwrite" } else { "randread" },
+                migration_cost::DEPTH,
+                p.iops,
+                i.iops,
+                l.iops,
+                r.cost_pct(Setting::Inflight, Setting::Plain),
+                r.cost_pct(Setting::Logging, Setting::Inflight),
+                p.cpu_ns,
+                i.cpu_ns,
+                l.cpu_ns
+            );
+        }
+    }
+
+    let goals = goals(cells, extras);
     if !goals.is_empty() {
         let _ = writeln!(s, "\n| target | goal | measured | met |");
         let _ = writeln!(s, "|---|---|--:|---|");
@@ -236,12 +289,7 @@ pub struct Goal {
 }
 
 /// The goals of the performance issue that this run measured.
-pub fn goals(
-    cells: &[Cell],
-    idle: Option<&IdlePair>,
-    scaling: Option<&Scaling>,
-    sandbox: Option<&SandboxCost>,
-) -> Vec<Goal> {
+pub fn goals(cells: &[Cell], extras: &Extras) -> Vec<Goal> {
     let read = |depth, poll| Workload {
         write: false,
         depth,
@@ -317,7 +365,7 @@ pub fn goals(
             );
         }
     }
-    if let Some(i) = idle {
+    if let Some(i) = &extras.idle {
         let mib = i.strata.rss as f64 / (1 << 20) as f64;
         push(
             "idle RSS, 1 TiB qcow2 (MiB)".into(),
@@ -328,7 +376,7 @@ pub fn goals(
         let pct = i.strata.cpu * 100.0;
         push("idle CPU (% of a core)".into(), "< 1", pct, pct < 1.0);
     }
-    if let Some(sc) = scaling {
+    if let Some(sc) = &extras.scaling {
         let r = sc.strata[1].iops / sc.strata[0].iops;
         push(
             "Strata 2 queues / 1 queue, CPU-bound target".into(),
@@ -337,7 +385,7 @@ pub fn goals(
             r >= 1.8,
         );
     }
-    if let Some(sb) = sandbox {
+    if let Some(sb) = &extras.sandbox {
         let pct = sb.worst_pct();
         push(
             "sandbox cost, null randread QD32 (% of IOPS)".into(),
@@ -345,6 +393,20 @@ pub fn goals(
             pct,
             pct <= 3.0,
         );
+    }
+    for r in extras.migration.iter().flatten() {
+        let what = |cost| {
+            format!(
+                "{cost}, {} {} QD{} (% of IOPS)",
+                r.target.name(),
+                if r.write { "randwrite" } else { "randread" },
+                migration_cost::DEPTH
+            )
+        };
+        let pct = r.cost_pct(Setting::Inflight, Setting::Plain);
+        push(what("inflight region cost"), "< 3", pct, pct < 3.0);
+        let pct = r.cost_pct(Setting::Logging, Setting::Inflight);
+        push(what("dirty logging cost"), "< 10", pct, pct < 10.0);
     }
     out
 }

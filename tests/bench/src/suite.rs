@@ -151,22 +151,7 @@ pub fn one(
     dir: &Path,
     blockdevs: &[String],
 ) -> anyhow::Result<Outcome> {
-    if target.needs_reset() {
-        target.reset(dir)?;
-    }
-    for f in target.files(dir) {
-        warm(&f)?;
-    }
-    let iothread = workload.poll.then_some(POLL_MAX_NS);
-    let backend = Backend::start(
-        kind,
-        bin,
-        dir,
-        blockdevs,
-        iothread,
-        &DAEMON_CPU.to_string(),
-        1,
-    )?;
+    let backend = start(target, workload.poll, kind, bin, dir, blockdevs)?;
     let load = Load {
         write: workload.write,
         depth: workload.depth,
@@ -175,6 +160,34 @@ pub fn one(
         measure: plan.measure,
     };
     load::run(&backend.socket, load, &|| backend.cpu_ns())
+}
+
+/// Resets and warms `target`'s images in `dir`, then starts a one-queue
+/// daemon on them, pinned to [`DAEMON_CPU`] (in an iothread when `poll`).
+pub fn start(
+    target: Target,
+    poll: bool,
+    kind: Kind,
+    bin: &Path,
+    dir: &Path,
+    blockdevs: &[String],
+) -> anyhow::Result<Backend> {
+    if target.needs_reset() {
+        target.reset(dir)?;
+    }
+    for f in target.files(dir) {
+        warm(&f)?;
+    }
+    let iothread = poll.then_some(POLL_MAX_NS);
+    Backend::start(
+        kind,
+        bin,
+        dir,
+        blockdevs,
+        iothread,
+        &DAEMON_CPU.to_string(),
+        1,
+    )
 }
 
 /// The machine's cores (not those this thread may run on: the harness
