@@ -74,8 +74,8 @@ struct Args {
     /// against itself).
     #[arg(long)]
     no_migration: bool,
-    /// Only the cost of the inflight region and of dirty logging, printed
-    /// and not written to BENCHMARKS.md: a quick look.
+    /// Only the cost of the inflight region and of dirty logging: replaces
+    /// just that part of BENCHMARKS.md.
     #[arg(long)]
     migration_only: bool,
     /// Drive an already running backend at this vhost-user socket with one
@@ -185,20 +185,34 @@ fn main() -> anyhow::Result<()> {
     if !(args.no_sandbox || args.smoke || only) {
         extras.sandbox = Some(sandbox_cost::run(&plan, &mut |line| eprintln!("{line}"))?);
     }
-    if !(args.no_migration || args.smoke) {
-        extras.migration = Some(migration_cost::run(&plan, &mut |line| eprintln!("{line}"))?);
-    }
+    let migration = if args.no_migration || args.smoke {
+        None
+    } else {
+        Some(migration_cost::run(&plan, &mut |line| eprintln!("{line}"))?)
+    };
 
     let date = date();
-    let section = report::markdown(&plan, &cells, &extras, &date);
-    println!("{section}");
+    let mut doc = std::fs::read_to_string(&markdown).unwrap_or_else(|_| "# Benchmarks\n".into());
+    if let Some(rows) = &migration {
+        let section = report::migration_markdown(&plan, rows, &date);
+        println!("{section}");
+        doc = report::splice(
+            &doc,
+            &section,
+            report::MIGRATION_BEGIN,
+            report::MIGRATION_END,
+        );
+    }
     if only {
-        // A partial run would drop the matrix from BENCHMARKS.md.
+        std::fs::write(&markdown, doc)
+            .with_context(|| format!("writing {}", markdown.display()))?;
+        eprintln!("wrote {}", markdown.display());
         return Ok(());
     }
-    let doc = std::fs::read_to_string(&markdown).unwrap_or_else(|_| "# Benchmarks\n".into());
-    std::fs::write(&markdown, report::splice(&doc, &section))
-        .with_context(|| format!("writing {}", markdown.display()))?;
+    let section = report::markdown(&plan, &cells, &extras, &date);
+    println!("{section}");
+    doc = report::splice(&doc, &section, report::BEGIN, report::END);
+    std::fs::write(&markdown, doc).with_context(|| format!("writing {}", markdown.display()))?;
     if let Some(dir) = chart_path.parent() {
         std::fs::create_dir_all(dir)?;
     }

@@ -25,8 +25,6 @@ pub struct Extras {
     pub scaling: Option<Scaling>,
     /// The sandbox on against off.
     pub sandbox: Option<SandboxCost>,
-    /// The inflight region and the dirty log, on against off.
-    pub migration: Option<Vec<Row>>,
 }
 
 /// Idle figures for both backends.
@@ -79,7 +77,6 @@ pub fn markdown(plan: &Plan, cells: &[Cell], extras: &Extras, date: &str) -> Str
         idle,
         scaling,
         sandbox,
-        migration,
     } = extras;
     let mut s = String::new();
     let _ = writeln!(s, "{BEGIN}");
@@ -211,44 +208,6 @@ pub fn markdown(plan: &Plan, cells: &[Cell], extras: &Extras, date: &str) -> Str
                 on.iops,
                 off.iops,
                 (1.0 - on.iops / off.iops) * 100.0
-            );
-        }
-    }
-
-    if let Some(rows) = migration {
-        let _ = writeln!(
-            s,
-            "\nWhat restarts and live migration cost: Strata against itself, QD{} random I/O, \
-             through the tests' own vhost-user frontend (libblkio negotiates neither feature) \
-             with EVENT_IDX, polling its used ring. *plain*: no inflight region; *inflight*: the \
-             INFLIGHT_SHMFD region QEMU always sets up when offered; *dirty log*: also \
-             SET_LOG_BASE and LOG_ALL, as during a migration. Median of {} runs per setting, the \
-             settings rotated.\n",
-            migration_cost::DEPTH,
-            plan.runs.max(migration_cost::MIN_RUNS)
-        );
-        let _ = writeln!(
-            s,
-            "| target | workload | plain IOPS | inflight IOPS | dirty log IOPS | inflight cost | \
-             logging cost | CPU/req (ns) plain / inflight / log |"
-        );
-        let _ = writeln!(s, "|---|---|--:|--:|--:|--:|--:|--:|");
-        for r in rows {
-            let [p, i, l] = &r.by_setting;
-            let _ = writeln!(
-                s,
-                "| {} | {} QD{} | {:.0} | {:.0} | {:.0} | **{:.1}%** | **{:.1}%** | {:.0} / {:.0} / {:.0} |",
-                r.target.name(),
-                if r.write { "randwrite" } else { "randread" },
-                migration_cost::DEPTH,
-                p.iops,
-                i.iops,
-                l.iops,
-                r.cost_pct(Setting::Inflight, Setting::Plain),
-                r.cost_pct(Setting::Logging, Setting::Inflight),
-                p.cpu_ns,
-                i.cpu_ns,
-                l.cpu_ns
             );
         }
     }
@@ -394,7 +353,89 @@ pub fn goals(cells: &[Cell], extras: &Extras) -> Vec<Goal> {
             pct <= 3.0,
         );
     }
-    for r in extras.migration.iter().flatten() {
+    out
+}
+
+/// Replaces the part of `doc` between `begin` and `end` (markers
+/// included), or appends it, with `section`.
+pub fn splice(doc: &str, section: &str, begin: &str, end: &str) -> String {
+    match (doc.find(begin), doc.find(end)) {
+        (Some(b), Some(e)) if b < e => {
+            format!(
+                "{}{}{}",
+                &doc[..b],
+                section.trim_end(),
+                &doc[e + end.len()..]
+            )
+        }
+        _ => format!("{}\n\n{}", doc.trim_end(), section),
+    }
+}
+
+/// Where the generated migration-cost part of BENCHMARKS.md begins and
+/// ends; `--migration-only` replaces just this part.
+pub const MIGRATION_BEGIN: &str = "<!-- strata-bench:migration:begin -->";
+/// See [`MIGRATION_BEGIN`].
+pub const MIGRATION_END: &str = "<!-- strata-bench:migration:end -->";
+
+/// The migration-cost section, markers included.
+pub fn migration_markdown(plan: &Plan, migration: &[Row], date: &str) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "{MIGRATION_BEGIN}");
+    let _ = writeln!(
+        s,
+        "Run on {date}: {}, Strata `{}`.",
+        machine(),
+        version(&plan.strata)
+    );
+    let rows = migration;
+    let _ = writeln!(
+        s,
+        "\nWhat restarts and live migration cost: Strata against itself, QD{} random I/O, \
+         through the tests' own vhost-user frontend (libblkio negotiates neither feature) \
+         with EVENT_IDX, polling its used ring. *plain*: no inflight region; *inflight*: the \
+         INFLIGHT_SHMFD region QEMU always sets up when offered; *dirty log*: also \
+         SET_LOG_BASE and LOG_ALL, as during a migration. Median of {} runs of {:.1} s per \
+         setting, each on a fresh daemon, the settings rotated.\n",
+        migration_cost::DEPTH,
+        plan.runs.max(migration_cost::MIN_RUNS),
+        plan.measure.min(migration_cost::MAX_MEASURE).as_secs_f64()
+    );
+    let _ = writeln!(
+        s,
+        "| target | workload | plain IOPS | inflight IOPS | dirty log IOPS | inflight cost | \
+         logging cost | CPU/req (ns) plain / inflight / log |"
+    );
+    let _ = writeln!(s, "|---|---|--:|--:|--:|--:|--:|--:|");
+    for r in rows {
+        let [p, i, l] = &r.by_setting;
+        let _ = writeln!(
+            s,
+            "| {} | {} QD{} | {:.0} | {:.0} | {:.0} | **{:.1}%** | **{:.1}%** | {:.0} / {:.0} / {:.0} |",
+            r.target.name(),
+            if r.write { "randwrite" } else { "randread" },
+            migration_cost::DEPTH,
+            p.iops,
+            i.iops,
+            l.iops,
+            r.cost_pct(Setting::Inflight, Setting::Plain),
+            r.cost_pct(Setting::Logging, Setting::Inflight),
+            p.cpu_ns,
+            i.cpu_ns,
+            l.cpu_ns
+        );
+    }
+
+    let mut goals = Vec::new();
+    let mut push = |what: String, goal, value: f64, met: bool| {
+        goals.push(Goal {
+            what,
+            goal,
+            value,
+            met,
+        })
+    };
+    for r in rows {
         let what = |cost| {
             format!(
                 "{cost}, {} {} QD{} (% of IOPS)",
@@ -408,20 +449,18 @@ pub fn goals(cells: &[Cell], extras: &Extras) -> Vec<Goal> {
         let pct = r.cost_pct(Setting::Logging, Setting::Inflight);
         push(what("dirty logging cost"), "< 10", pct, pct < 10.0);
     }
-    out
-}
-
-/// Replaces the generated section of `doc` (or appends one) with `section`.
-pub fn splice(doc: &str, section: &str) -> String {
-    match (doc.find(BEGIN), doc.find(END)) {
-        (Some(b), Some(e)) if b < e => {
-            format!(
-                "{}{}{}",
-                &doc[..b],
-                section.trim_end(),
-                &doc[e + END.len()..]
-            )
-        }
-        _ => format!("{}\n{}", doc.trim_end(), section),
+    let _ = writeln!(s, "\n| target | goal | measured | met |");
+    let _ = writeln!(s, "|---|---|--:|---|");
+    for g in goals {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {:.2} | {} |",
+            g.what,
+            g.goal,
+            g.value,
+            if g.met { "yes" } else { "**no**" }
+        );
     }
+    let _ = writeln!(s, "{MIGRATION_END}");
+    s
 }

@@ -55,6 +55,7 @@ impl Workload {
 }
 
 /// How the suite runs.
+#[derive(Clone)]
 pub struct Plan {
     /// The strata binary.
     pub strata: PathBuf,
