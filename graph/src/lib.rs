@@ -20,6 +20,7 @@
 
 #![warn(missing_docs)]
 
+mod allocation;
 mod buffer;
 mod drain;
 mod driver;
@@ -34,6 +35,7 @@ mod slot;
 mod transaction;
 mod view;
 
+pub use allocation::{allocation, Allocation};
 pub use buffer::{AlignedBuf, AllocError};
 pub use drain::Quiesce;
 pub use driver::{BlockDriver, BlockStatus, IoFuture, Pooled};

@@ -174,7 +174,14 @@ pub(crate) fn check(v: &GraphView, order: &[NodeId]) -> Result<(), GraphError> {
                 });
             }
             for &(b, pb) in &parents {
-                let denied = pa.need & !pb.share;
+                let mut denied = pa.need & !pb.share;
+                // Exports of one node are this daemon's own frontends:
+                // every write goes through the node, so each sees the
+                // others' (as one export's queues do). To anything else
+                // the node still shares only what they all share.
+                if is_export(v, a) && is_export(v, b) {
+                    denied -= Perm::WRITE;
+                }
                 if a != b && !denied.is_empty() {
                     return Err(GraphError::PermissionConflict {
                         node: node.name().into(),
@@ -187,6 +194,13 @@ pub(crate) fn check(v: &GraphView, order: &[NodeId]) -> Result<(), GraphError> {
         }
     }
     Ok(())
+}
+
+fn is_export(v: &GraphView, slot: SlotId) -> bool {
+    matches!(
+        v.slot(slot).map(|s| s.parent()),
+        Some(Parent::User(u)) if u.kind == crate::UserKind::Export
+    )
 }
 
 /// "'top' as 'backing'", "export 'vda'".
