@@ -38,9 +38,16 @@ pub struct QsdArgs {
 
     /// Adds an export: type=vhost-user-blk,id=ID,node-name=NODE,
     /// addr.type=unix,addr.path=PATH[,writable=on][,num-queues=N]
-    /// [,logical-block-size=N][,writethrough=on].
+    /// [,logical-block-size=N][,writethrough=on]; or type=nbd,id=ID,
+    /// node-name=NODE[,name=NAME][,description=TEXT][,writable=on]
+    /// [,allocation-depth=on] (needs --nbd-server).
     #[arg(long, value_name = "OPTIONS")]
     pub export: Vec<String>,
+
+    /// Starts the NBD server: addr.type=unix,addr.path=PATH or
+    /// addr.type=inet,addr.host=HOST,addr.port=PORT[,max-connections=N].
+    #[arg(long, value_name = "OPTIONS")]
+    pub nbd_server: Option<String>,
 
     /// Defines a socket for a monitor: socket,id=ID,path=PATH,server=on,wait=off.
     #[arg(long, value_name = "OPTIONS")]
@@ -125,6 +132,7 @@ impl QsdArgs {
     pub fn is_empty(&self) -> bool {
         self.blockdev.is_empty()
             && self.export.is_empty()
+            && self.nbd_server.is_none()
             && self.chardev.is_empty()
             && self.monitor.is_empty()
             && self.object.is_empty()

@@ -17,6 +17,7 @@ use strata_runtime::reactor::block_on;
 
 use crate::events::EventBus;
 use crate::export::{Export, ExportOptions};
+use crate::nbd::{NbdExport, NbdExportOptions, NbdServer, ServerAddr, ServerOptions};
 use crate::on_error::OnError;
 use crate::qmp::error::QmpError;
 use crate::serve::RunningExport;
@@ -27,12 +28,67 @@ pub struct Daemon {
     ctx: OpenContext,
     events: Arc<EventBus>,
     jobs: Jobs,
-    exports: Mutex<BTreeMap<String, RunningExport>>,
+    exports: Mutex<BTreeMap<String, Running>>,
+    /// The NBD server, while one runs.
+    nbd: Mutex<Option<Arc<NbdServer>>>,
     /// iothread objects by id, with their `poll-max-ns`.
     iothreads: Mutex<BTreeMap<String, u64>>,
     quit: (Mutex<bool>, Condvar),
     /// Permissions of the sockets it creates.
     socket_mode: AtomicU32,
+}
+
+/// A block export being served.
+enum Running {
+    VhostUser(RunningExport),
+    Nbd(Arc<NbdExport>),
+}
+
+impl Running {
+    fn info(&self) -> Value {
+        match self {
+            Running::VhostUser(r) => {
+                let e = r.export();
+                json!({
+                    "type": "vhost-user-blk",
+                    "id": e.options().id,
+                    "node-name": e.node_name(),
+                    "shutting-down": false,
+                    "io-status": e.error_hold().status().name(),
+                    "held-requests": e.error_hold().held(),
+                })
+            }
+            Running::Nbd(e) => json!({
+                "type": "nbd",
+                "id": e.options().id,
+                "node-name": e.node_name(),
+                "shutting-down": false,
+            }),
+        }
+    }
+}
+
+/// What block-export-add or `--export` asks for.
+pub enum NewExport {
+    /// A vhost-user-blk device.
+    VhostUser(ExportSpec),
+    /// A node offered by the NBD server.
+    Nbd {
+        /// The node's name.
+        node: String,
+        /// How it is offered.
+        opts: NbdExportOptions,
+    },
+}
+
+impl NewExport {
+    /// The unix socket a vhost-user export listens on.
+    pub fn socket_path(&self) -> Option<&std::path::Path> {
+        match self {
+            NewExport::VhostUser(s) => Some(&s.path),
+            NewExport::Nbd { .. } => None,
+        }
+    }
 }
 
 /// An export to add: where to serve which node, and how.
@@ -61,6 +117,7 @@ impl Daemon {
             },
             events,
             exports: Mutex::new(BTreeMap::new()),
+            nbd: Mutex::new(None),
             iothreads: Mutex::new(BTreeMap::new()),
             quit: (Mutex::new(false), Condvar::new()),
             socket_mode: AtomicU32::new(crate::socket::DEFAULT_MODE),
@@ -97,7 +154,7 @@ impl Daemon {
         &self.ctx
     }
 
-    fn exports(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, RunningExport>> {
+    fn exports(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Running>> {
         self.exports.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -156,20 +213,43 @@ impl Daemon {
     }
 
     /// Parses block-export-add / --export options.
-    pub fn export_spec(o: &mut Options) -> Result<ExportSpec, QmpError> {
-        let ty = o.take_str("type")?;
+    pub fn export_spec(o: &mut Options) -> Result<NewExport, QmpError> {
+        let ty = o.take_enum("type", &["vhost-user-blk", "nbd"])?;
         let ty = o.required("type", ty)?;
-        if ty != "vhost-user-blk" {
-            return Err(QmpError::generic(format!(
-                "export type '{ty}' is not supported: Strata serves vhost-user-blk"
-            )));
-        }
         let id = o.take_str("id")?;
         let id = o.required("id", id)?;
         let node = o.take_str("node-name")?;
         let node = o.required("node-name", node)?;
         let writable = o.take_bool("writable")?.unwrap_or(false);
         let writethrough = o.take_bool("writethrough")?.unwrap_or(false);
+        if ty == "nbd" {
+            // Requests run on the connections' threads.
+            o.take_str("iothread")?;
+            o.take_bool("fixed-iothread")?;
+            if o.has("bitmaps") {
+                return Err(QmpError::generic(
+                    "NBD export 'bitmaps' is not supported: Strata has no dirty bitmaps",
+                ));
+            }
+            if writethrough {
+                return Err(QmpError::generic(
+                    "writethrough is not supported for NBD exports: clients ask for FUA",
+                ));
+            }
+            let name = o.take_str("name")?.unwrap_or_else(|| node.clone());
+            let description = o.take_str("description")?;
+            let allocation_depth = o.take_bool("allocation-depth")?.unwrap_or(false);
+            return Ok(NewExport::Nbd {
+                node,
+                opts: NbdExportOptions {
+                    id,
+                    name,
+                    description,
+                    writable,
+                    allocation_depth,
+                },
+            });
+        }
         let addr = o.take_group("addr")?;
         let mut addr = o.required("addr", addr)?;
         let kind = addr.take_str("type")?;
@@ -201,7 +281,7 @@ impl Daemon {
             .take_enum("on-error", OnError::NAMES)?
             .and_then(|s| OnError::parse(&s))
             .unwrap_or_default();
-        Ok(ExportSpec {
+        Ok(NewExport::VhostUser(ExportSpec {
             node,
             path: path.into(),
             opts: ExportOptions {
@@ -216,10 +296,160 @@ impl Daemon {
                 on_error,
             },
             iothread,
+        }))
+    }
+
+    /// block-export-add of any type.
+    pub fn add_export(&self, spec: NewExport) -> Result<(), QmpError> {
+        match spec {
+            NewExport::VhostUser(s) => self.export_add(s),
+            NewExport::Nbd { node, opts } => self.nbd_export_add(&node, opts),
+        }
+    }
+
+    fn find_node(&self, name: &str) -> Result<NodeId, QmpError> {
+        self.graph.view().find(name).ok_or_else(|| {
+            QmpError::device_not_found(format!(
+                "Cannot find device='{name}' nor node-name='{name}'"
+            ))
         })
     }
 
-    /// block-export-add.
+    /// block-export-add type=nbd: offers `node` on the running NBD server.
+    fn nbd_export_add(&self, node: &str, opts: NbdExportOptions) -> Result<(), QmpError> {
+        let server = self
+            .nbd
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .ok_or_else(|| {
+                QmpError::generic(
+                    "NBD server not running (start it with nbd-server-start or --nbd-server)",
+                )
+            })?;
+        let mut exports = self.exports();
+        if exports.contains_key(&opts.id) {
+            return Err(QmpError::generic(format!(
+                "Block export id '{}' is already in use",
+                opts.id
+            )));
+        }
+        let node = self.find_node(node)?;
+        let id = opts.id.clone();
+        let export = NbdExport::new(&self.graph, node, opts)?;
+        if let Err(e) = server.add(Arc::clone(&export)) {
+            if let Err(d) = export.detach() {
+                tracing::error!("export '{id}': cannot detach after a failed start: {d}");
+            }
+            return Err(QmpError::generic(e));
+        }
+        tracing::info!(
+            "NBD export '{id}': node '{}' as '{}'",
+            export.node_name(),
+            export.options().name
+        );
+        exports.insert(id, Running::Nbd(export));
+        Ok(())
+    }
+
+    /// Parses nbd-server-start / --nbd-server options. QMP's legacy
+    /// address form (`{"type": "unix", "data": {...}}`) is taken too.
+    pub fn nbd_server_spec(o: &mut Options) -> Result<ServerOptions, QmpError> {
+        let addr = o.take_group("addr")?;
+        let mut addr = o.required("addr", addr)?;
+        let kind = addr.take_enum("type", &["unix", "inet"])?;
+        let kind = addr.required("type", kind)?;
+        if let Some(data) = addr.take_group("data")? {
+            addr = data;
+        }
+        let server_addr = match kind.as_str() {
+            "unix" => {
+                let path = addr.take_str("path")?;
+                let path = addr.required("path", path)?;
+                if addr.take_bool("abstract")? == Some(true) {
+                    return Err(QmpError::generic("abstract unix sockets are not supported"));
+                }
+                addr.take_bool("tight")?;
+                ServerAddr::Unix(path.into())
+            }
+            _ => {
+                let host = addr.take_str("host")?;
+                let host = addr.required("host", host)?;
+                let port = addr.take_str("port")?;
+                let port = addr.required("port", port)?;
+                let port = port.parse::<u16>().map_err(|_| {
+                    QmpError::generic(format!("addr.port '{port}': not a port number"))
+                })?;
+                for flag in ["numeric", "ipv4", "ipv6", "keep-alive", "mptcp"] {
+                    addr.take_bool(flag)?;
+                }
+                addr.take_str("to")?;
+                ServerAddr::Inet { host, port }
+            }
+        };
+        addr.finish()?;
+        let addr = server_addr;
+        for tls in ["tls-creds", "tls-authz"] {
+            if let Some(id) = o.take_str(tls)? {
+                return Err(QmpError::generic(format!(
+                    "{tls}='{id}': TLS for the NBD server is not available yet in Strata"
+                )));
+            }
+        }
+        let max_connections = o.take_u64("max-connections")?.unwrap_or(0);
+        let max_connections = u32::try_from(max_connections).map_err(|_| {
+            QmpError::generic(format!("max-connections {max_connections} is too large"))
+        })?;
+        Ok(ServerOptions {
+            addr,
+            max_connections,
+        })
+    }
+
+    /// nbd-server-start.
+    pub fn nbd_server_start(&self, opts: ServerOptions) -> Result<(), QmpError> {
+        let mut nbd = self.nbd.lock().unwrap_or_else(|e| e.into_inner());
+        if nbd.is_some() {
+            return Err(QmpError::generic("NBD server already running"));
+        }
+        let server = NbdServer::start(opts, self.socket_mode())
+            .map_err(|e| QmpError::generic(format!("{e:#}")))?;
+        *nbd = Some(Arc::new(server));
+        Ok(())
+    }
+
+    /// nbd-server-stop: stops the server and removes its exports.
+    pub fn nbd_server_stop(&self) -> Result<(), QmpError> {
+        let server = self
+            .nbd
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .ok_or_else(|| QmpError::generic("NBD server not running"))?;
+        server.stop();
+        let removed: Vec<(String, Running)> = {
+            let mut exports = self.exports();
+            let ids: Vec<String> = exports
+                .iter()
+                .filter(|(_, r)| matches!(r, Running::Nbd(_)))
+                .map(|(id, _)| id.clone())
+                .collect();
+            ids.into_iter()
+                .filter_map(|id| exports.remove(&id).map(|r| (id, r)))
+                .collect()
+        };
+        for (id, r) in removed {
+            if let Running::Nbd(e) = r {
+                if let Err(err) = e.detach() {
+                    tracing::error!("NBD export '{id}': cannot detach: {err}");
+                }
+                self.events.emit("BLOCK_EXPORT_DELETED", json!({"id": id}));
+            }
+        }
+        Ok(())
+    }
+
+    /// block-export-add of a vhost-user-blk export.
     pub fn export_add(&self, mut spec: ExportSpec) -> Result<(), QmpError> {
         if let Some(t) = &spec.iothread {
             let iothreads = self.iothreads.lock().unwrap_or_else(|e| e.into_inner());
@@ -245,7 +475,7 @@ impl Daemon {
         let export = Export::new(&self.graph, node, spec.opts, events)?;
         match RunningExport::start(Arc::clone(&export), &spec.path, self.socket_mode()) {
             Ok(running) => {
-                exports.insert(id, running);
+                exports.insert(id, Running::VhostUser(running));
                 Ok(())
             }
             Err(e) => {
@@ -257,24 +487,38 @@ impl Daemon {
         }
     }
 
-    /// block-export-del. A connected frontend makes it fail unless `hard`,
-    /// which disconnects it.
+    /// block-export-del. A connected frontend or NBD client makes it fail
+    /// unless `hard`, which disconnects it.
     pub fn export_del(&self, id: &str, hard: bool) -> Result<(), QmpError> {
         let running = {
             let mut exports = self.exports();
             let running = exports
                 .get(id)
                 .ok_or_else(|| QmpError::generic(format!("Export '{id}' is not found")))?;
-            if running.export().connected() && !hard {
-                return Err(QmpError::generic(format!(
-                    "export '{id}' still in use (use mode=hard to disconnect its client)"
-                )));
+            match running {
+                Running::VhostUser(r) if r.export().connected() && !hard => {
+                    return Err(QmpError::generic(format!(
+                        "export '{id}' still in use (use mode=hard to disconnect its client)"
+                    )));
+                }
+                Running::Nbd(_) => {
+                    let server = self.nbd.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                    if let Some(server) = server {
+                        server.remove(id, hard).map_err(QmpError::generic)?;
+                    }
+                }
+                Running::VhostUser(_) => {}
             }
             exports.remove(id).expect("present above")
         };
-        let export = Arc::clone(running.export());
-        running.stop();
-        export.detach()?;
+        match running {
+            Running::VhostUser(running) => {
+                let export = Arc::clone(running.export());
+                running.stop();
+                export.detach()?;
+            }
+            Running::Nbd(export) => export.detach()?,
+        }
         self.events.emit("BLOCK_EXPORT_DELETED", json!({"id": id}));
         Ok(())
     }
@@ -339,6 +583,10 @@ impl Daemon {
         })?;
         crate::resize::grow(&self.graph, id, size)?;
         for r in self.exports().values() {
+            // NBD clients learn the size when they connect.
+            let Running::VhostUser(r) = r else {
+                continue;
+            };
             if let Err(e) = r.export().refresh_capacity() {
                 tracing::error!(
                     "export '{}': cannot read its size after block_resize: {e}",
@@ -352,31 +600,18 @@ impl Daemon {
     /// block-export-resume: retries the export's requests held on error.
     pub fn export_resume(&self, id: &str) -> Result<(), QmpError> {
         let exports = self.exports();
-        let running = exports
-            .get(id)
-            .ok_or_else(|| QmpError::generic(format!("Export '{id}' is not found")))?;
-        running.export().resume_held();
+        match exports.get(id) {
+            Some(Running::VhostUser(r)) => r.export().resume_held(),
+            // An NBD export answers every failure at once: nothing is held.
+            Some(Running::Nbd(_)) => {}
+            None => return Err(QmpError::generic(format!("Export '{id}' is not found"))),
+        }
         Ok(())
     }
 
     /// query-block-exports.
     pub fn exports_info(&self) -> Value {
-        let list: Vec<Value> = self
-            .exports()
-            .values()
-            .map(|r| {
-                let e = r.export();
-                json!({
-                    "type": "vhost-user-blk",
-                    "id": e.options().id,
-                    "node-name": e.node_name(),
-                    "shutting-down": false,
-                    "io-status": e.error_hold().status().name(),
-                    "held-requests": e.error_hold().held(),
-                })
-            })
-            .collect();
-        Value::Array(list)
+        Value::Array(self.exports().values().map(Running::info).collect())
     }
 
     /// object-add / --object: throttle groups (and iothreads, which have
@@ -448,9 +683,15 @@ impl Daemon {
     /// Cancels every job, stops every export and flushes every node.
     pub fn shutdown(&self) {
         self.jobs.cancel_all(std::time::Duration::from_secs(30));
+        let nbd = self.nbd.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(server) = nbd {
+            server.stop();
+        }
         let exports = std::mem::take(&mut *self.exports());
         for (_, running) in exports {
-            running.stop();
+            if let Running::VhostUser(r) = running {
+                r.stop();
+            }
         }
         let view = self.graph.view();
         for (_, node) in view.nodes() {

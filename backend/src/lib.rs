@@ -10,6 +10,7 @@ pub mod fuzzing;
 pub mod img;
 pub mod job_cli;
 pub mod keyval;
+pub mod nbd;
 pub mod on_error;
 pub mod open;
 pub mod pidfile;

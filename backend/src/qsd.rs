@@ -105,6 +105,16 @@ pub fn run(args: QsdArgs) -> anyhow::Result<()> {
     for arg in &args.blockdev {
         blockdevs.push((arg, options("--blockdev", arg, None)?));
     }
+    let nbd_server = match &args.nbd_server {
+        Some(arg) => {
+            let mut o = options("--nbd-server", arg, None)?;
+            let spec =
+                Daemon::nbd_server_spec(&mut o).map_err(|e| anyhow!("--nbd-server {arg}: {e}"))?;
+            o.finish().map_err(|e| anyhow!("--nbd-server {arg}: {e}"))?;
+            Some((arg, spec))
+        }
+        None => None,
+    };
     let mut exports = Vec::new();
     for arg in &args.export {
         let mut o = options("--export", arg, None)?;
@@ -157,8 +167,18 @@ pub fn run(args: QsdArgs) -> anyhow::Result<()> {
         for p in daemon.image_paths() {
             reach.image(&p);
         }
-        for (_, spec) in &exports {
-            reach.dir_of(&spec.path);
+        for path in exports.iter().filter_map(|(_, spec)| spec.socket_path()) {
+            reach.dir_of(path);
+        }
+        if let Some((
+            _,
+            crate::nbd::ServerOptions {
+                addr: crate::nbd::ServerAddr::Unix(p),
+                ..
+            },
+        )) = &nbd_server
+        {
+            reach.dir_of(p);
         }
         for m in &monitors {
             reach.dir_of(&m.path);
@@ -170,9 +190,14 @@ pub fn run(args: QsdArgs) -> anyhow::Result<()> {
             .dirs
             .extend(args.process.sandbox_allow.iter().cloned());
         crate::sandbox::confine(reach)?;
+        if let Some((arg, spec)) = nbd_server {
+            daemon
+                .nbd_server_start(spec)
+                .map_err(|e| anyhow!("--nbd-server {arg}: {e}"))?;
+        }
         for (arg, spec) in exports {
             daemon
-                .export_add(spec)
+                .add_export(spec)
                 .map_err(|e| anyhow!("--export {arg}: {e}"))?;
         }
         for m in monitors {

@@ -146,7 +146,7 @@ fn serve(mut listener: Listener, export: &Arc<Export>, stop: &StopHandle) {
 }
 
 /// Waits up to 200 ms for a connection, so a stop request is noticed.
-fn readable(fd: i32) -> anyhow::Result<bool> {
+pub(crate) fn readable(fd: i32) -> anyhow::Result<bool> {
     let mut pfd = libc::pollfd {
         fd,
         events: libc::POLLIN,

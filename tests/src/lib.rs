@@ -7,5 +7,6 @@ pub mod frontend;
 pub mod guest;
 pub mod host;
 pub mod memory_diff;
+pub mod nbd_client;
 pub mod qemu;
 pub mod qmp;

@@ -109,9 +109,11 @@ impl Harness {
 
 mod guest;
 mod input;
+mod nbd;
 mod vhost_user;
 
 pub use guest::guest_path;
+pub use nbd::nbd_client_bytes;
 pub use vhost_user::vhost_user_messages;
 
 /// An export of a 64 MiB `null-co` node that reads zeroes.
@@ -152,6 +154,22 @@ mod tests {
     fn vhost_user_message_sequences_leave_the_daemon_standing() {
         for data in random(0x1234_5678_9abc_def1, 40) {
             vhost_user_messages(&data);
+        }
+    }
+
+    #[test]
+    fn nbd_negotiations_of_random_bytes_end_cleanly() {
+        for data in random(0x0bad_cafe_f00d_0001, 200) {
+            nbd_client_bytes(&data);
+        }
+        // A well-formed start, then noise: the noise reaches the options.
+        let mut hello = 3u32.to_be_bytes().to_vec();
+        for data in random(0x0bad_cafe_f00d_0002, 200) {
+            hello.truncate(4);
+            hello.extend(strata_nbd::OptionHeader { option: 7, len: 9 }.encode());
+            hello.extend([0, 0, 0, 1, b'n', 0, 1, 0, 3]);
+            hello.extend(&data);
+            nbd_client_bytes(&hello);
         }
     }
 

@@ -23,6 +23,8 @@ pub const COMMANDS: &[&str] = &[
     "block-export-del",
     "block-export-resume",
     "query-block-exports",
+    "nbd-server-start",
+    "nbd-server-stop",
     "object-add",
     "object-del",
     "block_resize",
@@ -105,7 +107,7 @@ pub fn execute(daemon: &Daemon, name: &str, args: Map<String, Value>) -> Result<
         "block-export-add" => {
             let spec = Daemon::export_spec(&mut a)?;
             a.finish()?;
-            daemon.export_add(spec)?;
+            daemon.add_export(spec)?;
             json!({})
         }
         "block-export-del" => {
@@ -123,6 +125,17 @@ pub fn execute(daemon: &Daemon, name: &str, args: Map<String, Value>) -> Result<
             let id = a.required("id", id)?;
             a.finish()?;
             daemon.export_resume(&id)?;
+            json!({})
+        }
+        "nbd-server-start" => {
+            let opts = Daemon::nbd_server_spec(&mut a)?;
+            a.finish()?;
+            daemon.nbd_server_start(opts)?;
+            json!({})
+        }
+        "nbd-server-stop" => {
+            a.finish()?;
+            daemon.nbd_server_stop()?;
             json!({})
         }
         "query-block-exports" => {

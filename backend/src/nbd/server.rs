@@ -1,0 +1,390 @@
+//! The NBD server (`--nbd-server`, `nbd-server-start`): a listening socket,
+//! the exports it offers by name, and a thread per client connection.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::net::{TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+
+use super::export::NbdExport;
+use super::handshake::{negotiate, HANDSHAKE_TIMEOUT};
+use super::transmission;
+
+/// How long removing an export or stopping the server waits for its
+/// connections to finish their requests in flight.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Where the server listens.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ServerAddr {
+    /// A unix socket.
+    Unix(PathBuf),
+    /// A TCP address.
+    Inet {
+        /// Host name or address.
+        host: String,
+        /// Port.
+        port: u16,
+    },
+}
+
+impl std::fmt::Display for ServerAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ServerAddr::Unix(p) => write!(f, "unix:{}", p.display()),
+            ServerAddr::Inet { host, port } => write!(f, "{host}:{port}"),
+        }
+    }
+}
+
+/// How the server runs.
+#[derive(Clone, Debug)]
+pub struct ServerOptions {
+    /// Where it listens.
+    pub addr: ServerAddr,
+    /// Most clients at once; 0 for no limit.
+    pub max_connections: u32,
+}
+
+/// The exports a server offers, by NBD name.
+#[derive(Default)]
+pub struct Registry(Mutex<BTreeMap<String, Arc<NbdExport>>>);
+
+impl Registry {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Arc<NbdExport>>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The export named `name`.
+    pub fn find(&self, name: &str) -> Option<Arc<NbdExport>> {
+        self.lock().get(name).cloned()
+    }
+
+    /// Every export, by name.
+    pub fn list(&self) -> Vec<Arc<NbdExport>> {
+        self.lock().values().cloned().collect()
+    }
+
+    /// Offers `export` under its name, unless one has it already.
+    pub fn insert(&self, export: Arc<NbdExport>) -> Result<(), String> {
+        let mut map = self.lock();
+        let name = export.options().name.clone();
+        if map.contains_key(&name) {
+            return Err(format!("NBD export '{name}' already exists"));
+        }
+        map.insert(name, export);
+        Ok(())
+    }
+}
+
+/// One client connection, as the server tracks it.
+struct Client {
+    /// A second handle on the socket, to end the connection from outside.
+    socket: OwnedFd,
+    /// The id of the export it uses, once negotiated.
+    export: Mutex<Option<String>>,
+}
+
+impl Client {
+    fn close(&self) {
+        // SAFETY: shutdown(2) on a descriptor we own; no pointers.
+        unsafe { libc::shutdown(self.socket.as_raw_fd(), libc::SHUT_RDWR) };
+    }
+
+    fn uses(&self, id: &str) -> bool {
+        self.export
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_deref()
+            == Some(id)
+    }
+}
+
+enum Listener {
+    Unix(UnixListener, PathBuf, Option<(u64, u64)>),
+    Tcp(TcpListener),
+}
+
+impl Listener {
+    fn fd(&self) -> i32 {
+        match self {
+            Listener::Unix(l, ..) => l.as_raw_fd(),
+            Listener::Tcp(l) => l.as_raw_fd(),
+        }
+    }
+}
+
+/// A running NBD server.
+pub struct NbdServer {
+    opts: ServerOptions,
+    exports: Arc<Registry>,
+    clients: Arc<Mutex<Vec<Arc<Client>>>>,
+    stop: Arc<AtomicBool>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+    unix: Option<(PathBuf, Option<(u64, u64)>)>,
+}
+
+impl NbdServer {
+    /// Listens as `opts` says (unix sockets get permissions `mode`) and
+    /// accepts clients from a new thread.
+    pub fn start(opts: ServerOptions, mode: u32) -> anyhow::Result<NbdServer> {
+        let listener = match &opts.addr {
+            ServerAddr::Unix(path) => {
+                let l = crate::socket::listen(path, mode)?;
+                Listener::Unix(l, path.clone(), crate::socket::identity(path))
+            }
+            ServerAddr::Inet { host, port } => Listener::Tcp(
+                TcpListener::bind((host.as_str(), *port))
+                    .with_context(|| format!("cannot listen on {host}:{port}"))?,
+            ),
+        };
+        let unix = match &listener {
+            Listener::Unix(_, p, id) => Some((p.clone(), *id)),
+            Listener::Tcp(_) => None,
+        };
+        tracing::info!("NBD server listening on {}", opts.addr);
+        let exports = Arc::new(Registry::default());
+        let clients = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = std::thread::Builder::new()
+            .name("nbd-server".into())
+            .spawn({
+                let (exports, clients, stop) = (
+                    Arc::clone(&exports),
+                    Arc::clone(&clients),
+                    Arc::clone(&stop),
+                );
+                let max = opts.max_connections;
+                move || accept_loop(listener, &exports, &clients, &stop, max)
+            })
+            .context("cannot start the NBD server's thread")?;
+        Ok(NbdServer {
+            opts,
+            exports,
+            clients,
+            stop,
+            thread: Mutex::new(Some(thread)),
+            unix,
+        })
+    }
+
+    /// Where it listens.
+    pub fn addr(&self) -> &ServerAddr {
+        &self.opts.addr
+    }
+
+    /// Offers `export` under its name.
+    pub fn add(&self, export: Arc<NbdExport>) -> Result<(), String> {
+        self.exports.insert(export)
+    }
+
+    /// Stops offering the export with block-export id `id`. Its clients
+    /// make this fail unless `hard`, which disconnects them (after their
+    /// requests in flight).
+    pub fn remove(&self, id: &str, hard: bool) -> Result<(), String> {
+        let users: Vec<Arc<Client>> = self
+            .clients()
+            .iter()
+            .filter(|c| c.uses(id))
+            .cloned()
+            .collect();
+        if !users.is_empty() && !hard {
+            return Err(format!(
+                "export '{id}' still in use by {} NBD client(s) (use mode=hard to disconnect them)",
+                users.len()
+            ));
+        }
+        self.exports.lock().retain(|_, e| e.options().id != id);
+        users.iter().for_each(|c| c.close());
+        self.wait_gone(|c| c.uses(id));
+        Ok(())
+    }
+
+    /// Stops listening and disconnects every client.
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let thread = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(t) = thread {
+            if t.join().is_err() {
+                tracing::error!("the NBD server's thread panicked");
+            }
+        }
+        self.clients().iter().for_each(|c| c.close());
+        self.wait_gone(|_| true);
+        if let Some((path, id)) = &self.unix {
+            crate::socket::remove_if_ours(path, *id);
+        }
+        tracing::info!("NBD server on {} stopped", self.opts.addr);
+    }
+
+    /// The exports offered.
+    pub fn exports(&self) -> Vec<Arc<NbdExport>> {
+        self.exports.list()
+    }
+
+    fn clients(&self) -> std::sync::MutexGuard<'_, Vec<Arc<Client>>> {
+        self.clients.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn wait_gone(&self, which: impl Fn(&Client) -> bool) {
+        let deadline = Instant::now() + CLOSE_TIMEOUT;
+        while self.clients().iter().any(|c| which(c)) {
+            if Instant::now() > deadline {
+                tracing::warn!("NBD clients still connected after {CLOSE_TIMEOUT:?}");
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+impl Drop for NbdServer {
+    fn drop(&mut self) {
+        if !self.stop.load(Ordering::SeqCst) {
+            self.stop();
+        }
+    }
+}
+
+fn accept_loop(
+    listener: Listener,
+    exports: &Arc<Registry>,
+    clients: &Arc<Mutex<Vec<Arc<Client>>>>,
+    stop: &AtomicBool,
+    max: u32,
+) {
+    while !stop.load(Ordering::SeqCst) {
+        match crate::serve::readable(listener.fd()) {
+            Ok(true) => {}
+            Ok(false) => continue,
+            Err(e) => {
+                tracing::error!("NBD server: {e:#}");
+                return;
+            }
+        }
+        let accepted = match &listener {
+            Listener::Unix(l, ..) => l.accept().map(|(s, _)| Stream::Unix(s)),
+            Listener::Tcp(l) => l.accept().map(|(s, _)| {
+                // Replies are whole messages; waiting to merge them only
+                // adds latency.
+                let _ = s.set_nodelay(true);
+                Stream::Tcp(s)
+            }),
+        };
+        let stream = match accepted {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!("NBD server: accept failed: {e}");
+                continue;
+            }
+        };
+        let mut list = clients.lock().unwrap_or_else(|e| e.into_inner());
+        if max > 0 && list.len() >= max as usize {
+            tracing::warn!(
+                "NBD server: refusing a client: {max} connections already (max-connections)"
+            );
+            continue;
+        }
+        let client = match stream.handle() {
+            Ok(socket) => Arc::new(Client {
+                socket,
+                export: Mutex::new(None),
+            }),
+            Err(e) => {
+                tracing::warn!("NBD server: {e}");
+                continue;
+            }
+        };
+        list.push(Arc::clone(&client));
+        drop(list);
+        let spawned = std::thread::Builder::new().name("nbd-conn".into()).spawn({
+            let (exports, clients) = (Arc::clone(exports), Arc::clone(clients));
+            let client = Arc::clone(&client);
+            move || {
+                if let Err(e) = serve_client(stream, &exports, &client) {
+                    tracing::warn!("NBD client: {e}");
+                }
+                clients
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .retain(|c| !Arc::ptr_eq(c, &client));
+            }
+        });
+        if let Err(e) = spawned {
+            tracing::error!("NBD server: cannot start a connection thread: {e}");
+            clients
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .retain(|c| !Arc::ptr_eq(c, &client));
+        }
+    }
+}
+
+/// A client's socket.
+enum Stream {
+    Unix(UnixStream),
+    Tcp(TcpStream),
+}
+
+impl Stream {
+    fn handle(&self) -> io::Result<OwnedFd> {
+        match self {
+            Stream::Unix(s) => s.try_clone().map(OwnedFd::from),
+            Stream::Tcp(s) => s.try_clone().map(OwnedFd::from),
+        }
+    }
+
+    fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            Stream::Unix(s) => s.set_read_timeout(t),
+            Stream::Tcp(s) => s.set_read_timeout(t),
+        }
+    }
+}
+
+impl io::Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Unix(s) => s.read(buf),
+            Stream::Tcp(s) => s.read(buf),
+        }
+    }
+}
+
+impl io::Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Unix(s) => s.write(buf),
+            Stream::Tcp(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Negotiates with one client, then serves it.
+fn serve_client(mut stream: Stream, exports: &Registry, client: &Client) -> io::Result<()> {
+    stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
+    let Some(n) = negotiate(&mut stream, exports)? else {
+        return Ok(());
+    };
+    stream.set_read_timeout(None)?;
+    *client.export.lock().unwrap_or_else(|e| e.into_inner()) = Some(n.export.options().id.clone());
+    tracing::info!("NBD export '{}': a client connected", n.export.options().id);
+    let fd = match stream {
+        Stream::Unix(s) => OwnedFd::from(s),
+        Stream::Tcp(s) => OwnedFd::from(s),
+    };
+    // From here on the client's bytes drive this thread.
+    transmission::serve(fd, n, crate::sandbox::enter_queue_thread)
+}
