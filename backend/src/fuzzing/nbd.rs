@@ -11,7 +11,7 @@ use strata_graph::{BlockDriver, Graph};
 use strata_nbd::{Limits, Request, REQUEST_LEN};
 
 use crate::nbd::handshake::negotiate;
-use crate::nbd::server::Registry;
+use crate::nbd::registry::Registry;
 use crate::nbd::{NbdExport, NbdExportOptions, MAX_PAYLOAD};
 
 /// A client: `data` is all it sends; what the server answers is kept

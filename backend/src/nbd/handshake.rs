@@ -12,7 +12,7 @@ use strata_nbd::consts::{FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES, IHAVEOPT, NBDMAGIC
 use strata_nbd::{option_reply, parse_option, ClientOption, OptionError, OptionHeader};
 
 use super::export::{NbdExport, MAX_PAYLOAD};
-use super::server::Registry;
+use super::registry::Registry;
 
 /// How long a client has to finish the negotiation (QEMU's
 /// `handshake-max-seconds`).

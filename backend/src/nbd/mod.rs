@@ -6,7 +6,8 @@
 
 mod export;
 pub(crate) mod handshake;
-pub(crate) mod server;
+pub(crate) mod registry;
+mod server;
 mod transmission;
 mod transport;
 

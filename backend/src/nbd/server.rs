@@ -1,7 +1,6 @@
 //! The NBD server (`--nbd-server`, `nbd-server-start`): a listening socket,
 //! the exports it offers by name, and a thread per client connection.
 
-use std::collections::BTreeMap;
 use std::io;
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -16,6 +15,7 @@ use anyhow::Context as _;
 
 use super::export::NbdExport;
 use super::handshake::{negotiate, HANDSHAKE_TIMEOUT};
+use super::registry::Registry;
 use super::transmission;
 
 /// How long removing an export or stopping the server waits for its
@@ -52,37 +52,6 @@ pub struct ServerOptions {
     pub addr: ServerAddr,
     /// Most clients at once; 0 for no limit.
     pub max_connections: u32,
-}
-
-/// The exports a server offers, by NBD name.
-#[derive(Default)]
-pub struct Registry(Mutex<BTreeMap<String, Arc<NbdExport>>>);
-
-impl Registry {
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Arc<NbdExport>>> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// The export named `name`.
-    pub fn find(&self, name: &str) -> Option<Arc<NbdExport>> {
-        self.lock().get(name).cloned()
-    }
-
-    /// Every export, by name.
-    pub fn list(&self) -> Vec<Arc<NbdExport>> {
-        self.lock().values().cloned().collect()
-    }
-
-    /// Offers `export` under its name, unless one has it already.
-    pub fn insert(&self, export: Arc<NbdExport>) -> Result<(), String> {
-        let mut map = self.lock();
-        let name = export.options().name.clone();
-        if map.contains_key(&name) {
-            return Err(format!("NBD export '{name}' already exists"));
-        }
-        map.insert(name, export);
-        Ok(())
-    }
 }
 
 /// One client connection, as the server tracks it.
@@ -202,7 +171,7 @@ impl NbdServer {
                 users.len()
             ));
         }
-        self.exports.lock().retain(|_, e| e.options().id != id);
+        self.exports.remove_id(id);
         users.iter().for_each(|c| c.close());
         self.wait_gone(|c| c.uses(id));
         Ok(())
