@@ -7,7 +7,8 @@
 //! (`strata_tests::frontend`), set up as QEMU's vhost-user-blk is, with
 //! EVENT_IDX so that it kicks only when the device asks. It keeps 32
 //! requests in flight on pre-placed descriptor chains and polls the used
-//! ring; the daemon runs with its defaults.
+//! ring; the daemon runs with its defaults. Each (target, direction) row
+//! has one daemon; every run is a new connection to it.
 
 use std::time::{Duration, Instant};
 
@@ -79,7 +80,7 @@ impl Row {
 }
 
 /// Runs per setting at least: the costs measured are a few percent, and
-/// on these machines one daemon's run differs from the next by up to 10%.
+/// on these machines one run differs from the next by several percent.
 /// Many short runs beat a few long ones.
 pub const MIN_RUNS: usize = 15;
 /// Measured time of each run, at most.
@@ -102,12 +103,15 @@ pub fn run(plan: &Plan, progress: &mut dyn FnMut(&str)) -> anyhow::Result<Vec<Ro
         let dir = plan.workdir.join("migration").join(target.name());
         let blockdevs = target.prepare(&dir)?;
         for write in [false, true] {
+            // One daemon per row, a connection per run: what differs from
+            // one daemon to the next (where its memory landed) would
+            // swamp the few percent measured.
+            let backend =
+                suite::start(target, false, Kind::Strata, &plan.strata, &dir, &blockdevs)?;
             let mut samples: [Vec<Outcome>; 3] = Default::default();
             for run in 0..runs {
                 for k in 0..Setting::ALL.len() {
                     let setting = Setting::ALL[(run + k) % Setting::ALL.len()];
-                    let backend =
-                        suite::start(target, false, Kind::Strata, &plan.strata, &dir, &blockdevs)?;
                     let o = drive(plan, &backend.socket, setting, write, &|| backend.cpu_ns())
                         .with_context(|| format!("{} on {}", setting.name(), target.name()))?;
                     progress(&format!(

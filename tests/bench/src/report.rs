@@ -396,7 +396,7 @@ pub fn migration_markdown(plan: &Plan, migration: &[Row], date: &str) -> String 
          with EVENT_IDX, polling its used ring. *plain*: no inflight region; *inflight*: the \
          INFLIGHT_SHMFD region QEMU always sets up when offered; *dirty log*: also \
          SET_LOG_BASE and LOG_ALL, as during a migration. Median of {} runs of {:.1} s per \
-         setting, each on a fresh daemon, the settings rotated.\n",
+         setting, each a new connection to one daemon per row, the settings rotated.\n",
         migration_cost::DEPTH,
         plan.runs.max(migration_cost::MIN_RUNS),
         plan.measure.min(migration_cost::MAX_MEASURE).as_secs_f64()
