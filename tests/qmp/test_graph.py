@@ -116,7 +116,10 @@ class Exports(DaemonTest):
     def test_export_errors(self):
         self.d.ok("blockdev-add", driver="null-co", node_name="n")
         sock = str(self.dir / "v.sock")
-        self.assertError("block-export-add", "export type 'nbd' is not supported: Strata serves vhost-user-blk",
+        self.assertError("block-export-add", "Parameter 'type' expects one of vhost-user-blk, nbd",
+                         type="fuse", id="e", node_name="n", mountpoint=sock)
+        # NBD exports live on the NBD server, not on a socket of their own.
+        self.assertError("block-export-add", "Parameter 'addr' is unexpected",
                          type="nbd", id="e", node_name="n", addr={"type": "unix", "path": sock})
         self.assertError("block-export-add", "Parameter 'addr.path' is missing",
                          type="vhost-user-blk", id="e", node_name="n", addr={"type": "unix"})

@@ -490,3 +490,122 @@ fn one_node_over_vhost_user_and_nbd_at_once() {
     );
     assert_eq!(blk.read(2 * MIB, 65536).unwrap(), vec![0x4d; 65536]);
 }
+
+#[test]
+fn graph_edits_under_nbd_writes_lose_nothing() {
+    use serde_json::json;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use strata_tests::qmp::Qmp;
+
+    let dir = tempfile::tempdir().unwrap();
+    let (top, snap) = (dir.path().join("top.qcow2"), dir.path().join("snap.qcow2"));
+    create(&top, "qcow2", "64M");
+    let (nsock, qsock) = (dir.path().join("nbd.sock"), dir.path().join("qmp.sock"));
+    let d = Daemon::qsd(
+        &[
+            "--blockdev",
+            &format!("driver=file,node-name=tf,filename={}", top.display()),
+            "--blockdev",
+            "driver=qcow2,node-name=top,file=tf",
+            "--nbd-server",
+            &format!("addr.type=unix,addr.path={}", nsock.display()),
+            "--export",
+            "type=nbd,id=n0,node-name=top,name=disk,writable=on",
+            "--chardev",
+            &format!("socket,id=m0,path={},server=on,wait=off", qsock.display()),
+            "--monitor",
+            "chardev=m0",
+        ],
+        &nsock,
+        &dir.path().join("log"),
+    );
+    let mut q = Qmp::connect(&qsock);
+
+    // Rounds of 32 pipelined 64 KiB writes, each round with its own byte,
+    // then every block read back.
+    let stop = Arc::new(AtomicBool::new(false));
+    let io = std::thread::spawn({
+        let (stop, sock) = (Arc::clone(&stop), nsock.clone());
+        move || {
+            let (mut c, _) = RawClient::go(&sock, "disk", &[]);
+            let mut rounds = 0u64;
+            while !stop.load(Ordering::SeqCst) || rounds < 3 {
+                let byte = (rounds % 250) as u8 + 1;
+                for i in 0..32u64 {
+                    c.send(Cmd::Write, 0, i, i * MIB, 65536, &[byte; 65536]);
+                }
+                for _ in 0..32 {
+                    let r = c.reply();
+                    assert_eq!(RawClient::error_of(&r), 0, "round {rounds}: {r:?}");
+                }
+                for i in 0..32u64 {
+                    c.send(Cmd::Read, 0, 100 + i, i * MIB, 65536, &[]);
+                    match c.reply() {
+                        Reply::Chunk { ty, payload, .. } if ty == chunk::OFFSET_DATA => {
+                            assert!(
+                                payload[8..].iter().all(|&b| b == byte),
+                                "round {rounds}: block {i} reads back what was written"
+                            );
+                        }
+                        r => panic!("round {rounds}: {r:?}"),
+                    }
+                }
+                rounds += 1;
+            }
+            rounds
+        }
+    });
+
+    std::thread::sleep(Duration::from_millis(500));
+    qemu_img_ok(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        top.to_str().unwrap(),
+        "-F",
+        "qcow2",
+        snap.to_str().unwrap(),
+    ]);
+    q.execute(
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": "snap", "backing": null,
+               "file": {"driver": "file", "filename": snap}}),
+    )
+    .unwrap();
+    q.execute(
+        "blockdev-snapshot",
+        json!({"node": "top", "overlay": "snap"}),
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let exports = q.execute("query-block-exports", json!({})).unwrap();
+    assert_eq!(exports[0]["node-name"], "snap", "{exports}");
+    q.execute(
+        "block-commit",
+        json!({"job-id": "c", "device": "snap", "base-node": "top"}),
+    )
+    .unwrap();
+    q.wait_event("BLOCK_JOB_READY", "device", "c", Duration::from_secs(60));
+    q.execute("block-job-complete", json!({"device": "c"}))
+        .unwrap();
+    let done = q.wait_event(
+        "BLOCK_JOB_COMPLETED",
+        "device",
+        "c",
+        Duration::from_secs(60),
+    );
+    assert!(done.get("error").is_none(), "{done}");
+    let exports = q.execute("query-block-exports", json!({})).unwrap();
+    assert_eq!(exports[0]["node-name"], "top", "{exports}");
+
+    stop.store(true, Ordering::SeqCst);
+    let rounds = io.join().expect("every round verified");
+    assert!(rounds >= 3, "{rounds} rounds");
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+    let (code, out) = strata_tests::qemu::check(&top);
+    assert_eq!(code, 0, "{out}");
+}
