@@ -4,6 +4,7 @@
 //! `strata_nbd`'s; this module adds the sockets, the negotiation and the
 //! requests run against the graph.
 
+mod buffers;
 mod export;
 pub(crate) mod handshake;
 pub(crate) mod registry;

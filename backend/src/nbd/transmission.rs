@@ -17,7 +17,7 @@ use std::task::{Poll, Waker};
 use std::time::Duration;
 
 use io_uring::{opcode, types};
-use strata_graph::{allocation, AlignedBuf, BlockDriver, BlockError, GraphView};
+use strata_graph::{allocation, BlockDriver, BlockError, GraphView};
 use strata_nbd::consts::{cflag, chunk, err, STATE_HOLE, STATE_ZERO};
 use strata_nbd::{
     block_status_chunk, data_chunk, error_chunk, hole_chunk, simple_reply, Command, Extent, Limits,
@@ -27,6 +27,7 @@ use strata_runtime::executor::Executor;
 use strata_runtime::reactor::{sleep, Reactor};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use super::buffers::{Buf, Pool};
 use super::export::{NbdExport, MAX_PAYLOAD};
 use super::handshake::{Contexts, Negotiated, CONTEXT_ALLOCATION, CONTEXT_DEPTH};
 use super::transport::Transport;
@@ -38,15 +39,13 @@ const MAX_EXTENTS: usize = 256;
 /// Most separate data and hole runs a sparse read is split into; the rest
 /// of the range is sent as data.
 const MAX_READ_RUNS: usize = 64;
-/// Buffer alignment: what O_DIRECT below may need.
-const BUF_ALIGN: usize = 4096;
 
 type Task = Pin<Box<dyn Future<Output = ()>>>;
 
 /// One piece of a reply on the wire.
 enum Part {
     Bytes(Vec<u8>),
-    Data(Rc<AlignedBuf>, usize, usize),
+    Data(Rc<Buf>, usize, usize),
 }
 
 impl Part {
@@ -63,6 +62,7 @@ struct Conn {
     export: Arc<NbdExport>,
     structured: bool,
     contexts: Contexts,
+    buffers: Rc<Pool>,
     replies: RefCell<VecDeque<Vec<Part>>>,
     writer: RefCell<Option<Waker>>,
     reader: RefCell<Option<Waker>>,
@@ -105,6 +105,7 @@ pub fn serve(fd: OwnedFd, n: Negotiated, confine: impl FnOnce()) -> io::Result<(
         export: n.export,
         structured: n.structured,
         contexts: n.contexts,
+        buffers: Rc::default(),
         replies: RefCell::new(VecDeque::new()),
         writer: RefCell::new(None),
         reader: RefCell::new(None),
@@ -204,7 +205,7 @@ async fn read_requests(c: &Rc<Conn>, exec: &std::rc::Weak<Executor<Task>>) -> io
                     format!("a WRITE of {} bytes (at most {MAX_PAYLOAD})", req.len),
                 ));
             }
-            match AlignedBuf::zeroed(req.len as usize, BUF_ALIGN) {
+            match c.buffers.get(req.len as usize) {
                 Ok(mut buf) => {
                     if !c.t.read_exact(buf.as_mut_slice()).await? {
                         return Err(io::ErrorKind::UnexpectedEof.into());
@@ -250,24 +251,31 @@ async fn skip(t: &Transport, len: u32) -> io::Result<()> {
     Ok(())
 }
 
+/// Most replies sent with one system call.
+const SEND_BATCH: usize = 64;
+
 async fn writer(c: Rc<Conn>) {
+    let mut batch: Vec<Vec<Part>> = Vec::new();
     loop {
-        let next = poll_fn(|cx| {
-            if let Some(r) = c.replies.borrow_mut().pop_front() {
-                return Poll::Ready(Some(r));
+        let more = poll_fn(|cx| {
+            let mut q = c.replies.borrow_mut();
+            if !q.is_empty() {
+                let n = q.len().min(SEND_BATCH);
+                batch.extend(q.drain(..n));
+                return Poll::Ready(true);
             }
             if !c.reading.get() && c.in_flight.get() == 0 {
-                return Poll::Ready(None);
+                return Poll::Ready(false);
             }
             *c.writer.borrow_mut() = Some(cx.waker().clone());
             Poll::Pending
         })
         .await;
-        let Some(parts) = next else {
+        if !more {
             break;
-        };
+        }
         if !c.broken.get() {
-            let slices: Vec<&[u8]> = parts.iter().map(Part::bytes).collect();
+            let slices: Vec<&[u8]> = batch.iter().flatten().map(Part::bytes).collect();
             if let Err(e) = c.t.write_all(&slices).await {
                 tracing::warn!(
                     "NBD export '{}': cannot send a reply, closing the connection: {e}",
@@ -277,7 +285,8 @@ async fn writer(c: Rc<Conn>) {
                 c.t.shutdown().await;
             }
         }
-        c.in_flight.set(c.in_flight.get() - 1);
+        c.in_flight.set(c.in_flight.get() - batch.len());
+        batch.clear();
         if let Some(w) = c.reader.borrow_mut().take() {
             w.wake();
         }
@@ -286,7 +295,7 @@ async fn writer(c: Rc<Conn>) {
 }
 
 /// Runs one checked request and queues its reply.
-async fn run(c: Rc<Conn>, req: Request, payload: Option<AlignedBuf>) {
+async fn run(c: Rc<Conn>, req: Request, payload: Option<Buf>) {
     while !c.export.begin() {
         // A graph edit holds the export; it ends within its drain timeout.
         let _ = sleep(Duration::from_millis(1)).await;
@@ -313,14 +322,14 @@ async fn execute(
     v: &GraphView,
     node: &dyn BlockDriver,
     req: &Request,
-    payload: Option<AlignedBuf>,
+    payload: Option<Buf>,
 ) -> Result<Vec<Part>, BlockError> {
     let fua = req.flags & cflag::FUA != 0;
     match req.command {
         Command::Read => read(c, v, node, req).await,
         Command::Write => {
             let mut buf = payload.expect("a WRITE carries its payload");
-            node.write(v, req.offset, &buf.iovecs_mut()).await?;
+            node.write(v, req.offset, &buf.iovecs()).await?;
             if fua {
                 node.flush(v).await?;
             }
@@ -348,11 +357,11 @@ async fn execute(
         }
         Command::Cache => {
             // Reading is the prefetch; a MiB at a time bounds the buffer.
-            let mut buf = AlignedBuf::zeroed((1 << 20).min(req.len as usize), BUF_ALIGN)?;
+            let mut buf = c.buffers.get((1 << 20).min(req.len as usize))?;
             let mut off = 0u64;
             while off < u64::from(req.len) {
-                let n = (u64::from(req.len) - off).min(buf.len() as u64);
-                let iov = buf.iovecs_mut();
+                let n = (u64::from(req.len) - off).min(buf.as_slice().len() as u64);
+                let iov = buf.iovecs();
                 let iov = iov.slice(0, n);
                 node.read(v, req.offset + off, &iov).await?;
                 drop(iov);
@@ -374,9 +383,9 @@ async fn read(
     req: &Request,
 ) -> Result<Vec<Part>, BlockError> {
     let len = req.len as usize;
-    let mut buf = AlignedBuf::zeroed(len, BUF_ALIGN)?;
+    let mut buf = c.buffers.get(len)?;
     if !c.structured {
-        node.read(v, req.offset, &buf.iovecs_mut()).await?;
+        node.read(v, req.offset, &buf.iovecs()).await?;
         let mut head = Vec::with_capacity(16);
         simple_reply(&mut head, 0, req.cookie);
         return Ok(vec![Part::Bytes(head), Part::Data(Rc::new(buf), 0, len)]);
@@ -407,9 +416,9 @@ async fn read(
     if runs.is_empty() || runs.iter().any(|r| !r.2) {
         // Read everything once; holes inside it are simply not sent.
         if runs.iter().all(|r| !r.2) {
-            node.read(v, req.offset, &buf.iovecs_mut()).await?;
+            node.read(v, req.offset, &buf.iovecs()).await?;
         } else {
-            let iov = buf.iovecs_mut();
+            let iov = buf.iovecs();
             for &(from, n, zero) in &runs {
                 if !zero {
                     node.read(

@@ -8,10 +8,22 @@ use std::rc::Rc;
 use io_uring::{opcode, types};
 use strata_runtime::reactor::Reactor;
 
+/// Bytes read from the socket at once: many request headers (and small
+/// payloads) arrive in one receive.
+const READ_AHEAD: usize = 64 << 10;
+
 /// The socket and the thread's ring.
 pub struct Transport {
     fd: OwnedFd,
     reactor: Rc<Reactor>,
+    /// Bytes received and not yet consumed: `buf[start..end]`.
+    buf: std::cell::RefCell<ReadAhead>,
+}
+
+struct ReadAhead {
+    data: Vec<u8>,
+    start: usize,
+    end: usize,
 }
 
 impl Transport {
@@ -20,44 +32,83 @@ impl Transport {
         Ok(Transport {
             fd,
             reactor: Reactor::current()?,
+            buf: std::cell::RefCell::new(ReadAhead {
+                data: vec![0; READ_AHEAD],
+                start: 0,
+                end: 0,
+            }),
         })
     }
 
     /// Fills `buf`. `Ok(false)` when the peer closed the connection before
-    /// the first byte; a close in the middle is an error.
+    /// the first byte; a close in the middle is an error. Small reads are
+    /// served from what one receive brought in; large ones go straight
+    /// into `buf`. Only one read may run at a time.
     pub async fn read_exact(&self, buf: &mut [u8]) -> io::Result<bool> {
         let mut done = 0;
         while done < buf.len() {
-            let rest = &mut buf[done..];
-            let entry = opcode::Recv::new(
-                types::Fd(self.fd.as_raw_fd()),
-                rest.as_mut_ptr(),
-                rest.len().min(u32::MAX as usize) as u32,
-            )
-            .flags(libc::MSG_WAITALL)
-            .build();
-            // SAFETY: `rest` is borrowed for the whole await; dropping the
-            // op waits for the kernel to let go of it.
-            let n = unsafe { self.reactor.push(entry) }.await;
-            match n {
-                0 if done == 0 => return Ok(false),
-                0 => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        format!("the peer closed the connection {done} bytes into a message"),
-                    ))
+            {
+                let mut ra = self.buf.borrow_mut();
+                let n = (ra.end - ra.start).min(buf.len() - done);
+                if n > 0 {
+                    let from = ra.start;
+                    buf[done..done + n].copy_from_slice(&ra.data[from..from + n]);
+                    ra.start += n;
+                    done += n;
+                    continue;
                 }
-                n if n < 0 => {
-                    let e = io::Error::from_raw_os_error(-n);
-                    if e.kind() == io::ErrorKind::Interrupted {
-                        continue;
-                    }
-                    return Err(e);
+            }
+            let direct = buf.len() - done >= READ_AHEAD / 2;
+            let got = if direct {
+                self.recv(&mut buf[done..], libc::MSG_WAITALL).await?
+            } else {
+                // The borrow of the read-ahead buffer is not held across
+                // the await: it is moved out and back.
+                let mut data = std::mem::take(&mut self.buf.borrow_mut().data);
+                let res = self.recv(&mut data, 0).await;
+                let mut ra = self.buf.borrow_mut();
+                ra.data = data;
+                ra.start = 0;
+                ra.end = *res.as_ref().unwrap_or(&0);
+                res?
+            };
+            if got == 0 {
+                if done == 0 {
+                    return Ok(false);
                 }
-                n => done += n as usize,
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("the peer closed the connection {done} bytes into a message"),
+                ));
+            }
+            if direct {
+                done += got;
             }
         }
         Ok(true)
+    }
+
+    /// One receive into `buf`: the bytes received, 0 at end of file.
+    async fn recv(&self, buf: &mut [u8], flags: i32) -> io::Result<usize> {
+        loop {
+            let entry = opcode::Recv::new(
+                types::Fd(self.fd.as_raw_fd()),
+                buf.as_mut_ptr(),
+                buf.len().min(u32::MAX as usize) as u32,
+            )
+            .flags(flags)
+            .build();
+            // SAFETY: `buf` is borrowed for the whole await; dropping the
+            // op waits for the kernel to let go of it.
+            let n = unsafe { self.reactor.push(entry) }.await;
+            if n >= 0 {
+                return Ok(n as usize);
+            }
+            let e = io::Error::from_raw_os_error(-n);
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        }
     }
 
     /// Writes every byte of `bufs`, in order.
