@@ -53,6 +53,50 @@ impl Backend {
         queues: usize,
     ) -> anyhow::Result<Backend> {
         let socket = dir.join(format!("{}.sock", kind.name()));
+        let mut args = Vec::new();
+        let mut export = format!(
+            "type=vhost-user-blk,id=exp,node-name=root,writable=on,num-queues={queues},\
+             addr.type=unix,addr.path={}",
+            socket.display()
+        );
+        if let Some(ns) = iothread {
+            args.push("--object".into());
+            args.push(format!("iothread,id=io0,poll-max-ns={ns}"));
+            export.push_str(",iothread=io0");
+        }
+        args.push("--export".into());
+        args.push(export);
+        Self::spawn(kind, bin, dir, blockdevs, args, socket, cpus)
+    }
+
+    /// Starts `bin` with `blockdevs`, an NBD server on a unix socket and a
+    /// writable NBD export of node `root` named `disk`, pinned to `cpus`.
+    pub fn start_nbd(
+        kind: Kind,
+        bin: &Path,
+        dir: &Path,
+        blockdevs: &[String],
+        cpus: &str,
+    ) -> anyhow::Result<Backend> {
+        let socket = dir.join(format!("{}-nbd.sock", kind.name()));
+        let args = vec![
+            "--nbd-server".into(),
+            format!("addr.type=unix,addr.path={}", socket.display()),
+            "--export".into(),
+            "type=nbd,id=exp,node-name=root,name=disk,writable=on".into(),
+        ];
+        Self::spawn(kind, bin, dir, blockdevs, args, socket, cpus)
+    }
+
+    fn spawn(
+        kind: Kind,
+        bin: &Path,
+        dir: &Path,
+        blockdevs: &[String],
+        args: Vec<String>,
+        socket: PathBuf,
+        cpus: &str,
+    ) -> anyhow::Result<Backend> {
         let log = dir.join(format!("{}.log", kind.name()));
         let _ = std::fs::remove_file(&socket);
         let mut cmd = Command::new("taskset");
@@ -60,17 +104,7 @@ impl Backend {
         for b in blockdevs {
             cmd.arg("--blockdev").arg(b);
         }
-        let mut export = format!(
-            "type=vhost-user-blk,id=exp,node-name=root,writable=on,num-queues={queues},\
-             addr.type=unix,addr.path={}",
-            socket.display()
-        );
-        if let Some(ns) = iothread {
-            cmd.arg("--object")
-                .arg(format!("iothread,id=io0,poll-max-ns={ns}"));
-            export.push_str(",iothread=io0");
-        }
-        cmd.arg("--export").arg(export);
+        cmd.args(args);
         if kind == Kind::StrataSandboxOff {
             cmd.args(["--sandbox", "off"]);
         }

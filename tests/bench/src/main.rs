@@ -6,6 +6,7 @@ mod chart;
 mod idle;
 mod load;
 mod migration_cost;
+mod nbd_export;
 mod report;
 mod sandbox_cost;
 mod scaling;
@@ -78,6 +79,13 @@ struct Args {
     /// just that part of BENCHMARKS.md.
     #[arg(long)]
     migration_only: bool,
+    /// Skip the NBD export against qsd's (fio's nbd engine).
+    #[arg(long)]
+    no_nbd: bool,
+    /// Only the NBD export against qsd's: replaces just that part of
+    /// BENCHMARKS.md.
+    #[arg(long)]
+    nbd_only: bool,
     /// Drive an already running backend at this vhost-user socket with one
     /// load (--depth, --write, --poll, --secs) and print what it did; for
     /// profiling.
@@ -165,7 +173,7 @@ fn main() -> anyhow::Result<()> {
     std::fs::create_dir_all(&plan.workdir)
         .with_context(|| format!("creating {}", plan.workdir.display()))?;
 
-    let only = args.migration_only;
+    let only = args.migration_only || args.nbd_only;
     let cells = if only {
         Vec::new()
     } else {
@@ -185,10 +193,18 @@ fn main() -> anyhow::Result<()> {
     if !(args.no_sandbox || args.smoke || only) {
         extras.sandbox = Some(sandbox_cost::run(&plan, &mut |line| eprintln!("{line}"))?);
     }
-    let migration = if args.no_migration || args.smoke {
+    let migration = if args.no_migration || args.smoke || args.nbd_only {
         None
     } else {
         Some(migration_cost::run(&plan, &mut |line| eprintln!("{line}"))?)
+    };
+    let nbd = if args.no_nbd || args.smoke || args.migration_only {
+        None
+    } else if !nbd_export::available() {
+        eprintln!("skipping the NBD rows: this fio has no nbd engine");
+        None
+    } else {
+        Some(nbd_export::run(&plan, &mut |line| eprintln!("{line}"))?)
     };
 
     let date = date();
@@ -202,6 +218,11 @@ fn main() -> anyhow::Result<()> {
             report::MIGRATION_BEGIN,
             report::MIGRATION_END,
         );
+    }
+    if let Some(rows) = &nbd {
+        let section = report::nbd_markdown(&plan, rows, &date);
+        println!("{section}");
+        doc = report::splice(&doc, &section, report::NBD_BEGIN, report::NBD_END);
     }
     if only {
         std::fs::write(&markdown, doc)

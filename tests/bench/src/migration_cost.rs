@@ -69,13 +69,27 @@ pub struct Row {
     pub write: bool,
     /// Medians per setting.
     pub by_setting: [Outcome; 3],
+    /// Every run's IOPS per setting, run `r` of each taken in one round.
+    pub runs: [Vec<f64>; 3],
 }
 
 impl Row {
-    /// The IOPS `setting` loses against `base`, in percent.
+    /// The IOPS `setting` loses against `base`, in percent: the median
+    /// over the rounds of each round's own ratio, so that the machine's
+    /// drift from one round to the next cancels out.
     pub fn cost_pct(&self, setting: Setting, base: Setting) -> f64 {
-        let iops = |s: Setting| self.by_setting[s as usize].iops;
-        (1.0 - iops(setting) / iops(base)) * 100.0
+        let (a, b) = (&self.runs[setting as usize], &self.runs[base as usize]);
+        let mut costs: Vec<f64> = a
+            .iter()
+            .zip(b)
+            .map(|(x, y)| (1.0 - x / y) * 100.0)
+            .collect();
+        costs.sort_by(f64::total_cmp);
+        match costs.len() {
+            0 => f64::NAN,
+            n if n % 2 == 1 => costs[n / 2],
+            n => (costs[n / 2 - 1] + costs[n / 2]) / 2.0,
+        }
     }
 }
 
@@ -129,6 +143,7 @@ pub fn run(plan: &Plan, progress: &mut dyn FnMut(&str)) -> anyhow::Result<Vec<Ro
             rows.push(Row {
                 target,
                 write,
+                runs: [0, 1, 2].map(|i| samples[i].iter().map(|o| o.iops).collect()),
                 by_setting: samples.map(|s| suite::median(&s)),
             });
         }

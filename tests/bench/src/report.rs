@@ -5,6 +5,7 @@ use std::fmt::Write as _;
 
 use crate::idle::Idle;
 use crate::migration_cost::{self, Row, Setting};
+use crate::nbd_export;
 use crate::sandbox_cost::SandboxCost;
 use crate::scaling::{self, Scaling};
 use crate::suite::{Cell, Plan, Workload};
@@ -396,7 +397,8 @@ pub fn migration_markdown(plan: &Plan, migration: &[Row], date: &str) -> String 
          with EVENT_IDX, polling its used ring. *plain*: no inflight region; *inflight*: the \
          INFLIGHT_SHMFD region QEMU always sets up when offered; *dirty log*: also \
          SET_LOG_BASE and LOG_ALL, as during a migration. Median of {} runs of {:.1} s per \
-         setting, each a new connection to one daemon per row, the settings rotated.\n",
+         setting, each a new connection to one daemon per row, the settings rotated; a cost is \
+         the median over the rounds of each round's own ratio.\n",
         migration_cost::DEPTH,
         plan.runs.max(migration_cost::MIN_RUNS),
         plan.measure.min(migration_cost::MAX_MEASURE).as_secs_f64()
@@ -462,5 +464,83 @@ pub fn migration_markdown(plan: &Plan, migration: &[Row], date: &str) -> String 
         );
     }
     let _ = writeln!(s, "{MIGRATION_END}");
+    s
+}
+
+/// Where the generated NBD part of BENCHMARKS.md begins and ends;
+/// `--nbd-only` replaces just this part.
+pub const NBD_BEGIN: &str = "<!-- strata-bench:nbd:begin -->";
+/// See [`NBD_BEGIN`].
+pub const NBD_END: &str = "<!-- strata-bench:nbd:end -->";
+
+/// The NBD export section, markers included.
+pub fn nbd_markdown(plan: &Plan, rows: &[nbd_export::Row], date: &str) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "{NBD_BEGIN}");
+    let _ = writeln!(
+        s,
+        "Run on {date}: {}. Strata `{}` against `{}`, each serving one NBD export on a unix \
+         socket; fio's `nbd` engine (libnbd) on cpu 1, the daemon on cpu 0. Each cell is the \
+         median of {} alternating runs per daemon of {:.1} s (after {:.1} s of warm-up), on a \
+         freshly started daemon.\n",
+        machine(),
+        version(&plan.strata),
+        version(&plan.qsd),
+        plan.runs,
+        plan.measure.as_secs_f64(),
+        plan.warmup.as_secs_f64(),
+    );
+    let _ = writeln!(
+        s,
+        "| target | workload | Strata IOPS | qsd IOPS | IOPS ratio | mean lat (us) Strata / qsd | \
+         CPU/req (ns) Strata / qsd | CPU ratio |"
+    );
+    let _ = writeln!(s, "|---|---|--:|--:|--:|--:|--:|--:|");
+    let mut goals = Vec::new();
+    for r in rows {
+        let (a, b) = (&r.strata, &r.qsd);
+        let _ = writeln!(
+            s,
+            "| {} | {} | {:.0} | {:.0} | **{}** | {:.1} / {:.1} | {:.0} / {:.0} | {} |",
+            r.target.name(),
+            r.job.label(),
+            a.iops,
+            b.iops,
+            ratio(a.iops, b.iops),
+            a.mean_us,
+            b.mean_us,
+            a.cpu_ns,
+            b.cpu_ns,
+            ratio(a.cpu_ns, b.cpu_ns),
+        );
+        let what = format!("NBD {} {}", r.target.name(), r.job.label());
+        let x = a.iops / b.iops;
+        goals.push(Goal {
+            what: format!("{what}: IOPS / qsd"),
+            goal: ">= 1.20",
+            value: x,
+            met: x >= 1.2,
+        });
+        let x = a.cpu_ns / b.cpu_ns;
+        goals.push(Goal {
+            what: format!("{what}: CPU per request / qsd"),
+            goal: "<= 1.00",
+            value: x,
+            met: x <= 1.0,
+        });
+    }
+    let _ = writeln!(s, "\n| target | goal | measured | met |");
+    let _ = writeln!(s, "|---|---|--:|---|");
+    for g in goals {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {:.2} | {} |",
+            g.what,
+            g.goal,
+            g.value,
+            if g.met { "yes" } else { "**no**" }
+        );
+    }
+    let _ = writeln!(s, "{NBD_END}");
     s
 }
