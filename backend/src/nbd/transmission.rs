@@ -34,6 +34,9 @@ use super::transport::Transport;
 
 /// Requests accepted and not yet answered, per connection.
 pub const MAX_IN_FLIGHT: usize = 64;
+/// Data bytes those requests may hold (write payloads, read buffers),
+/// per connection; one request alone may exceed it.
+const MAX_BYTES: u64 = 64 << 20;
 /// Most extents per metadata context in one block status reply.
 const MAX_EXTENTS: usize = 256;
 /// Most separate data and hole runs a sparse read is split into; the rest
@@ -63,11 +66,14 @@ struct Conn {
     structured: bool,
     contexts: Contexts,
     buffers: Rc<Pool>,
-    replies: RefCell<VecDeque<Vec<Part>>>,
+    /// Replies to send, with the data bytes their requests held.
+    replies: RefCell<VecDeque<(Vec<Part>, u64)>>,
     writer: RefCell<Option<Waker>>,
     reader: RefCell<Option<Waker>>,
     /// Requests accepted whose reply is not sent yet.
     in_flight: Cell<usize>,
+    /// The data bytes they hold.
+    bytes: Cell<u64>,
     reading: Cell<bool>,
     writing: Cell<bool>,
     /// The socket failed or the client broke the protocol: nothing more
@@ -76,8 +82,8 @@ struct Conn {
 }
 
 impl Conn {
-    fn push_reply(&self, parts: Vec<Part>) {
-        self.replies.borrow_mut().push_back(parts);
+    fn push_reply(&self, parts: Vec<Part>, bytes: u64) {
+        self.replies.borrow_mut().push_back((parts, bytes));
         if let Some(w) = self.writer.borrow_mut().take() {
             w.wake();
         }
@@ -110,6 +116,7 @@ pub fn serve(fd: OwnedFd, n: Negotiated, confine: impl FnOnce()) -> io::Result<(
         writer: RefCell::new(None),
         reader: RefCell::new(None),
         in_flight: Cell::new(0),
+        bytes: Cell::new(0),
         reading: Cell::new(true),
         writing: Cell::new(true),
         broken: Cell::new(false),
@@ -197,6 +204,23 @@ async fn read_requests(c: &Rc<Conn>, exec: &std::rc::Weak<Executor<Task>>) -> io
             has_contexts: c.contexts.any(),
         };
         let checked = req.check(&limits);
+        // What the request will hold: its payload, or its read buffer.
+        let bytes = match (req.command, &checked) {
+            (Command::Write, _) => u64::from(req.len),
+            (Command::Read, Ok(())) => u64::from(req.len),
+            (Command::Cache, Ok(())) => u64::from(req.len).min(1 << 20),
+            _ => 0,
+        };
+        poll_fn(|cx| {
+            if c.in_flight.get() == 0 || c.bytes.get() + bytes <= MAX_BYTES {
+                Poll::Ready(())
+            } else {
+                *c.reader.borrow_mut() = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        })
+        .await;
+        c.bytes.set(c.bytes.get() + bytes);
         let mut payload = None;
         if req.command == Command::Write {
             if req.len > MAX_PAYLOAD {
@@ -215,7 +239,7 @@ async fn read_requests(c: &Rc<Conn>, exec: &std::rc::Weak<Executor<Task>>) -> io
                 Err(e) => {
                     skip(&c.t, req.len).await?;
                     c.in_flight.set(c.in_flight.get() + 1);
-                    c.push_reply(error_reply(c, &req, err::ENOMEM, &e.to_string()));
+                    c.push_reply(error_reply(c, &req, err::ENOMEM, &e.to_string()), bytes);
                     continue;
                 }
             }
@@ -227,13 +251,13 @@ async fn read_requests(c: &Rc<Conn>, exec: &std::rc::Weak<Executor<Task>>) -> io
                 c.export.options().id,
                 rej.message
             );
-            c.push_reply(error_reply(c, &req, rej.error, &rej.message));
+            c.push_reply(error_reply(c, &req, rej.error, &rej.message), bytes);
             continue;
         }
         let Some(exec) = exec.upgrade() else {
             return Ok(());
         };
-        exec.spawn(Box::pin(run(Rc::clone(c), req, payload)));
+        exec.spawn(Box::pin(run(Rc::clone(c), req, payload, bytes)));
     }
 }
 
@@ -255,7 +279,7 @@ async fn skip(t: &Transport, len: u32) -> io::Result<()> {
 const SEND_BATCH: usize = 64;
 
 async fn writer(c: Rc<Conn>) {
-    let mut batch: Vec<Vec<Part>> = Vec::new();
+    let mut batch: Vec<(Vec<Part>, u64)> = Vec::new();
     loop {
         let more = poll_fn(|cx| {
             let mut q = c.replies.borrow_mut();
@@ -275,7 +299,11 @@ async fn writer(c: Rc<Conn>) {
             break;
         }
         if !c.broken.get() {
-            let slices: Vec<&[u8]> = batch.iter().flatten().map(Part::bytes).collect();
+            let slices: Vec<&[u8]> = batch
+                .iter()
+                .flat_map(|(parts, _)| parts)
+                .map(Part::bytes)
+                .collect();
             if let Err(e) = c.t.write_all(&slices).await {
                 tracing::warn!(
                     "NBD export '{}': cannot send a reply, closing the connection: {e}",
@@ -286,6 +314,8 @@ async fn writer(c: Rc<Conn>) {
             }
         }
         c.in_flight.set(c.in_flight.get() - batch.len());
+        let freed: u64 = batch.iter().map(|(_, b)| b).sum();
+        c.bytes.set(c.bytes.get() - freed);
         batch.clear();
         if let Some(w) = c.reader.borrow_mut().take() {
             w.wake();
@@ -295,7 +325,7 @@ async fn writer(c: Rc<Conn>) {
 }
 
 /// Runs one checked request and queues its reply.
-async fn run(c: Rc<Conn>, req: Request, payload: Option<Buf>) {
+async fn run(c: Rc<Conn>, req: Request, payload: Option<Buf>, bytes: u64) {
     while !c.export.begin() {
         // A graph edit holds the export; it ends within its drain timeout.
         let _ = sleep(Duration::from_millis(1)).await;
@@ -314,7 +344,7 @@ async fn run(c: Rc<Conn>, req: Request, payload: Option<Buf>) {
             error_reply(&c, &req, code, &msg)
         }
     };
-    c.push_reply(parts);
+    c.push_reply(parts, bytes);
 }
 
 async fn execute(
