@@ -188,6 +188,39 @@ fn a_qcow2_chain_reads_and_maps_over_nbd_as_it_does_on_disk() {
         );
     }
 
+    // libnbd's nbdinfo, a client that is not QEMU's, sees the same.
+    for (context, depth) in [("base:allocation", false), ("qemu:allocation-depth", true)] {
+        let out = Command::new("nbdinfo")
+            .arg(format!("--map={context}"))
+            .args(["--json", &url])
+            .output()
+            .expect("nbdinfo is installed (ci/host-packages installs libnbd-bin)");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let extents: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+        let mut covered = 0;
+        for e in extents {
+            let (off, len) = (e["offset"].as_u64().unwrap(), e["length"].as_u64().unwrap());
+            let ty = e["type"].as_u64().unwrap();
+            for u in off / UNIT..(off + len) / UNIT {
+                let l = local[u as usize];
+                let want = if depth {
+                    l.2
+                } else if l.0 {
+                    0
+                } else {
+                    3
+                };
+                assert_eq!(ty, want, "nbdinfo {context} at {:#x}", u * UNIT);
+            }
+            covered += len;
+        }
+        assert_eq!(covered, size, "nbdinfo {context} covers the disk");
+    }
+
     // qemu:allocation-depth names the layer, base:allocation the holes.
     let (mut c, got) = RawClient::go(
         d.socket(),
