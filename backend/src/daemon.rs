@@ -17,7 +17,7 @@ use strata_runtime::reactor::block_on;
 
 use crate::events::EventBus;
 use crate::export::{Export, ExportOptions};
-use crate::nbd::{NbdExport, NbdExportOptions, NbdServer, ServerAddr, ServerOptions};
+use crate::nbd::{NbdExport, NbdExportOptions, NbdServer, ServerAddr, ServerOptions, ServerTls};
 use crate::on_error::OnError;
 use crate::qmp::error::QmpError;
 use crate::serve::RunningExport;
@@ -112,6 +112,7 @@ impl Daemon {
             jobs: Jobs::new(graph.clone(), events.clone()),
             graph,
             ctx: OpenContext {
+                tls: Default::default(),
                 throttle_groups: ThrottleGroups::default(),
                 events: events.clone(),
             },
@@ -389,12 +390,12 @@ impl Daemon {
         };
         addr.finish()?;
         let addr = server_addr;
-        for tls in ["tls-creds", "tls-authz"] {
-            if let Some(id) = o.take_str(tls)? {
-                return Err(QmpError::generic(format!(
-                    "{tls}='{id}': TLS for the NBD server is not available yet in Strata"
-                )));
-            }
+        let tls_creds = o.take_str("tls-creds")?;
+        let tls_authz = o.take_str("tls-authz")?;
+        if tls_authz.is_some() && tls_creds.is_none() {
+            return Err(QmpError::generic(
+                "'tls-authz' is only valid with 'tls-creds'",
+            ));
         }
         let max_connections = o.take_u64("max-connections")?.unwrap_or(0);
         let max_connections = u32::try_from(max_connections).map_err(|_| {
@@ -403,6 +404,8 @@ impl Daemon {
         Ok(ServerOptions {
             addr,
             max_connections,
+            tls_creds,
+            tls_authz,
         })
     }
 
@@ -412,7 +415,18 @@ impl Daemon {
         if nbd.is_some() {
             return Err(QmpError::generic("NBD server already running"));
         }
-        let server = NbdServer::start(opts, self.socket_mode())
+        let tls = match &opts.tls_creds {
+            Some(id) => {
+                let config = self.ctx.tls.creds(id).and_then(|c| c.server());
+                let authz = opts.tls_authz.as_deref().map(|a| self.ctx.tls.authz(a));
+                Some(ServerTls {
+                    config: config.map_err(QmpError::generic)?,
+                    authz: authz.transpose().map_err(QmpError::generic)?,
+                })
+            }
+            None => None,
+        };
+        let server = NbdServer::start(opts, tls, self.socket_mode())
             .map_err(|e| QmpError::generic(format!("{e:#}")))?;
         *nbd = Some(Arc::new(server));
         Ok(())
@@ -621,6 +635,9 @@ impl Daemon {
         let ty = o.required("qom-type", ty)?;
         let id = o.take_str("id")?;
         let id = o.required("id", id)?;
+        if self.ctx.tls.add(&ty, &id, o)? {
+            return Ok(());
+        }
         match ty.as_str() {
             "throttle-group" => {
                 let limits = strata_blockdev::throttle::throttle_limits(o)?;
@@ -646,7 +663,8 @@ impl Daemon {
             }
             other => {
                 return Err(QmpError::generic(format!(
-                    "object type '{other}' is not supported (throttle-group and iothread are)"
+                    "object type '{other}' is not supported (throttle-group, iothread, \
+                     tls-creds-x509 and authz-simple are)"
                 )))
             }
         }
@@ -657,6 +675,9 @@ impl Daemon {
     pub fn object_del(&self, id: &str) -> Result<(), QmpError> {
         let mut iothreads = self.iothreads.lock().unwrap_or_else(|e| e.into_inner());
         if iothreads.remove(id).is_some() {
+            return Ok(());
+        }
+        if self.ctx.tls.remove(id) {
             return Ok(());
         }
         drop(iothreads);

@@ -41,6 +41,7 @@ fn open(
     };
     let graph = Graph::new();
     let ctx = OpenContext {
+        tls: Default::default(),
         throttle_groups: ThrottleGroups::default(),
         events: Arc::new(NoEvents),
     };

@@ -16,6 +16,7 @@ mod blkdebug;
 pub mod open;
 pub mod options;
 pub mod throttle;
+pub mod tls;
 
 pub use open::{add, change_quorum, reopen, set_active, set_backing, BlockdevError, OpenContext};
 pub use options::{parse_size, ChildOption, Options, OptionsError};

@@ -34,6 +34,8 @@ use crate::options::{ChildOption, Options, OptionsError};
 pub struct OpenContext {
     /// Groups that throttle nodes name.
     pub throttle_groups: ThrottleGroups,
+    /// TLS credentials and authorization objects.
+    pub tls: Arc<crate::tls::TlsObjects>,
     /// Where drivers report events.
     pub events: Arc<dyn EventSink>,
 }

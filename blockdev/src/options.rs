@@ -38,6 +38,9 @@ pub enum OptionsError {
         /// What it accepts.
         expected: String,
     },
+    /// Options that are well formed but cannot be used, with why.
+    #[error("{0}")]
+    Invalid(String),
 }
 
 /// A child given as an option: a node's name, a node to create, or none.

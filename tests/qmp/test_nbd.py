@@ -3,6 +3,7 @@ nbd-server-start (QMP's legacy address form), block-export-add type=nbd,
 query-block-exports, block-export-del (refused while a client is connected
 unless mode=hard) and nbd-server-stop, with qemu-io as the NBD client."""
 
+import socket
 import subprocess
 import time
 
@@ -17,6 +18,34 @@ def qemu_io(url, *cmds):
         args += ["-c", c]
     r = subprocess.run(args + [url], capture_output=True, text=True)
     return r.returncode == 0 and "failed" not in r.stdout + r.stderr, r.stdout + r.stderr
+
+
+def openssl(cwd, *args):
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+def make_pki(root):
+    """A CA, a server directory and a client directory (subject
+    O=Strata,CN=client), laid out as tls-creds-x509 reads them."""
+    root.mkdir()
+    openssl(root, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+            "-keyout", "ca-key.pem", "-out", "ca-cert.pem", "-subj", "/CN=ca",
+            "-addext", "basicConstraints=critical,CA:TRUE",
+            "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+    dirs = {}
+    for role, subj, ext in [("server", "/CN=localhost", "subjectAltName=IP:127.0.0.1"),
+                            ("client", "/O=Strata/CN=client", "extendedKeyUsage=clientAuth")]:
+        d = root / role
+        d.mkdir()
+        (d / "ca-cert.pem").write_bytes((root / "ca-cert.pem").read_bytes())
+        (root / f"{role}.ext").write_text(ext + "\n")
+        openssl(root, "req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{d}/{role}-key.pem",
+                "-out", f"{role}.csr", "-subj", subj)
+        openssl(root, "x509", "-req", "-days", "2", "-in", f"{role}.csr", "-CA", "ca-cert.pem",
+                "-CAkey", "ca-key.pem", "-CAcreateserial", "-out", f"{d}/{role}-cert.pem",
+                "-extfile", f"{role}.ext")
+        dirs[role] = str(d)
+    return dirs
 
 
 class Nbd(DaemonTest):
@@ -87,9 +116,48 @@ class Nbd(DaemonTest):
         self.assertIn("addr.type", e["desc"])
         e = self.d.err("nbd-server-start", addr={"type": "unix", "data": {"path": self.sock}},
                        tls_creds="tls0")
-        self.assertIn("tls-creds='tls0'", e["desc"])
+        self.assertIn("no TLS credentials with id 'tls0'", e["desc"])
         self.d.ok("nbd-server-start", addr={"type": "unix", "data": {"path": self.sock}})
         e = self.d.err("block-export-add", type="nbd", id="e0", node_name="nope")
         self.assertIn("nope", e["desc"])
         e = self.d.err("block-export-add", type="nbd", id="e0", node_name="disk", bitmaps=["b0"])
         self.assertIn("bitmaps", e["desc"])
+
+    def test_tls_objects_added_over_qmp_guard_the_server(self):
+        pki = make_pki(self.dir / "pki")
+        self.d.ok("object-add", qom_type="tls-creds-x509", id="tls0", dir=pki["server"],
+                  endpoint="server", verify_peer=True)
+        e = self.d.err("object-add", qom_type="tls-creds-x509", id="tls0", dir=pki["server"],
+                       endpoint="server")
+        self.assertIn("duplicate property 'tls0'", e["desc"])
+        e = self.d.err("object-add", qom_type="tls-creds-x509", id="tls1",
+                       dir=str(self.dir / "nowhere"), endpoint="server")
+        self.assertIn("nowhere/ca-cert.pem", e["desc"])
+        self.d.ok("object-add", qom_type="authz-simple", id="authz0",
+                  identity="O=Strata,CN=client")
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.d.ok("nbd-server-start", addr={"type": "inet", "host": "127.0.0.1", "port": str(port)},
+                  tls_creds="tls0", tls_authz="authz0")
+        self.assertEqual(self.add(id="e0", node_name="disk", name="vm"), {"return": {}})
+
+        url = f"nbd://127.0.0.1:{port}/vm"
+        ok, out = qemu_io(url, "read 0 4k")
+        self.assertFalse(ok, out)
+        self.assertIn("requires TLS", out)
+        r = subprocess.run(
+            ["qemu-io", "--object",
+             f"tls-creds-x509,id=t,dir={pki['client']},endpoint=client",
+             "--image-opts", "-r", "-c", "read -P 7 0 1M",
+             f"driver=nbd,server.type=inet,server.host=127.0.0.1,server.port={port},"
+             "export=vm,tls-creds=t"],
+            capture_output=True, text=True)
+        self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
+        self.assertNotIn("failed", r.stdout + r.stderr)
+        self.d.ok("nbd-server-stop")
+        self.d.ok("object-del", id="authz0")
+        self.d.ok("object-del", id="tls0")
+        e = self.d.err("nbd-server-start", addr={"type": "unix", "data": {"path": self.sock}},
+                       tls_creds="tls0")
+        self.assertIn("no TLS credentials with id 'tls0'", e["desc"])

@@ -8,5 +8,6 @@ pub mod guest;
 pub mod host;
 pub mod memory_diff;
 pub mod nbd_client;
+pub mod pki;
 pub mod qemu;
 pub mod qmp;

@@ -10,6 +10,7 @@ use strata_formats::null::{NullNode, NullOptions};
 use strata_graph::{BlockDriver, Graph};
 use strata_nbd::{Limits, Request, REQUEST_LEN};
 
+use crate::nbd::channel::{ServerTls, Upgrade};
 use crate::nbd::handshake::negotiate;
 use crate::nbd::registry::Registry;
 use crate::nbd::{NbdExport, NbdExportOptions, MAX_PAYLOAD};
@@ -28,6 +29,16 @@ impl Read for Client<'_> {
             0 if !buf.is_empty() => Err(io::ErrorKind::UnexpectedEof.into()),
             n => Ok(n),
         }
+    }
+}
+
+impl Upgrade for Client<'_> {
+    fn is_tls(&self) -> bool {
+        false
+    }
+
+    fn start_tls(&mut self, _: &ServerTls) -> io::Result<()> {
+        Err(io::ErrorKind::Unsupported.into())
     }
 }
 
@@ -73,7 +84,7 @@ pub fn nbd_client_bytes(data: &[u8]) {
         input: Cursor::new(data),
         answered: 0,
     };
-    let negotiated = negotiate(&mut c, &registry);
+    let negotiated = negotiate(&mut c, &registry, None);
     // Replies are bounded by what was asked, option by option.
     assert!(
         c.answered <= 64 + data.len() * 64,

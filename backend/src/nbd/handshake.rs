@@ -3,7 +3,7 @@
 //! EXPORT_NAME), aborts or breaks the protocol. It is bounded in time and
 //! in the memory a client can make it use.
 
-use std::io::{self, Read, Write};
+use std::io;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -11,6 +11,7 @@ use strata_nbd::consts::{info, rep, tflag, FLAG_C_FIXED_NEWSTYLE, FLAG_C_NO_ZERO
 use strata_nbd::consts::{FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES, IHAVEOPT, NBDMAGIC};
 use strata_nbd::{option_reply, parse_option, ClientOption, OptionError, OptionHeader};
 
+use super::channel::{ServerTls, Upgrade};
 use super::export::{NbdExport, MAX_PAYLOAD};
 use super::registry::Registry;
 
@@ -50,9 +51,14 @@ pub struct Negotiated {
     pub contexts: Contexts,
 }
 
-/// Runs the negotiation on `s`. `Ok(None)` when the client aborted or
-/// left; an error names how it broke the protocol.
-pub fn negotiate<S: Read + Write>(s: &mut S, exports: &Registry) -> io::Result<Option<Negotiated>> {
+/// Runs the negotiation on `s`; with `tls`, nothing but STARTTLS is
+/// answered until the channel is encrypted. `Ok(None)` when the client
+/// aborted or left; an error names how it broke the protocol.
+pub fn negotiate<S: Upgrade>(
+    s: &mut S,
+    exports: &Registry,
+    tls: Option<&ServerTls>,
+) -> io::Result<Option<Negotiated>> {
     let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
     let mut hello = Vec::with_capacity(18);
     hello.extend(NBDMAGIC.to_be_bytes());
@@ -94,6 +100,22 @@ pub fn negotiate<S: Read + Write>(s: &mut S, exports: &Registry) -> io::Result<O
             }
             Err(OptionError::Fatal(msg)) => return Err(protocol(msg)),
         };
+        if tls.is_some() && !s.is_tls() {
+            match parsed {
+                ClientOption::Abort | ClientOption::StartTls => {}
+                ClientOption::ExportName(name) => {
+                    return Err(protocol(format!(
+                        "EXPORT_NAME '{name}' before STARTTLS: this server requires TLS"
+                    )))
+                }
+                _ => {
+                    let msg = b"this server requires TLS: send STARTTLS first";
+                    option_reply(&mut out, o, rep::ERR_TLS_REQD, msg);
+                    s.write_all(&out)?;
+                    continue;
+                }
+            }
+        }
         match parsed {
             ClientOption::Abort => {
                 option_reply(&mut out, o, rep::ACK, &[]);
@@ -130,10 +152,22 @@ pub fn negotiate<S: Read + Write>(s: &mut S, exports: &Registry) -> io::Result<O
                 }
                 option_reply(&mut out, o, rep::ACK, &[]);
             }
-            ClientOption::StartTls => {
-                let msg = b"TLS is not enabled on this server (no tls-creds)";
-                option_reply(&mut out, o, rep::ERR_POLICY, msg);
-            }
+            ClientOption::StartTls => match tls {
+                None => {
+                    let msg = b"TLS is not enabled on this server (no tls-creds)";
+                    option_reply(&mut out, o, rep::ERR_POLICY, msg);
+                }
+                Some(_) if s.is_tls() => {
+                    let msg = b"TLS is already on";
+                    option_reply(&mut out, o, rep::ERR_INVALID, msg);
+                }
+                Some(tls) => {
+                    option_reply(&mut out, o, rep::ACK, &[]);
+                    s.write_all(&out)?;
+                    s.start_tls(tls)?;
+                    continue;
+                }
+            },
             ClientOption::StructuredReply => {
                 structured = true;
                 option_reply(&mut out, o, rep::ACK, &[]);

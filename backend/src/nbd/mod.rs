@@ -5,6 +5,7 @@
 //! requests run against the graph.
 
 mod buffers;
+pub(crate) mod channel;
 mod export;
 pub(crate) mod handshake;
 pub(crate) mod registry;
@@ -12,5 +13,6 @@ mod server;
 mod transmission;
 mod transport;
 
+pub use channel::ServerTls;
 pub use export::{NbdExport, NbdExportOptions, MAX_PAYLOAD};
 pub use server::{NbdServer, ServerAddr, ServerOptions};

@@ -2,9 +2,9 @@
 //! the exports it offers by name, and a thread per client connection.
 
 use std::io;
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 
+use super::channel::{Channel, ServerTls, Stream};
 use super::export::NbdExport;
 use super::handshake::{negotiate, HANDSHAKE_TIMEOUT};
 use super::registry::Registry;
@@ -52,6 +53,10 @@ pub struct ServerOptions {
     pub addr: ServerAddr,
     /// Most clients at once; 0 for no limit.
     pub max_connections: u32,
+    /// The `tls-creds` object's id: TLS is then required.
+    pub tls_creds: Option<String>,
+    /// The `tls-authz` object's id.
+    pub tls_authz: Option<String>,
 }
 
 /// One client connection, as the server tracks it.
@@ -103,8 +108,12 @@ pub struct NbdServer {
 
 impl NbdServer {
     /// Listens as `opts` says (unix sockets get permissions `mode`) and
-    /// accepts clients from a new thread.
-    pub fn start(opts: ServerOptions, mode: u32) -> anyhow::Result<NbdServer> {
+    /// accepts clients from a new thread; with `tls`, only over TLS.
+    pub fn start(
+        opts: ServerOptions,
+        tls: Option<ServerTls>,
+        mode: u32,
+    ) -> anyhow::Result<NbdServer> {
         let listener = match &opts.addr {
             ServerAddr::Unix(path) => {
                 let l = crate::socket::listen(path, mode)?;
@@ -132,7 +141,7 @@ impl NbdServer {
                     Arc::clone(&stop),
                 );
                 let max = opts.max_connections;
-                move || accept_loop(listener, &exports, &clients, &stop, max)
+                move || accept_loop(listener, &exports, tls.map(Arc::new), &clients, &stop, max)
             })
             .context("cannot start the NBD server's thread")?;
         Ok(NbdServer {
@@ -226,6 +235,7 @@ impl Drop for NbdServer {
 fn accept_loop(
     listener: Listener,
     exports: &Arc<Registry>,
+    tls: Option<Arc<ServerTls>>,
     clients: &Arc<Mutex<Vec<Arc<Client>>>>,
     stop: &AtomicBool,
     max: u32,
@@ -277,8 +287,9 @@ fn accept_loop(
         let spawned = std::thread::Builder::new().name("nbd-conn".into()).spawn({
             let (exports, clients) = (Arc::clone(exports), Arc::clone(clients));
             let client = Arc::clone(&client);
+            let tls = tls.clone();
             move || {
-                if let Err(e) = serve_client(stream, &exports, &client) {
+                if let Err(e) = serve_client(stream, &exports, tls.as_deref(), &client) {
                     tracing::warn!("NBD client: {e}");
                 }
                 clients
@@ -297,63 +308,27 @@ fn accept_loop(
     }
 }
 
-/// A client's socket.
-enum Stream {
-    Unix(UnixStream),
-    Tcp(TcpStream),
-}
-
-impl Stream {
-    fn handle(&self) -> io::Result<OwnedFd> {
-        match self {
-            Stream::Unix(s) => s.try_clone().map(OwnedFd::from),
-            Stream::Tcp(s) => s.try_clone().map(OwnedFd::from),
-        }
-    }
-
-    fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
-        match self {
-            Stream::Unix(s) => s.set_read_timeout(t),
-            Stream::Tcp(s) => s.set_read_timeout(t),
-        }
-    }
-}
-
-impl io::Read for Stream {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self {
-            Stream::Unix(s) => s.read(buf),
-            Stream::Tcp(s) => s.read(buf),
-        }
-    }
-}
-
-impl io::Write for Stream {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match self {
-            Stream::Unix(s) => s.write(buf),
-            Stream::Tcp(s) => s.write(buf),
-        }
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
 /// Negotiates with one client, then serves it.
-fn serve_client(mut stream: Stream, exports: &Registry, client: &Client) -> io::Result<()> {
-    stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
-    let Some(n) = negotiate(&mut stream, exports)? else {
+fn serve_client(
+    stream: Stream,
+    exports: &Registry,
+    tls: Option<&ServerTls>,
+    client: &Client,
+) -> io::Result<()> {
+    let mut channel = Channel::new(stream);
+    channel.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
+    let Some(n) = negotiate(&mut channel, exports, tls)? else {
         return Ok(());
     };
-    stream.set_read_timeout(None)?;
+    channel.set_read_timeout(None)?;
     *client.export.lock().unwrap_or_else(|e| e.into_inner()) = Some(n.export.options().id.clone());
     tracing::info!("NBD export '{}': a client connected", n.export.options().id);
-    let fd = match stream {
-        Stream::Unix(s) => OwnedFd::from(s),
-        Stream::Tcp(s) => OwnedFd::from(s),
-    };
+    let (stream, session) = channel.into_parts();
     // From here on the client's bytes drive this thread.
-    transmission::serve(fd, n, crate::sandbox::enter_queue_thread)
+    transmission::serve(
+        OwnedFd::from(stream),
+        session,
+        n,
+        crate::sandbox::enter_queue_thread,
+    )
 }

@@ -99,7 +99,12 @@ impl Conn {
 /// Serves the negotiated connection on `fd` until the client disconnects
 /// or breaks the protocol, on this thread's reactor. `confine` runs once
 /// the thread holds everything it needs, before the first request.
-pub fn serve(fd: OwnedFd, n: Negotiated, confine: impl FnOnce()) -> io::Result<()> {
+pub fn serve(
+    fd: OwnedFd,
+    tls: Option<rustls::ServerConnection>,
+    n: Negotiated,
+    confine: impl FnOnce(),
+) -> io::Result<()> {
     let reactor = Reactor::current()?;
     let wake = EventFd::new(EFD_NONBLOCK)?;
     let notify = wake.try_clone()?;
@@ -107,7 +112,7 @@ pub fn serve(fd: OwnedFd, n: Negotiated, confine: impl FnOnce()) -> io::Result<(
         let _ = notify.write(1);
     }));
     let conn = Rc::new(Conn {
-        t: Transport::new(fd)?,
+        t: Transport::new(fd, tls)?,
         export: n.export,
         structured: n.structured,
         contexts: n.contexts,

@@ -1,11 +1,14 @@
 //! A connection's socket during transmission, read and written through the
-//! thread's io_uring so that one thread serves many requests at once.
+//! thread's io_uring so that one thread serves many requests at once. After
+//! STARTTLS, the bytes on the socket are the TLS session's records.
 
-use std::io;
+use std::cell::RefCell;
+use std::io::{self, IoSlice, Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::rc::Rc;
 
 use io_uring::{opcode, types};
+use rustls::ServerConnection;
 use strata_runtime::reactor::Reactor;
 
 /// Bytes read from the socket at once: many request headers (and small
@@ -16,8 +19,13 @@ const READ_AHEAD: usize = 64 << 10;
 pub struct Transport {
     fd: OwnedFd,
     reactor: Rc<Reactor>,
-    /// Bytes received and not yet consumed: `buf[start..end]`.
-    buf: std::cell::RefCell<ReadAhead>,
+    /// Bytes received and not yet consumed: `buf[start..end]`. Under TLS,
+    /// records not yet handed to the session.
+    buf: RefCell<ReadAhead>,
+    /// The TLS session. Reads and writes borrow it only between awaits.
+    tls: Option<RefCell<ServerConnection>>,
+    /// Records to send, reused from one write to the next.
+    sealed: RefCell<Vec<u8>>,
 }
 
 struct ReadAhead {
@@ -27,17 +35,106 @@ struct ReadAhead {
 }
 
 impl Transport {
-    /// Wraps a connected socket; it is closed when the transport drops.
-    pub fn new(fd: OwnedFd) -> io::Result<Transport> {
+    /// Wraps a connected socket, with its TLS session if STARTTLS made
+    /// one; the socket is closed when the transport drops.
+    pub fn new(fd: OwnedFd, tls: Option<ServerConnection>) -> io::Result<Transport> {
         Ok(Transport {
             fd,
             reactor: Reactor::current()?,
-            buf: std::cell::RefCell::new(ReadAhead {
+            buf: RefCell::new(ReadAhead {
                 data: vec![0; READ_AHEAD],
                 start: 0,
                 end: 0,
             }),
+            tls: tls.map(RefCell::new),
+            sealed: RefCell::default(),
         })
+    }
+
+    /// Fills `buf` with the session's plaintext, as
+    /// [`Transport::read_exact`].
+    async fn read_exact_tls(
+        &self,
+        tls: &RefCell<ServerConnection>,
+        buf: &mut [u8],
+    ) -> io::Result<bool> {
+        let mut done = 0;
+        while done < buf.len() {
+            match tls.borrow_mut().reader().read(&mut buf[done..]) {
+                // close_notify.
+                Ok(0) => return closed(done),
+                Ok(n) => {
+                    done += n;
+                    continue;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+            // Records are handed over only once the plaintext before them
+            // is consumed, which bounds the session's buffers.
+            let mut data = {
+                let mut ra = self.buf.borrow_mut();
+                if ra.start < ra.end {
+                    let mut records = &ra.data[ra.start..ra.end];
+                    let before = records.len();
+                    let mut tls = tls.borrow_mut();
+                    tls.read_tls(&mut records)?;
+                    ra.start += before - records.len();
+                    tls.process_new_packets().map_err(|e| {
+                        io::Error::new(io::ErrorKind::InvalidData, format!("TLS: {e}"))
+                    })?;
+                    continue;
+                }
+                std::mem::take(&mut ra.data)
+            };
+            let res = self.recv(&mut data, 0).await;
+            let mut ra = self.buf.borrow_mut();
+            ra.data = data;
+            ra.start = 0;
+            ra.end = *res.as_ref().unwrap_or(&0);
+            if res? == 0 {
+                return closed(done);
+            }
+        }
+        Ok(true)
+    }
+
+    /// Seals `bufs` into records and sends them, as
+    /// [`Transport::write_all`].
+    async fn write_all_tls(
+        &self,
+        tls: &RefCell<ServerConnection>,
+        bufs: &[&[u8]],
+    ) -> io::Result<()> {
+        let mut parts: Vec<&[u8]> = bufs.to_vec();
+        let mut first = 0;
+        loop {
+            // The session takes what its send buffer holds, then the
+            // records go out before it takes more.
+            let mut sealed = std::mem::take(&mut *self.sealed.borrow_mut());
+            {
+                let mut tls = tls.borrow_mut();
+                while first < parts.len() {
+                    let slices: Vec<IoSlice<'_>> =
+                        parts[first..].iter().map(|b| IoSlice::new(b)).collect();
+                    let n = tls.writer().write_vectored(&slices)?;
+                    if n == 0 {
+                        break;
+                    }
+                    first += advance(&mut parts[first..], n);
+                }
+                while tls.wants_write() {
+                    tls.write_tls(&mut sealed)?;
+                }
+            }
+            let res = self.send_all(&[&sealed]).await;
+            sealed.clear();
+            *self.sealed.borrow_mut() = sealed;
+            res?;
+            if first >= parts.len() {
+                return Ok(());
+            }
+        }
     }
 
     /// Fills `buf`. `Ok(false)` when the peer closed the connection before
@@ -45,6 +142,9 @@ impl Transport {
     /// served from what one receive brought in; large ones go straight
     /// into `buf`. Only one read may run at a time.
     pub async fn read_exact(&self, buf: &mut [u8]) -> io::Result<bool> {
+        if let Some(tls) = &self.tls {
+            return self.read_exact_tls(tls, buf).await;
+        }
         let mut done = 0;
         while done < buf.len() {
             {
@@ -73,13 +173,7 @@ impl Transport {
                 res?
             };
             if got == 0 {
-                if done == 0 {
-                    return Ok(false);
-                }
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    format!("the peer closed the connection {done} bytes into a message"),
-                ));
+                return closed(done);
             }
             if direct {
                 done += got;
@@ -111,8 +205,17 @@ impl Transport {
         }
     }
 
-    /// Writes every byte of `bufs`, in order.
+    /// Writes every byte of `bufs`, in order. Only one write may run at a
+    /// time.
     pub async fn write_all(&self, bufs: &[&[u8]]) -> io::Result<()> {
+        match &self.tls {
+            Some(tls) => self.write_all_tls(tls, bufs).await,
+            None => self.send_all(bufs).await,
+        }
+    }
+
+    /// Sends every byte of `bufs` on the socket, in order.
+    async fn send_all(&self, bufs: &[&[u8]]) -> io::Result<()> {
         let mut iov: Vec<libc::iovec> = bufs
             .iter()
             .filter(|b| !b.is_empty())
@@ -165,6 +268,33 @@ impl Transport {
         // SAFETY: shutdown references no memory.
         let _ = unsafe { self.reactor.push(entry) }.await;
     }
+}
+
+/// The end of the stream `done` bytes into a message: clean only at a
+/// message's start.
+fn closed(done: usize) -> io::Result<bool> {
+    if done == 0 {
+        return Ok(false);
+    }
+    Err(io::Error::new(
+        io::ErrorKind::UnexpectedEof,
+        format!("the peer closed the connection {done} bytes into a message"),
+    ))
+}
+
+/// Drops the first `n` bytes of `parts`; the number of parts used up.
+fn advance(parts: &mut [&[u8]], mut n: usize) -> usize {
+    let mut used = 0;
+    for p in parts.iter_mut() {
+        if n >= p.len() {
+            n -= p.len();
+            used += 1;
+        } else {
+            *p = &p[n..];
+            break;
+        }
+    }
+    used
 }
 
 fn empty_msghdr() -> libc::msghdr {

@@ -19,6 +19,7 @@ impl EventSink for Events {
 
 fn ctx() -> OpenContext {
     OpenContext {
+        tls: Default::default(),
         throttle_groups: ThrottleGroups::default(),
         events: Arc::new(NoEvents),
     }
