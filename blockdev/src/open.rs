@@ -19,6 +19,8 @@ use strata_formats::blkverify::BlkverifyNode;
 use strata_formats::cor::CopyOnReadNode;
 use strata_formats::file::{FileNode, FileOptions, ImageLock, Locking};
 use strata_formats::image;
+use strata_formats::nbd::connection::ConnectOptions;
+use strata_formats::nbd::NbdNode;
 use strata_formats::null::{NullNode, NullOptions};
 use strata_formats::qcow2::{Qcow2Node, Qcow2Options};
 use strata_formats::quorum::{QuorumNode, QuorumOptions, ReadPattern};
@@ -160,6 +162,7 @@ enum Spec {
     Blkverify(NodeId, NodeId),
     Blkdebug(NodeId, Vec<Rule>),
     Qcow2(NodeId, Option<NodeId>, Qcow2Options),
+    Nbd(ConnectOptions, bool),
 }
 
 /// Adds the node described by `opts` (and its inline children) as a
@@ -464,7 +467,7 @@ fn record(mut given: Value, tx: &Transaction<'_>, spec: &Spec) -> Value {
             given["file"] = name(*f);
             given["backing"] = backing.map_or(Value::Null, name);
         }
-        Spec::File(_) | Spec::Null(_) => {}
+        Spec::File(_) | Spec::Null(_) | Spec::Nbd(..) => {}
     }
     given
 }
@@ -563,6 +566,7 @@ fn parse(
                 },
             )
         }
+        "nbd" => Spec::Nbd(nbd::options(o, ctx)?, common.driver_read_only()),
         "null-co" | "null-aio" => {
             let size = o.take_size("size")?.unwrap_or(1 << 30);
             let read_zeroes = o.take_bool("read-zeroes")?.unwrap_or(true);
@@ -843,6 +847,7 @@ fn build(
         }
         Spec::Raw(file, r) => Arc::new(RawNode::open(b, file, &r)?),
         Spec::Null(n) => Arc::new(NullNode::new(n)),
+        Spec::Nbd(opts, read_only) => Arc::new(NbdNode::open(opts, read_only)?),
         Spec::Throttle(file, group) => {
             let group = ctx.throttle_groups.get(&group)?;
             Arc::new(ThrottleNode::open(b, file, group)?)
@@ -863,5 +868,6 @@ fn build(
     })
 }
 
+mod nbd;
 #[cfg(test)]
 mod tests;

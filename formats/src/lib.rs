@@ -15,6 +15,7 @@ pub mod blkverify;
 pub mod cor;
 pub mod file;
 pub mod image;
+pub mod nbd;
 pub mod null;
 pub mod qcow2;
 pub mod quorum;

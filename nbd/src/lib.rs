@@ -10,6 +10,7 @@
 
 #![warn(missing_docs)]
 
+pub mod client;
 pub mod consts;
 mod option;
 mod reply;

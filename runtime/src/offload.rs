@@ -23,11 +23,19 @@ pub fn pending() -> usize {
     PENDING.get()
 }
 
-/// Counts a job as pending while its future lives.
-struct Waiting;
+/// Counts this thread as waiting for work another thread does (a job, an
+/// NBD reply) while it lives, so that the thread keeps polling for it.
+pub struct Waiting;
+
+impl Default for Waiting {
+    fn default() -> Self {
+        Self::new()
+    }
+}
 
 impl Waiting {
-    fn new() -> Self {
+    /// Starts waiting.
+    pub fn new() -> Self {
         PENDING.set(PENDING.get() + 1);
         Waiting
     }

@@ -1,0 +1,92 @@
+//! `driver=nbd`'s options, as QEMU spells them: `server.*` (unix or inet),
+//! `export`, `tls-creds`, `tls-hostname`, `reconnect-delay` and
+//! `open-timeout`.
+
+use std::net::ToSocketAddrs;
+use std::time::Duration;
+
+use strata_formats::nbd::connection::ConnectOptions;
+use strata_formats::nbd::handshake::ClientTls;
+use strata_formats::nbd::wire::Server;
+
+use super::{BlockdevError, OpenContext};
+use crate::options::{Options, OptionsError};
+
+fn invalid(msg: String) -> BlockdevError {
+    BlockdevError::Options(OptionsError::Invalid(msg))
+}
+
+/// Parses the options of an `nbd` node.
+pub(super) fn options(o: &mut Options, ctx: &OpenContext) -> Result<ConnectOptions, BlockdevError> {
+    let server = o.take_group("server")?;
+    let mut server = o.required("server", server)?;
+    let ty = server.take_enum("type", &["unix", "inet"])?;
+    let server = match server.required("type", ty)?.as_str() {
+        "unix" => {
+            let path = server.take_str("path")?;
+            let path = server.required("path", path)?;
+            if server.take_bool("abstract")? == Some(true) {
+                return Err(BlockdevError::NotSupported("abstract unix sockets".into()));
+            }
+            server.take_bool("tight")?;
+            server.finish()?;
+            Server::Unix(path.into())
+        }
+        _ => {
+            let host = server.take_str("host")?;
+            let host = server.required("host", host)?;
+            let port = server.take_str("port")?;
+            let port = server.required("port", port)?;
+            for flag in ["numeric", "ipv4", "ipv6", "keep-alive", "mptcp"] {
+                server.take_bool(flag)?;
+            }
+            server.finish()?;
+            let port: u16 = port
+                .parse()
+                .map_err(|_| invalid(format!("server.port '{port}': not a port number")))?;
+            // Resolved now, while the name service is reachable: a
+            // sandboxed daemon may not read /etc/hosts later.
+            let addrs: Vec<_> = (host.as_str(), port)
+                .to_socket_addrs()
+                .map_err(|e| invalid(format!("server.host '{host}': {e}")))?
+                .collect();
+            Server::Tcp { host, port, addrs }
+        }
+    };
+    let export = o.take_str("export")?.unwrap_or_default();
+    let hostname = o.take_str("tls-hostname")?;
+    let tls = match o.take_str("tls-creds")? {
+        Some(id) => {
+            let config = ctx
+                .tls
+                .creds(&id)
+                .and_then(|c| c.client())
+                .map_err(invalid)?;
+            Some(ClientTls { config, hostname })
+        }
+        None if hostname.is_some() => {
+            return Err(invalid(
+                "'tls-hostname' is only valid with 'tls-creds'".into(),
+            ))
+        }
+        None => None,
+    };
+    if let Some(b) = o.take_str("x-dirty-bitmap")? {
+        return Err(BlockdevError::NotSupported(format!("x-dirty-bitmap '{b}'")));
+    }
+    let secs = |v: Option<u64>, key: &str| -> Result<Duration, BlockdevError> {
+        match v.unwrap_or(0) {
+            s if s <= u64::from(u32::MAX) => Ok(Duration::from_secs(s)),
+            s => Err(invalid(format!("{key} {s} is too large"))),
+        }
+    };
+    let reconnect_delay = secs(o.take_u64("reconnect-delay")?, "reconnect-delay")?;
+    let open_timeout = secs(o.take_u64("open-timeout")?, "open-timeout")?;
+    Ok(ConnectOptions {
+        server,
+        export,
+        tls,
+        reconnect_delay,
+        open_timeout,
+    })
+}

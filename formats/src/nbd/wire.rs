@@ -1,0 +1,229 @@
+//! The client's socket, plain or TLS, split into the half that sends
+//! (the connection's thread) and the half that receives (its reader
+//! thread). Under TLS both halves share the session, each holding its lock
+//! only to seal or open records, never while waiting on the socket.
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rustls::ClientConnection;
+
+/// Where the server is. Host names are resolved once, when the node
+/// opens, so that reconnecting needs no name service.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Server {
+    /// A unix socket.
+    Unix(PathBuf),
+    /// TCP, at the first of these addresses that answers.
+    Tcp {
+        /// The host as given, for messages and TLS.
+        host: String,
+        /// Its port.
+        port: u16,
+        /// Its addresses.
+        addrs: Vec<SocketAddr>,
+    },
+}
+
+impl std::fmt::Display for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Server::Unix(p) => write!(f, "unix:{}", p.display()),
+            Server::Tcp { host, port, .. } => write!(f, "{host}:{port}"),
+        }
+    }
+}
+
+/// A connected socket.
+#[derive(Debug)]
+pub enum Socket {
+    /// On a unix socket.
+    Unix(UnixStream),
+    /// On TCP.
+    Tcp(TcpStream),
+}
+
+impl Socket {
+    /// Connects to `server`, each attempt bounded by `timeout`.
+    pub fn connect(server: &Server, timeout: Duration) -> io::Result<Socket> {
+        match server {
+            Server::Unix(p) => UnixStream::connect(p).map(Socket::Unix),
+            Server::Tcp { addrs, .. } => {
+                let mut last = io::Error::new(io::ErrorKind::NotFound, "no address");
+                for a in addrs {
+                    match TcpStream::connect_timeout(a, timeout) {
+                        Ok(s) => {
+                            // Requests are whole messages; waiting to
+                            // merge them only adds latency.
+                            let _ = s.set_nodelay(true);
+                            return Ok(Socket::Tcp(s));
+                        }
+                        Err(e) => last = e,
+                    }
+                }
+                Err(last)
+            }
+        }
+    }
+
+    /// A second handle on the socket.
+    pub fn try_clone(&self) -> io::Result<Socket> {
+        Ok(match self {
+            Socket::Unix(s) => Socket::Unix(s.try_clone()?),
+            Socket::Tcp(s) => Socket::Tcp(s.try_clone()?),
+        })
+    }
+
+    /// Ends the connection both ways; a blocked read returns.
+    pub fn shutdown(&self) {
+        let _ = match self {
+            Socket::Unix(s) => s.shutdown(Shutdown::Both),
+            Socket::Tcp(s) => s.shutdown(Shutdown::Both),
+        };
+    }
+
+    /// Bounds each read (`None`: no bound).
+    pub fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            Socket::Unix(s) => s.set_read_timeout(t),
+            Socket::Tcp(s) => s.set_read_timeout(t),
+        }
+    }
+}
+
+impl Read for Socket {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Socket::Unix(s) => s.read(buf),
+            Socket::Tcp(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Socket {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Socket::Unix(s) => s.write(buf),
+            Socket::Tcp(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The sending half.
+pub struct Sender {
+    sock: Socket,
+    tls: Option<Arc<Mutex<ClientConnection>>>,
+    sealed: Vec<u8>,
+}
+
+/// The receiving half.
+pub struct Receiver {
+    sock: Socket,
+    tls: Option<Arc<Mutex<ClientConnection>>>,
+    /// Records received and not yet handed to the session.
+    records: Vec<u8>,
+    start: usize,
+    end: usize,
+}
+
+/// Bytes received from the socket at once under TLS: a record and more.
+const RECORDS: usize = 32 << 10;
+
+fn lock(m: &Mutex<ClientConnection>) -> std::sync::MutexGuard<'_, ClientConnection> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Splits a negotiated connection into its halves.
+pub fn split(sock: Socket, tls: Option<ClientConnection>) -> io::Result<(Sender, Receiver)> {
+    let tls = tls.map(|t| Arc::new(Mutex::new(t)));
+    Ok((
+        Sender {
+            sock: sock.try_clone()?,
+            tls: tls.clone(),
+            sealed: Vec::new(),
+        },
+        Receiver {
+            sock,
+            tls,
+            records: vec![0; RECORDS],
+            start: 0,
+            end: 0,
+        },
+    ))
+}
+
+impl Sender {
+    /// Sends every byte of `parts`, in order.
+    pub fn send(&mut self, parts: &[&[u8]]) -> io::Result<()> {
+        let Some(tls) = &self.tls else {
+            for p in parts {
+                self.sock.write_all(p)?;
+            }
+            return Ok(());
+        };
+        for p in parts {
+            let mut rest = *p;
+            while !rest.is_empty() {
+                {
+                    let mut t = lock(tls);
+                    let n = t.writer().write(rest)?;
+                    rest = &rest[n..];
+                    while t.wants_write() {
+                        t.write_tls(&mut self.sealed)?;
+                    }
+                }
+                self.sock.write_all(&self.sealed)?;
+                self.sealed.clear();
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends the connection both ways.
+    pub fn shutdown(&self) {
+        self.sock.shutdown();
+    }
+}
+
+impl Read for Receiver {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let Some(tls) = &self.tls else {
+            return self.sock.read(buf);
+        };
+        loop {
+            {
+                let mut t = lock(tls);
+                match t.reader().read(buf) {
+                    Ok(n) => return Ok(n),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(e),
+                }
+                // Records are handed over only once the plaintext before
+                // them is consumed, which bounds the session's buffers.
+                if self.start < self.end {
+                    let mut records = &self.records[self.start..self.end];
+                    let before = records.len();
+                    t.read_tls(&mut records)?;
+                    self.start += before - records.len();
+                    t.process_new_packets().map_err(|e| {
+                        io::Error::new(io::ErrorKind::InvalidData, format!("TLS: {e}"))
+                    })?;
+                    continue;
+                }
+            }
+            let n = self.sock.read(&mut self.records)?;
+            if n == 0 {
+                return Ok(0);
+            }
+            (self.start, self.end) = (0, n);
+        }
+    }
+}
