@@ -158,7 +158,7 @@ pub enum Command {
     /// Check an image's metadata, and repair it (as `qemu-img check`).
     /// Exit codes: 0 clean, 2 corrupt, 3 leaked clusters only, 1 error.
     Check(CheckArgs),
-    /// Snapshot, stream and commit a running daemon's disk through its QMP
+    /// Snapshot, stream, commit and mirror a running daemon's disk through its QMP
     /// monitor, with a progress bar; exits non-zero when the job fails.
     Job(JobArgs),
 }
@@ -247,6 +247,35 @@ pub enum JobAction {
         #[command(flatten)]
         common: JobCommon,
     },
+    /// Copy a live node into another node (a local image, or an NBD
+    /// export on another host), keep copying the guest's writes until
+    /// ready, then switch the disk to the target (blockdev-mirror).
+    Mirror {
+        /// The node mirrored (usually the export's node).
+        device: String,
+        /// The node copied to, added beforehand (blockdev-add).
+        #[arg(long, value_name = "NODE")]
+        target: String,
+        /// What the first copy takes: full (the whole chain), top (the
+        /// top layer) or none (only new writes).
+        #[arg(long, value_name = "SYNC", default_value = "full")]
+        sync: String,
+        /// The dirty map's granule in bytes.
+        #[arg(long, value_name = "BYTES", value_parser = parse_size)]
+        granularity: Option<u64>,
+        /// At most this much data in flight.
+        #[arg(long, value_name = "BYTES", value_parser = parse_size)]
+        buf_size: Option<u64>,
+        /// background, or write-blocking: guest writes reach the target
+        /// before they complete.
+        #[arg(long, value_name = "MODE", default_value = "background")]
+        copy_mode: String,
+        /// Leave the mirror ready instead of completing it.
+        #[arg(long)]
+        no_complete: bool,
+        #[command(flatten)]
+        common: JobCommon,
+    },
     /// Grow a node while the guest runs (block_resize); the guest sees
     /// the new capacity at once.
     Resize {
@@ -281,7 +310,8 @@ pub enum JobAction {
         #[arg(long)]
         force: bool,
     },
-    /// Complete a ready active commit: switch the disk to the base.
+    /// Complete a ready active commit or mirror: switch the disk to the
+    /// base or the target.
     Complete {
         /// The job id.
         job: String,

@@ -55,6 +55,40 @@ pub fn run(args: JobArgs) -> anyhow::Result<()> {
             put(&mut a, "backing-file", backing_file);
             start(&mut c, "block-commit", a, &common, !no_complete, json_out)
         }
+        JobAction::Mirror {
+            device,
+            target,
+            sync,
+            granularity,
+            buf_size,
+            copy_mode,
+            no_complete,
+            common,
+        } => {
+            let mut a = job_args(&common, "mirror", &device);
+            if let Some(o) = a.as_object_mut() {
+                o.remove("on-error");
+            }
+            a["on-source-error"] = json!(common.on_error);
+            a["on-target-error"] = json!(common.on_error);
+            a["target"] = json!(target);
+            a["sync"] = json!(sync);
+            a["copy-mode"] = json!(copy_mode);
+            if let Some(g) = granularity {
+                a["granularity"] = json!(g);
+            }
+            if let Some(b) = buf_size {
+                a["buf-size"] = json!(b);
+            }
+            start(
+                &mut c,
+                "blockdev-mirror",
+                a,
+                &common,
+                !no_complete,
+                json_out,
+            )
+        }
         JobAction::Resize { node, size } => {
             let bytes = resize_target(&mut c, &node, &size)?;
             c.run("block_resize", json!({"node-name": node, "size": bytes}))?;
@@ -229,7 +263,7 @@ fn watch(
                     bar.abandon_with_message(format!("{id}: ready"));
                     report(json_out, json!({"job": id, "status": "ready"}), || {
                         format!(
-                            "job '{id}' is ready: `strata job complete {id}` switches to the base"
+                            "job '{id}' is ready: `strata job complete {id}` switches the disk over"
                         )
                     });
                     return Ok(());

@@ -12,7 +12,7 @@ pub(crate) const CHUNK: u64 = 512 << 10;
 /// A failed step: the error, and whether it was a read.
 pub(crate) type StepError = (BlockError, bool);
 
-/// Runs `step` over `[start, start + len)` in chunks of [`CHUNK`], with a
+/// Runs `step` over `[start, start + len)` in chunks of `chunk` bytes, with a
 /// pause point before each, progress and the speed limit after, and the
 /// job's `on-error` policy on failures. `step` gets a fresh view and
 /// returns how many bytes it copied. Errors that were ignored fail the job
@@ -22,6 +22,7 @@ pub(crate) fn chunked(
     graph: &Graph,
     start: u64,
     len: u64,
+    chunk: u64,
     mut step: impl FnMut(&GraphView, u64, u64) -> Result<u64, StepError>,
 ) -> Result<(), JobError> {
     let end = start + len;
@@ -30,7 +31,7 @@ pub(crate) fn chunked(
     while off < end {
         ctx.pause_point()?;
         let v = graph.view();
-        let n = CHUNK.min(end - off);
+        let n = chunk.min(end - off);
         match step(&v, off, n) {
             Ok(copied) => {
                 ctx.progress(n);

@@ -4,7 +4,8 @@
 //! below: nothing beyond their parents' needs, and they share everything,
 //! so the job may write into the base while it is still a backing node.
 //! `mirror_top` also records what the guest changes, for the job to copy
-//! again.
+//! again, or with `copy-mode=write-blocking` writes it to the mirror's
+//! target before the guest's request completes.
 
 use std::sync::Arc;
 
@@ -13,21 +14,24 @@ use strata_graph::{
 };
 
 use crate::dirty::DirtyMap;
+use crate::write_blocking::WriteBlocking;
 
-/// A commit job's filter node.
+/// A commit or mirror job's filter node.
 pub struct TopFilter {
     child: SlotId,
     name: &'static str,
     dirty: Option<Arc<DirtyMap>>,
+    blocking: Option<(NodeId, Arc<WriteBlocking>)>,
 }
 
 impl TopFilter {
     /// A `commit_top` (no `dirty`) or `mirror_top` (with `dirty`) filter
-    /// over `top`.
+    /// over `top`; with `blocking`, guest writes also go to that node.
     pub fn open(
         b: &mut NodeBuilder<'_>,
         top: NodeId,
         dirty: Option<Arc<DirtyMap>>,
+        blocking: Option<(NodeId, Arc<WriteBlocking>)>,
     ) -> Result<Self, GraphError> {
         Ok(TopFilter {
             child: b.attach("backing", top)?,
@@ -37,6 +41,7 @@ impl TopFilter {
                 "commit_top"
             },
             dirty,
+            blocking,
         })
     }
 
@@ -50,6 +55,33 @@ impl TopFilter {
                 res
             }),
         }
+    }
+
+    /// A write-class request, written through to the target when the
+    /// copy mode says so and nothing else is writing the same range.
+    fn mirrored<'a>(
+        &'a self,
+        g: &'a GraphView,
+        offset: u64,
+        len: u64,
+        io: IoFuture<'a>,
+        to_target: impl FnOnce(&'a dyn strata_graph::BlockDriver) -> IoFuture<'a> + 'a,
+    ) -> IoFuture<'a> {
+        let Some((target, wb)) = &self.blocking else {
+            return self.written(offset, len, io);
+        };
+        IoFuture::new(async move {
+            let op = wb.begin(offset, len);
+            let res = io.await;
+            let copied = match (&res, g.node(*target)) {
+                (Ok(()), Some(t)) if !op.contended() => to_target(t.driver()).await.is_ok(),
+                _ => false,
+            };
+            if !copied {
+                wb.dirty.mark(offset, len);
+            }
+            res
+        })
     }
 }
 
@@ -70,10 +102,12 @@ impl Filter for TopFilter {
     }
 
     fn write<'a>(&'a self, g: &'a GraphView, offset: u64, buf: &'a IoVecs<'a>) -> IoFuture<'a> {
-        self.written(
+        self.mirrored(
+            g,
             offset,
             buf.len(),
             g.via(self.child, |c| c.write(g, offset, buf)),
+            move |t| t.write(g, offset, buf),
         )
     }
 
@@ -84,10 +118,12 @@ impl Filter for TopFilter {
         len: u64,
         unmap: bool,
     ) -> IoFuture<'a> {
-        self.written(
+        self.mirrored(
+            g,
             offset,
             len,
             g.via(self.child, |c| c.write_zeroes(g, offset, len, unmap)),
+            move |t| t.write_zeroes(g, offset, len, unmap),
         )
     }
 

@@ -64,8 +64,11 @@ pub struct JobOptions {
     pub id: String,
     /// Bytes per second; 0 is unlimited.
     pub speed: u64,
-    /// What to do when I/O fails.
+    /// What to do when a read fails (and, for jobs with one policy, any
+    /// request).
     pub on_error: OnError,
+    /// What to do when a write to the job's target fails.
+    pub on_target_error: OnError,
     /// Finalize (make the graph change) as soon as the work is done.
     pub auto_finalize: bool,
     /// Disappear as soon as concluded.
@@ -630,7 +633,12 @@ impl JobContext {
         errno: Option<i32>,
     ) -> Result<ErrorAction, JobError> {
         let job = &*self.job;
-        let action = match job.opts.on_error {
+        let policy = if read {
+            job.opts.on_error
+        } else {
+            job.opts.on_target_error
+        };
+        let action = match policy {
             OnError::Report => "report",
             OnError::Ignore => "ignore",
             OnError::Stop => "stop",

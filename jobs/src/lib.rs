@@ -1,7 +1,7 @@
 //! Strata's block jobs: the job framework (QEMU's job states, pause,
 //! cancel, rate limits, error policies and events) and the jobs that run
-//! on it: `block-stream`, `block-commit` (intermediate and active) and
-//! `blockdev-snapshot`'s graph change.
+//! on it: `block-stream`, `block-commit` (intermediate and active),
+//! `blockdev-mirror` and `blockdev-snapshot`'s graph change.
 //!
 //! Each job's setup runs on the monitor thread inside one graph
 //! transaction: it checks its range is free, freezes the backing slots it
@@ -10,6 +10,7 @@
 
 #![warn(missing_docs)]
 
+mod blockdev_mirror;
 mod chain;
 mod commit;
 mod copy;
@@ -17,9 +18,12 @@ mod dirty;
 mod filter;
 mod hold;
 pub mod job;
+mod mirror;
 mod snapshot;
 mod stream;
+mod write_blocking;
 
+pub use blockdev_mirror::{mirror, MirrorArgs, Sync};
 pub use commit::{commit, CommitArgs};
 pub use dirty::DirtyMap;
 pub use snapshot::snapshot;

@@ -226,7 +226,7 @@ impl JobBody for Stream {
         }
         let mut buf = AlignedBuf::zeroed(CHUNK as usize, 4096)?;
         let graph = self.graph.clone();
-        chunked(ctx, &graph, 0, size, |g, off, n| {
+        chunked(ctx, &graph, 0, size, crate::copy::CHUNK, |g, off, n| {
             block_on(self.step(g, off, n, &mut buf))
                 .unwrap_or_else(|e| Err((BlockError::io(IoOp::Read, off, e), true)))
         })

@@ -83,6 +83,23 @@ class JobTest(DaemonTest):
         self.d.ok("blockdev-add", driver="raw", node_name=name,
                   file={"driver": "file", "filename": path})
 
+    def single_chain(self, top_write=None):
+        """backing (raw) <- mid <- top, with data in backing and mid (and
+        `top_write` in top), added to the daemon."""
+        self.backing = self.image("backing.img", MiB)
+        self.mid = str(self.dir / "mid.qcow2")
+        self.top = str(self.dir / "top.qcow2")
+        qemu_img("create", "-q", "-f", "qcow2", "-b", self.backing, "-F", "raw", self.mid)
+        qemu_img("create", "-q", "-f", "qcow2", "-b", self.mid, "-F", "qcow2", self.top)
+        qemu_io("raw", self.backing, "write -P 0x1 0 512")
+        qemu_io("qcow2", self.mid, "write -P 0x1 524288 512")
+        if top_write:
+            qemu_io("qcow2", self.top, top_write)
+        self.before = content(self.top)
+        self.add_raw("base", self.backing)
+        self.add_qcow2("mid", self.mid, "base")
+        self.add_qcow2("top", self.top, "mid")
+
     def no_jobs(self):
         self.assertEqual(self.d.ok("query-block-jobs"), [])
         self.assertEqual(self.d.ok("query-jobs"), [])
@@ -93,17 +110,7 @@ class SingleChain(JobTest):
 
     def setUp(self):
         super().setUp()
-        self.backing = self.image("backing.img", MiB)
-        self.mid = str(self.dir / "mid.qcow2")
-        self.top = str(self.dir / "top.qcow2")
-        qemu_img("create", "-q", "-f", "qcow2", "-b", self.backing, "-F", "raw", self.mid)
-        qemu_img("create", "-q", "-f", "qcow2", "-b", self.mid, "-F", "qcow2", self.top)
-        qemu_io("raw", self.backing, "write -P 0x1 0 512")
-        qemu_io("qcow2", self.mid, "write -P 0x1 524288 512")
-        self.before = content(self.top)
-        self.add_raw("base", self.backing)
-        self.add_qcow2("mid", self.mid, "base")
-        self.add_qcow2("top", self.top, "mid")
+        self.single_chain()
 
     def finish(self):
         """Closes the daemon, so qemu-img sees the images at rest."""
@@ -620,6 +627,105 @@ class JobCli(JobTest):
         r = self.strata_job("pause", "nope")
         self.assertEqual(r.returncode, 1)
         self.assertIn("Block job 'nope' not found", r.stderr)
+
+
+class Mirror(JobTest):
+    """blockdev-mirror of the chain's top into a separate target, as
+    libvirt drives it: the target is added first, the job is ready, then
+    completes onto it."""
+
+    def setUp(self):
+        super().setUp()
+        self.single_chain(top_write="write -P 0x7 65536 4096")
+
+    def target(self, name="tgt", backing=None, size=MiB):
+        path = str(self.dir / f"{name}.qcow2")
+        if backing:
+            qemu_img("create", "-q", "-f", "qcow2", "-b", backing, "-F", "qcow2", path)
+        else:
+            qemu_img("create", "-q", "-f", "qcow2", path, str(size))
+        self.add_qcow2(name, path, backing and "mid")
+        return path
+
+    def test_full_mirror_is_ready_and_completes_onto_the_target(self):
+        path = self.target()
+        self.d.ok("blockdev-mirror", job_id="m", device="top", target="tgt", sync="full",
+                  granularity=65536, buf_size=1 << 20)
+        ev = self.wait_event("BLOCK_JOB_READY", "m")
+        self.assertEqual(ev["data"]["type"], "mirror")
+        jobs = self.d.ok("query-block-jobs")
+        self.assertEqual((jobs[0]["type"], jobs[0]["ready"]), ("mirror", True))
+        self.d.ok("block-job-complete", device="m")
+        self.wait_completed("m")
+        self.no_jobs()
+        self.d.close()
+        check_clean(self, path)
+        self.assertEqual(content(path), self.before)
+        self.assertEqual(info(path).get("backing-filename"), None)
+
+    def test_top_mirror_copies_only_the_top_layer(self):
+        path = self.target(backing=self.mid)
+        self.d.ok("blockdev-mirror", job_id="m", device="top", target="tgt", sync="top",
+                  copy_mode="write-blocking")
+        self.wait_event("BLOCK_JOB_READY", "m")
+        self.d.ok("block-job-complete", device="m")
+        self.wait_completed("m")
+        self.d.close()
+        self.assertEqual(content(path), self.before)
+        # Only the top's cluster is in the target itself.
+        self.assertIn("64 KiB (0x10000) bytes     allocated at offset 64 KiB", qemu_map("qcow2", path))
+
+    def test_cancel_when_ready_keeps_the_source(self):
+        self.target()
+        self.d.ok("blockdev-mirror", job_id="m", device="top", target="tgt", sync="none")
+        self.wait_event("BLOCK_JOB_READY", "m")
+        self.d.ok("block-job-cancel", device="m")
+        self.wait_completed("m")
+        self.no_jobs()
+        names = [n["node-name"] for n in self.d.ok("query-named-block-nodes")]
+        self.assertNotIn("mirror_top", " ".join(names))
+        self.assertIn(("backing", "mid"), self.d.children("top"))
+
+    def test_mirror_errors_name_what_is_wrong(self):
+        self.target(size=2 * MiB)
+        e = self.d.err("blockdev-mirror", job_id="m", device="top", target="tgt", sync="full")
+        self.assertIn("different sizes", e["desc"])
+        e = self.d.err("blockdev-mirror", job_id="m", device="top", target="mid", sync="full")
+        self.assertIn("in the backing chain", e["desc"])
+        e = self.d.err("blockdev-mirror", job_id="m", device="top", target="nope", sync="full")
+        self.assertIn("nope", e["desc"])
+        e = self.d.err("blockdev-mirror", job_id="m", device="top", target="tgt", sync="incremental")
+        self.assertIn("'sync' does not accept value 'incremental'", e["desc"])
+        e = self.d.err("blockdev-mirror", job_id="m", device="top", target="tgt", sync="full",
+                       granularity=1000)
+        self.assertIn("power of 2", e["desc"])
+        e = self.d.err("blockdev-mirror", job_id="m", device="top", target="tgt", sync="full",
+                       on_error="stop")
+        self.assertIn("on-source-error", e["desc"])
+        e = self.d.err("blockdev-mirror", job_id="m", device="top", target="tgt", sync="full",
+                       copy_mode="eager")
+        self.assertIn("copy-mode", e["desc"])
+        e = self.d.err("drive-mirror", job_id="m", device="top", target="x.qcow2", sync="full")
+        self.assertIn("blockdev-mirror", e["desc"])
+        self.no_jobs()
+
+
+class MirrorCli(JobTest):
+    def test_strata_job_mirror_follows_the_job_to_completion(self):
+        src = self.image("src.img", 4 * MiB, byte=9)
+        dst = self.image("dst.img", 4 * MiB, byte=0)
+        self.add_raw("src", src)
+        self.add_raw("dst", dst)
+        from strata_qmp import STRATA
+        r = subprocess.run([STRATA, "job", "--qmp", str(self.d.sock), "--json", "mirror", "src",
+                            "--target", "dst", "--speed", "16M"],
+                           capture_output=True, text=True, timeout=120)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        out = json.loads(r.stdout)
+        self.assertEqual((out["status"], out["len"]), ("completed", 4 * MiB))
+        self.d.close()
+        with open(dst, "rb") as f:
+            self.assertEqual(f.read(), bytes([9]) * 4 * MiB)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-//! The job commands: block-stream, block-commit, blockdev-snapshot, the
+//! The job commands: block-stream, block-commit, blockdev-mirror,
+//! blockdev-snapshot, the
 //! block-job-* and job-* controls, and the job queries.
 
 use std::sync::Arc;
@@ -15,6 +16,8 @@ use crate::qmp::error::QmpError;
 pub const COMMANDS: &[&str] = &[
     "block-stream",
     "block-commit",
+    "blockdev-mirror",
+    "drive-mirror",
     "blockdev-snapshot",
     "query-jobs",
     "query-block-jobs",
@@ -38,6 +41,11 @@ pub fn execute(daemon: &Daemon, name: &str, a: Options) -> Option<Result<Value, 
     let res = match name {
         "block-stream" => stream(daemon, a),
         "block-commit" => commit(daemon, a),
+        "blockdev-mirror" => mirror(daemon, a),
+        "drive-mirror" => Err(QmpError::generic(
+            "drive-mirror creates its target image itself, which Strata does not: \
+             create it (blockdev-add) and use blockdev-mirror",
+        )),
         "blockdev-snapshot" => snapshot(daemon, a),
         "query-jobs" => a
             .finish()
@@ -79,21 +87,27 @@ fn job_options(a: &mut Options, device: &str) -> Result<JobOptions, QmpError> {
             "Parameter 'speed' expects a non-negative value",
         ));
     }
-    let on_error = match a.take_str("on-error")? {
-        None => OnError::Report,
-        Some(s) => OnError::parse(&s).ok_or_else(|| {
-            QmpError::generic(format!(
-                "Parameter 'on-error' does not accept value '{s}' (report, ignore, stop, enospc)"
-            ))
-        })?,
-    };
+    let on_error = on_error(a, "on-error")?;
     Ok(JobOptions {
         id,
         speed: speed as u64,
         on_error,
+        on_target_error: on_error,
         auto_finalize: a.take_bool("auto-finalize")?.unwrap_or(true),
         auto_dismiss: a.take_bool("auto-dismiss")?.unwrap_or(true),
     })
+}
+
+/// A `BlockdevOnError` argument; `report` when left out.
+fn on_error(a: &mut Options, key: &str) -> Result<OnError, QmpError> {
+    match a.take_str(key)? {
+        None => Ok(OnError::Report),
+        Some(s) => OnError::parse(&s).ok_or_else(|| {
+            QmpError::generic(format!(
+                "Parameter '{key}' does not accept value '{s}' (report, ignore, stop, enospc)"
+            ))
+        }),
+    }
 }
 
 /// `x-node` and `x` (a file name) as one reference; both is an error.
@@ -162,6 +176,66 @@ fn commit(daemon: &Daemon, mut a: Options) -> Result<Value, QmpError> {
     daemon
         .jobs()
         .start(opts, |g| jobs::commit(g, &id, args, &ctx))
+        .map_err(QmpError::generic)?;
+    Ok(json!({}))
+}
+
+fn mirror(daemon: &Daemon, mut a: Options) -> Result<Value, QmpError> {
+    let device = device(&mut a)?;
+    let target = a.take_str("target")?;
+    let target = a.required("target", target)?;
+    let sync = a.take_str("sync")?;
+    let sync = a.required("sync", sync)?;
+    let sync = jobs::Sync::parse(&sync).ok_or_else(|| {
+        QmpError::generic(format!(
+            "Parameter 'sync' does not accept value '{sync}' (full, top, none)"
+        ))
+    })?;
+    if let Some(r) = a.take_str("replaces")? {
+        if r != device {
+            return Err(QmpError::generic(format!(
+                "replaces='{r}': Strata's mirror replaces the device node itself"
+            )));
+        }
+    }
+    let write_blocking = match a.take_str("copy-mode")?.as_deref() {
+        None | Some("background") => false,
+        Some("write-blocking") => true,
+        Some(m) => {
+            return Err(QmpError::generic(format!(
+                "Parameter 'copy-mode' does not accept value '{m}' (background, write-blocking)"
+            )))
+        }
+    };
+    // Zeroes reach the target as zero writes either way.
+    a.take_bool("unmap")?;
+    if a.has("on-error") {
+        return Err(QmpError::generic(
+            "Parameter 'on-error' is unexpected (blockdev-mirror takes on-source-error and on-target-error)",
+        ));
+    }
+    let granularity = a.take_u64("granularity")?;
+    let buf_size = a.take_u64("buf-size")?;
+    let filter_node_name = a.take_str("filter-node-name")?;
+    let on_source_error = on_error(&mut a, "on-source-error")?;
+    let on_target_error = on_error(&mut a, "on-target-error")?;
+    let mut opts = job_options(&mut a, &device)?;
+    opts.on_error = on_source_error;
+    opts.on_target_error = on_target_error;
+    a.finish()?;
+    let args = jobs::MirrorArgs {
+        device,
+        target,
+        sync,
+        granularity,
+        buf_size,
+        write_blocking,
+        filter_node_name,
+    };
+    let id = opts.id.clone();
+    daemon
+        .jobs()
+        .start(opts, |g| jobs::mirror(g, &id, args))
         .map_err(QmpError::generic)?;
     Ok(json!({}))
 }

@@ -53,7 +53,7 @@ pub(super) fn start(
             serde_json::json!({"driver": "commit_top"}),
             // Deleted by the job itself when it ends.
             true,
-            |b| TopFilter::open(b, top, None).map(|f| std::sync::Arc::new(f) as _),
+            |b| TopFilter::open(b, top, None, None).map(|f| std::sync::Arc::new(f) as _),
         )
         .map_err(|e| e.to_string())?;
     tx.set_child(overlay_slot, filter)

@@ -11,6 +11,7 @@ use strata_blockdev::OpenContext;
 use strata_graph::Graph;
 
 use crate::job::JobBody;
+pub(crate) use range::match_sizes;
 use range::resolve;
 pub use range::CommitArgs;
 

@@ -121,7 +121,7 @@ pub(super) fn attach_users(
 
 /// Grows `base` to `top`'s size if it is smaller (QEMU does the same), and
 /// returns the size to copy.
-pub(super) fn match_sizes(graph: &Graph, top: NodeId, base: NodeId) -> Result<u64, JobError> {
+pub(crate) fn match_sizes(graph: &Graph, top: NodeId, base: NodeId) -> Result<u64, JobError> {
     let v = graph.view();
     let fail = |e: &dyn std::fmt::Display| JobError::Failed(e.to_string());
     let size_of = |n: NodeId| -> Result<u64, JobError> {
@@ -152,7 +152,7 @@ pub(super) fn copy_all(
     len: u64,
 ) -> Result<(), JobError> {
     let mut buf = AlignedBuf::zeroed(CHUNK as usize, 4096)?;
-    chunked(ctx, graph, start, len, |g, off, n| {
+    chunked(ctx, graph, start, len, CHUNK, |g, off, n| {
         block_on(copy_held(g, top, layers, base, off, n, &mut buf))
             .unwrap_or_else(|e| Err((BlockError::io(IoOp::Read, off, e), true)))
     })
