@@ -1046,3 +1046,169 @@ fn live_migration_of_a_qcow2_disk_under_fio_verify() {
 fn live_migration_of_a_raw_disk_under_fio_verify() {
     live_migration("raw");
 }
+
+/// Storage migration to another host, as libvirt runs it for a disk not on
+/// shared storage: daemon B exports an empty image over NBD with TLS;
+/// daemon A, under a guest running fio verify, adds an `nbd` node for it
+/// and mirrors into it in write-blocking mode. The mirror is ready while
+/// fio runs; once the guest's I/O has stopped it completes, and B's image
+/// is A's source.
+#[test]
+#[ignore = "boots a QEMU guest; ci/test runs it"]
+fn storage_migration_over_nbd_with_tls_under_fio_verify() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (src, dst) = (d.join("source.raw"), d.join("dest.qcow2"));
+    std::fs::File::create(&src)
+        .unwrap()
+        .set_len(128 << 20)
+        .unwrap();
+    // Data the guest never writes, which only the first copy moves.
+    qemu_io_fmt("raw", &src, "write -P 0x5c 100M 8M");
+    strata_tests::qemu::create(&dst, "qcow2", "128M");
+    let pki = strata_tests::pki::Pki::new(d, "migration-ca");
+    let (server_creds, client_creds) = (
+        pki.server("b-creds"),
+        pki.client("a-creds", "/O=Strata/CN=host-a"),
+    );
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+
+    // Host B: the empty disk, exported over NBD with TLS for host A only.
+    let b_dir = d.join("b");
+    std::fs::create_dir_all(&b_dir).unwrap();
+    let b = Daemon::qsd(
+        &[
+            "--object",
+            &format!(
+                "tls-creds-x509,id=tls0,dir={},endpoint=server,verify-peer=on",
+                server_creds.display()
+            ),
+            "--object",
+            "authz-simple,id=authz0,identity=O=Strata,,CN=host-a",
+            "--blockdev",
+            &format!(
+                "driver=qcow2,node-name=disk,file.driver=file,file.filename={}",
+                dst.display()
+            ),
+            "--nbd-server",
+            &format!(
+                "addr.type=inet,addr.host=127.0.0.1,addr.port={port},tls-creds=tls0,tls-authz=authz0"
+            ),
+            "--export",
+            "type=nbd,id=incoming,node-name=disk,writable=on",
+        ],
+        &b_dir.join("nbd.sock"),
+        &b_dir.join("log"),
+    );
+
+    // Host A: the guest's disk.
+    let a_dir = d.join("a");
+    std::fs::create_dir_all(&a_dir).unwrap();
+    let a = Daemon::qsd(
+        &[
+            "--object",
+            &format!(
+                "tls-creds-x509,id=tls0,dir={},endpoint=client",
+                client_creds.display()
+            ),
+            "--blockdev",
+            &format!(
+                "driver=raw,node-name=disk,file.driver=file,file.filename={}",
+                src.display()
+            ),
+            "--export",
+            &format!(
+                "type=vhost-user-blk,id=vda,node-name=disk,writable=on,num-queues=2,addr.type=unix,addr.path={}",
+                a_dir.join("vm.sock").display()
+            ),
+            "--chardev",
+            &format!(
+                "socket,id=m0,path={},server=on,wait=off",
+                a_dir.join("qmp.sock").display()
+            ),
+            "--monitor",
+            "chardev=m0",
+        ],
+        &a_dir.join("vm.sock"),
+        &a_dir.join("log"),
+    );
+    let qmp_sock = a_dir.join("qmp.sock");
+    let mut mirror = None;
+    let run = boot_watching(
+        &a_dir.join("vm.sock"),
+        2,
+        "fio-long40",
+        BOOT_TIMEOUT,
+        &mut |line| {
+            if !line.starts_with("STRATA fio-running") || mirror.is_some() {
+                return;
+            }
+            let qmp_sock = qmp_sock.clone();
+            mirror = Some(std::thread::spawn(move || {
+                let mut q = Qmp::connect(&qmp_sock);
+                std::thread::sleep(Duration::from_secs(3));
+                q.execute(
+                    "blockdev-add",
+                    json!({"driver": "nbd", "node-name": "remote", "export": "disk",
+                       "tls-creds": "tls0",
+                       "server": {"type": "inet", "host": "127.0.0.1", "port": port.to_string()}}),
+                )
+                .expect("the nbd node on host B");
+                q.execute(
+                    "blockdev-mirror",
+                    json!({"job-id": "migrate", "device": "disk", "target": "remote",
+                       "sync": "full", "copy-mode": "write-blocking"}),
+                )
+                .expect("the mirror starts");
+                q.wait_event(
+                    "BLOCK_JOB_READY",
+                    "device",
+                    "migrate",
+                    Duration::from_secs(120),
+                );
+                println!("migration: the mirror is ready while fio runs");
+                q
+            }));
+        },
+    );
+    show(&run);
+    check_done(&run, &a.log_text());
+    check_fio(&run);
+    let mut q = mirror
+        .expect("fio started")
+        .join()
+        .expect("the mirror became ready");
+    // The guest's I/O has stopped: the switch-over.
+    q.execute("block-job-complete", json!({"device": "migrate"}))
+        .unwrap();
+    let done = q.wait_event(
+        "BLOCK_JOB_COMPLETED",
+        "device",
+        "migrate",
+        Duration::from_secs(60),
+    );
+    assert!(done.get("error").is_none(), "{done}");
+    let exports = q.execute("query-block-exports", json!({})).unwrap();
+    assert_eq!(exports[0]["node-name"], "remote", "{exports}");
+    let (status, log) = a.stop();
+    assert!(status.success(), "{log}");
+    let (status, log) = b.stop();
+    assert!(status.success(), "{log}");
+    let (code, out, e) = strata_tests::qemu::qemu_img(&[
+        "compare",
+        "-f",
+        "raw",
+        "-F",
+        "qcow2",
+        src.to_str().unwrap(),
+        dst.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "host B's image is not host A's:\n{out}{e}");
+    let (code, out) = strata_tests::qemu::check(&dst);
+    assert_eq!(code, 0, "{out}");
+    println!("migration: host B's image equals host A's source");
+}
