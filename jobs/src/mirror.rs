@@ -300,8 +300,9 @@ impl JobBody for Mirror {
 
     fn prepare(&mut self, graph: &Graph, ctx: &JobContext) -> Result<(), String> {
         if ctx.is_cancelled() {
-            // Cancelled once ready: finish without switching.
-            return self.switch(graph, self.source, false);
+            // Cancelled once ready: the target gets a copy of the disk as
+            // it is now (as QEMU's does), and the disk stays where it is.
+            return self.switch(graph, self.source, true);
         }
         self.switch(graph, self.target, true)
     }
