@@ -351,31 +351,37 @@ fn send_queued(shared: &Shared, tx: &mut Sender, in_flight: &InFlight, cookie: &
             let n = st.queue.len().min(64);
             batch.extend(st.queue.drain(..n));
         }
-        while let Some(job) = batch.pop_front() {
-            *cookie += 1;
-            let header = Request {
-                flags: job.req.flags,
-                command: job.req.cmd,
-                cookie: *cookie,
-                offset: job.req.offset,
-                len: job.req.len,
+        // Every request of the batch goes in the table, then out in one
+        // send; if it fails, the table's requests are sent again.
+        let mut headers = Vec::with_capacity(batch.len());
+        let mut payloads = Vec::new();
+        {
+            let mut table = lock_map(in_flight);
+            for job in batch.drain(..) {
+                *cookie += 1;
+                headers.push(
+                    Request {
+                        flags: job.req.flags,
+                        command: job.req.cmd,
+                        cookie: *cookie,
+                        offset: job.req.offset,
+                        len: job.req.len,
+                    }
+                    .encode(),
+                );
+                payloads.push(job.req.payload.clone());
+                table.insert(*cookie, job);
             }
-            .encode();
-            let payload = job.req.payload.clone();
-            // In the table before it is sent: the reply may come at once.
-            lock_map(in_flight).insert(*cookie, job);
-            let res = match &payload {
-                Some(p) => tx.send(&[&header, p]),
-                None => tx.send(&[&header]),
-            };
-            if let Err(e) = res {
-                // The rest of the batch goes back to the queue.
-                let mut st = shared.lock();
-                for job in batch.drain(..).rev() {
-                    st.queue.push_front(job);
-                }
-                return End::Lost(format!("cannot send: {e}"));
+        }
+        let mut parts: Vec<&[u8]> = Vec::with_capacity(headers.len() * 2);
+        for (h, p) in headers.iter().zip(&payloads) {
+            parts.push(h);
+            if let Some(p) = p {
+                parts.push(p);
             }
+        }
+        if let Err(e) = tx.send(&parts) {
+            return End::Lost(format!("cannot send: {e}"));
         }
     }
 }

@@ -3,7 +3,7 @@
 //! thread). Under TLS both halves share the session, each holding its lock
 //! only to seal or open records, never while waiting on the socket.
 
-use std::io::{self, Read, Write};
+use std::io::{self, IoSlice, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
@@ -112,6 +112,13 @@ impl Write for Socket {
         }
     }
 
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        match self {
+            Socket::Unix(s) => s.write_vectored(bufs),
+            Socket::Tcp(s) => s.write_vectored(bufs),
+        }
+    }
+
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
     }
@@ -128,13 +135,15 @@ pub struct Sender {
 pub struct Receiver {
     sock: Socket,
     tls: Option<Arc<Mutex<ClientConnection>>>,
-    /// Records received and not yet handed to the session.
+    /// Bytes received and not yet consumed (under TLS, records not yet
+    /// handed to the session): `records[start..end]`.
     records: Vec<u8>,
     start: usize,
     end: usize,
 }
 
-/// Bytes received from the socket at once under TLS: a record and more.
+/// Bytes received from the socket at once: many reply headers, or under
+/// TLS a record and more.
 const RECORDS: usize = 32 << 10;
 
 fn lock(m: &Mutex<ClientConnection>) -> std::sync::MutexGuard<'_, ClientConnection> {
@@ -161,30 +170,37 @@ pub fn split(sock: Socket, tls: Option<ClientConnection>) -> io::Result<(Sender,
 }
 
 impl Sender {
-    /// Sends every byte of `parts`, in order.
+    /// Sends every byte of `parts`, in order, with as few system calls as
+    /// the socket allows.
     pub fn send(&mut self, parts: &[&[u8]]) -> io::Result<()> {
-        let Some(tls) = &self.tls else {
-            for p in parts {
-                self.sock.write_all(p)?;
-            }
-            return Ok(());
+        let Some(tls) = self.tls.clone() else {
+            return write_all_vectored(&mut self.sock, parts);
         };
+        let tls = &*tls;
         for p in parts {
             let mut rest = *p;
             while !rest.is_empty() {
-                {
-                    let mut t = lock(tls);
-                    let n = t.writer().write(rest)?;
-                    rest = &rest[n..];
-                    while t.wants_write() {
-                        t.write_tls(&mut self.sealed)?;
-                    }
+                let n = lock(tls).writer().write(rest)?;
+                rest = &rest[n..];
+                if n == 0 || !rest.is_empty() {
+                    // The session's send buffer is full: out with it.
+                    self.flush_tls(tls)?;
                 }
-                self.sock.write_all(&self.sealed)?;
-                self.sealed.clear();
             }
         }
-        Ok(())
+        self.flush_tls(tls)
+    }
+
+    fn flush_tls(&mut self, tls: &Mutex<ClientConnection>) -> io::Result<()> {
+        {
+            let mut t = lock(tls);
+            while t.wants_write() {
+                t.write_tls(&mut self.sealed)?;
+            }
+        }
+        let res = self.sock.write_all(&self.sealed);
+        self.sealed.clear();
+        res
     }
 
     /// Ends the connection both ways.
@@ -193,10 +209,47 @@ impl Sender {
     }
 }
 
+fn write_all_vectored(sock: &mut Socket, parts: &[&[u8]]) -> io::Result<()> {
+    let mut slices: Vec<IoSlice<'_>> = parts
+        .iter()
+        .filter(|p| !p.is_empty())
+        .map(|p| IoSlice::new(p))
+        .collect();
+    let mut rest = &mut slices[..];
+    while !rest.is_empty() {
+        let n = match sock.write_vectored(rest) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        IoSlice::advance_slices(&mut rest, n);
+    }
+    Ok(())
+}
+
+impl Receiver {
+    /// Plain reads: small ones from what one receive brought in, large
+    /// ones straight into `buf`.
+    fn read_plain(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.start == self.end {
+            if buf.len() >= RECORDS / 2 {
+                return self.sock.read(buf);
+            }
+            let n = self.sock.read(&mut self.records)?;
+            (self.start, self.end) = (0, n);
+        }
+        let n = (self.end - self.start).min(buf.len());
+        buf[..n].copy_from_slice(&self.records[self.start..self.start + n]);
+        self.start += n;
+        Ok(n)
+    }
+}
+
 impl Read for Receiver {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let Some(tls) = &self.tls else {
-            return self.sock.read(buf);
+            return self.read_plain(buf);
         };
         loop {
             {

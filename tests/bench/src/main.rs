@@ -6,6 +6,7 @@ mod chart;
 mod idle;
 mod load;
 mod migration_cost;
+mod nbd_client;
 mod nbd_export;
 mod report;
 mod sandbox_cost;
@@ -79,7 +80,7 @@ struct Args {
     /// just that part of BENCHMARKS.md.
     #[arg(long)]
     migration_only: bool,
-    /// Skip the NBD export against qsd's (fio's nbd engine).
+    /// Skip the NBD export and the NBD client node against qsd's.
     #[arg(long)]
     no_nbd: bool,
     /// Only the NBD export against qsd's: replaces just that part of
@@ -206,6 +207,11 @@ fn main() -> anyhow::Result<()> {
     } else {
         Some(nbd_export::run(&plan, &mut |line| eprintln!("{line}"))?)
     };
+    let nbd_client = if args.no_nbd || args.smoke || args.migration_only {
+        None
+    } else {
+        Some(nbd_client::run(&plan, &mut |line| eprintln!("{line}"))?)
+    };
 
     let date = date();
     let mut doc = std::fs::read_to_string(&markdown).unwrap_or_else(|_| "# Benchmarks\n".into());
@@ -223,6 +229,16 @@ fn main() -> anyhow::Result<()> {
         let section = report::nbd_markdown(&plan, rows, &date);
         println!("{section}");
         doc = report::splice(&doc, &section, report::NBD_BEGIN, report::NBD_END);
+    }
+    if let Some(rows) = &nbd_client {
+        let section = report::nbd_client_markdown(&plan, rows, &date);
+        println!("{section}");
+        doc = report::splice(
+            &doc,
+            &section,
+            report::NBD_CLIENT_BEGIN,
+            report::NBD_CLIENT_END,
+        );
     }
     if only {
         std::fs::write(&markdown, doc)

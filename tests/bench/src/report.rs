@@ -5,11 +5,11 @@ use std::fmt::Write as _;
 
 use crate::idle::Idle;
 use crate::migration_cost::{self, Row, Setting};
-use crate::nbd_export;
 use crate::sandbox_cost::SandboxCost;
 use crate::scaling::{self, Scaling};
 use crate::suite::{Cell, Plan, Workload};
 use crate::target::Target;
+use crate::{nbd_client, nbd_export};
 
 /// Where the generated part of BENCHMARKS.md begins and ends; text outside
 /// the markers is kept.
@@ -215,18 +215,7 @@ pub fn markdown(plan: &Plan, cells: &[Cell], extras: &Extras, date: &str) -> Str
 
     let goals = goals(cells, extras);
     if !goals.is_empty() {
-        let _ = writeln!(s, "\n| target | goal | measured | met |");
-        let _ = writeln!(s, "|---|---|--:|---|");
-        for g in goals {
-            let _ = writeln!(
-                s,
-                "| {} | {} | {:.2} | {} |",
-                g.what,
-                g.goal,
-                g.value,
-                if g.met { "yes" } else { "**no**" }
-            );
-        }
+        goal_table(&mut s, &goals);
     }
     let _ = writeln!(
         s,
@@ -234,6 +223,22 @@ pub fn markdown(plan: &Plan, cells: &[Cell], extras: &Extras, date: &str) -> Str
     );
     let _ = writeln!(s, "{END}");
     s
+}
+
+/// The goals and how the run did, as a table.
+fn goal_table(s: &mut String, goals: &[Goal]) {
+    let _ = writeln!(s, "\n| target | goal | measured | met |");
+    let _ = writeln!(s, "|---|---|--:|---|");
+    for g in goals {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {:.2} | {} |",
+            g.what,
+            g.goal,
+            g.value,
+            if g.met { "yes" } else { "**no**" }
+        );
+    }
 }
 
 /// One performance goal and how the run did against it.
@@ -451,18 +456,7 @@ pub fn migration_markdown(plan: &Plan, migration: &[Row], date: &str) -> String 
         let pct = r.cost_pct(Setting::Logging, Setting::Inflight);
         push(what("dirty logging cost"), "< 10", pct, pct < 10.0);
     }
-    let _ = writeln!(s, "\n| target | goal | measured | met |");
-    let _ = writeln!(s, "|---|---|--:|---|");
-    for g in goals {
-        let _ = writeln!(
-            s,
-            "| {} | {} | {:.2} | {} |",
-            g.what,
-            g.goal,
-            g.value,
-            if g.met { "yes" } else { "**no**" }
-        );
-    }
+    goal_table(&mut s, &goals);
     let _ = writeln!(s, "{MIGRATION_END}");
     s
 }
@@ -529,18 +523,68 @@ pub fn nbd_markdown(plan: &Plan, rows: &[nbd_export::Row], date: &str) -> String
             met: x <= 1.0,
         });
     }
-    let _ = writeln!(s, "\n| target | goal | measured | met |");
-    let _ = writeln!(s, "|---|---|--:|---|");
-    for g in goals {
+    goal_table(&mut s, &goals);
+    let _ = writeln!(s, "{NBD_END}");
+    s
+}
+
+/// Where the generated NBD client part of BENCHMARKS.md begins and ends;
+/// `--nbd-only` replaces it too.
+pub const NBD_CLIENT_BEGIN: &str = "<!-- strata-bench:nbd-client:begin -->";
+/// See [`NBD_CLIENT_BEGIN`].
+pub const NBD_CLIENT_END: &str = "<!-- strata-bench:nbd-client:end -->";
+
+/// The NBD client node section, markers included.
+pub fn nbd_client_markdown(plan: &Plan, rows: &[nbd_client::Row], date: &str) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "{NBD_CLIENT_BEGIN}");
+    let _ = writeln!(
+        s,
+        "Run on {date}: {}. Strata `{}` against `{}`, each serving a one-queue vhost-user export \
+         of an `nbd` node on qemu-nbd (a raw file in the page cache, on cpu 1 with the libblkio \
+         load), the daemon on cpu 0. Each cell is the median of {} alternating runs per daemon \
+         of {:.1} s (after {:.1} s of warm-up), on a freshly started daemon and qemu-nbd. CPU \
+         per request is the daemon's alone.\n",
+        machine(),
+        version(&plan.strata),
+        version(&plan.qsd),
+        plan.runs,
+        plan.measure.as_secs_f64(),
+        plan.warmup.as_secs_f64(),
+    );
+    let _ = writeln!(
+        s,
+        "| workload | Strata IOPS | qsd IOPS | IOPS ratio | mean lat (us) Strata / qsd | \
+         CPU/req (ns) Strata / qsd | CPU ratio |"
+    );
+    let _ = writeln!(s, "|---|--:|--:|--:|--:|--:|--:|");
+    let mut goals = Vec::new();
+    for r in rows {
+        let (a, b) = (&r.strata, &r.qsd);
         let _ = writeln!(
             s,
-            "| {} | {} | {:.2} | {} |",
-            g.what,
-            g.goal,
-            g.value,
-            if g.met { "yes" } else { "**no**" }
+            "| randread 4k QD{} | {:.0} | {:.0} | **{}** | {:.1} / {:.1} | {:.0} / {:.0} | {} |",
+            r.depth,
+            a.iops,
+            b.iops,
+            ratio(a.iops, b.iops),
+            a.mean_us,
+            b.mean_us,
+            a.cpu_ns,
+            b.cpu_ns,
+            ratio(a.cpu_ns, b.cpu_ns),
         );
+        if r.depth == 32 {
+            let x = a.iops / b.iops;
+            goals.push(Goal {
+                what: "nbd node randread 4k QD32: IOPS / qsd".into(),
+                goal: ">= 1.00",
+                value: x,
+                met: x >= 1.0,
+            });
+        }
     }
-    let _ = writeln!(s, "{NBD_END}");
+    goal_table(&mut s, &goals);
+    let _ = writeln!(s, "{NBD_CLIENT_END}");
     s
 }
