@@ -329,6 +329,6 @@ fn serve_client(
         OwnedFd::from(stream),
         session,
         n,
-        crate::sandbox::enter_queue_thread,
+        crate::sandbox::enter_nbd_connection_thread,
     )
 }

@@ -1,5 +1,7 @@
-//! A connection's socket during transmission, read and written through the
-//! thread's io_uring so that one thread serves many requests at once. After
+//! A connection's socket during transmission. What the socket can take or
+//! already holds goes with one plain non-blocking system call; only a
+//! socket that must be waited for goes through the thread's io_uring, so
+//! one thread serves many requests at once without blocking. After
 //! STARTTLS, the bytes on the socket are the TLS session's records.
 
 use std::cell::RefCell;
@@ -184,6 +186,20 @@ impl Transport {
 
     /// One receive into `buf`: the bytes received, 0 at end of file.
     async fn recv(&self, buf: &mut [u8], flags: i32) -> io::Result<usize> {
+        // Bytes already there come with one plain system call; only a
+        // socket with nothing to read waits on the ring.
+        // SAFETY: `buf` is valid for writes of its length.
+        let n = unsafe {
+            libc::recv(
+                self.fd.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        if n > 0 || (n == 0 && !buf.is_empty()) {
+            return Ok(n as usize);
+        }
         loop {
             let entry = opcode::Recv::new(
                 types::Fd(self.fd.as_raw_fd()),
@@ -225,10 +241,27 @@ impl Transport {
             })
             .collect();
         let mut first = 0;
+        let mut direct = true;
         while first < iov.len() {
             let mut msg: libc::msghdr = empty_msghdr();
             msg.msg_iov = iov[first..].as_mut_ptr();
             msg.msg_iovlen = (iov.len() - first).min(libc::UIO_MAXIOV as usize);
+            if direct {
+                // Room in the socket's buffer takes one plain system call.
+                // SAFETY: `msg` and the iovecs point at live buffers.
+                let n = unsafe {
+                    libc::sendmsg(
+                        self.fd.as_raw_fd(),
+                        &msg,
+                        libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+                    )
+                };
+                direct = false;
+                if n > 0 {
+                    advance_iov(&mut iov, &mut first, n as usize);
+                    continue;
+                }
+            }
             let entry = opcode::SendMsg::new(types::Fd(self.fd.as_raw_fd()), &msg)
                 .flags(libc::MSG_NOSIGNAL as u32)
                 .build();
@@ -243,20 +276,7 @@ impl Transport {
                 }
                 return Err(e);
             }
-            let mut n = n as usize;
-            while n > 0 && first < iov.len() {
-                let v = &mut iov[first];
-                if n >= v.iov_len {
-                    n -= v.iov_len;
-                    first += 1;
-                } else {
-                    // SAFETY: `n` is less than the segment's length, so the
-                    // new base stays inside the same buffer.
-                    v.iov_base = unsafe { v.iov_base.cast::<u8>().add(n) }.cast();
-                    v.iov_len -= n;
-                    n = 0;
-                }
-            }
+            advance_iov(&mut iov, &mut first, n as usize);
         }
         Ok(())
     }
@@ -295,6 +315,23 @@ fn advance(parts: &mut [&[u8]], mut n: usize) -> usize {
         }
     }
     used
+}
+
+/// Drops the first `n` bytes sent from `iov[*first..]`.
+fn advance_iov(iov: &mut [libc::iovec], first: &mut usize, mut n: usize) {
+    while n > 0 && *first < iov.len() {
+        let v = &mut iov[*first];
+        if n >= v.iov_len {
+            n -= v.iov_len;
+            *first += 1;
+        } else {
+            // SAFETY: `n` is less than the segment's length, so the new
+            // base stays inside the same buffer.
+            v.iov_base = unsafe { v.iov_base.cast::<u8>().add(n) }.cast();
+            v.iov_len -= n;
+            n = 0;
+        }
+    }
 }
 
 fn empty_msghdr() -> libc::msghdr {

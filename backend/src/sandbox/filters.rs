@@ -105,6 +105,11 @@ pub fn daemon() -> Vec<i64> {
 /// copes when that fails.
 pub const QUEUE_REFUSED: &[(i64, i32)] = &[(SYS_openat, EACCES)];
 
+/// What an NBD connection's thread adds to a queue thread's calls:
+/// receiving from its socket without the ring when bytes are waiting
+/// (sending already is there, for the log).
+pub const NBD_CONNECTION: &[i64] = &[SYS_recvfrom];
+
 /// What a queue thread does while it serves a guest: io_uring, eventfds
 /// and epoll, memory, futexes, and the log.
 pub fn queue() -> Vec<i64> {

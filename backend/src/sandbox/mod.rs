@@ -73,6 +73,18 @@ pub fn confine(mut reach: landlock::Reach) -> anyhow::Result<()> {
 /// Narrows the calling queue thread's filter to [`filters::queue`], once
 /// per thread. Does nothing with the sandbox off.
 pub fn enter_queue_thread() {
+    narrow(&[]);
+}
+
+/// Narrows an NBD connection's thread as a queue thread's, but for
+/// [`filters::NBD_CONNECTION`]: it takes what its socket already holds
+/// with one plain receive.
+pub fn enter_nbd_connection_thread() {
+    narrow(filters::NBD_CONNECTION);
+}
+
+/// Applies [`filters::queue`] and `extra` to the calling thread, once.
+fn narrow(extra: &[i64]) {
     thread_local! {
         static DONE: Cell<bool> = const { Cell::new(false) };
     }
@@ -87,7 +99,8 @@ pub fn enter_queue_thread() {
     let queue = filters::queue();
     let refused: Vec<i64> = filters::QUEUE_REFUSED.iter().map(|&(n, _)| n).collect();
     // The refusals first: the allow-list forbids adding filters.
-    let res = refuse(filters::QUEUE_REFUSED).and_then(|()| apply(&[queue, refused].concat()));
+    let res = refuse(filters::QUEUE_REFUSED)
+        .and_then(|()| apply(&[queue, refused, extra.to_vec()].concat()));
     if let Err(e) = res {
         // The daemon-wide filter still holds.
         tracing::error!("cannot narrow a queue thread's seccomp filter: {e:#}");

@@ -80,6 +80,8 @@ pub fn run(plan: &Plan, progress: &mut dyn FnMut(&str)) -> anyhow::Result<Vec<Ro
     load::pin_self(CLIENT_CPU)?;
     let dir = plan.workdir.join("nbd-client");
     std::fs::create_dir_all(&dir)?;
+    // qemu-nbd takes only an absolute socket path.
+    let dir = std::fs::canonicalize(&dir)?;
     let img = dir.join("disk.raw");
     let out = Command::new("qemu-img")
         .args(["create", "-q", "-f", "raw", "-o", "preallocation=full"])
