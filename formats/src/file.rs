@@ -8,7 +8,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use io_uring::{opcode, types};
@@ -104,6 +104,9 @@ pub struct FileNode {
     /// later fdatasync that succeeds proves nothing: every flush fails from
     /// then on (as QEMU since 4.0).
     write_back_error: AtomicI32,
+    /// fallocate(ZERO_RANGE) failed as unsupported: zeroes are written as
+    /// data from then on.
+    zero_range_unsupported: AtomicBool,
     events: Option<(Arc<dyn EventSink>, Arc<str>)>,
 }
 
@@ -165,6 +168,7 @@ impl FileNode {
             lock,
             force_share: opts.force_share,
             write_back_error: AtomicI32::new(0),
+            zero_range_unsupported: AtomicBool::new(false),
             events: None,
         })
     }
@@ -429,6 +433,10 @@ impl BlockDriver for FileNode {
         self.data_io(IoOp::Write, offset, buf)
     }
 
+    fn zeroes_fast(&self, _g: &GraphView, _offset: u64, _len: u64) -> bool {
+        !self.read_only && !self.zero_range_unsupported.load(Ordering::Relaxed)
+    }
+
     fn write_zeroes<'a>(
         &'a self,
         _g: &'a GraphView,
@@ -459,6 +467,7 @@ impl BlockDriver for FileNode {
             {
                 0 => Ok(()),
                 e if -e == libc::EOPNOTSUPP || -e == libc::EINVAL => {
+                    self.zero_range_unsupported.store(true, Ordering::Relaxed);
                     self.write_zero_buffer(offset, len).await
                 }
                 e => Err(BlockError::errno(IoOp::WriteZeroes, offset, -e)),

@@ -66,6 +66,10 @@ impl BlockDriver for NullNode {
         ))
     }
 
+    fn zeroes_fast(&self, _g: &GraphView, _offset: u64, _len: u64) -> bool {
+        true
+    }
+
     fn write_zeroes<'a>(
         &'a self,
         _g: &'a GraphView,

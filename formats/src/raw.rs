@@ -213,6 +213,11 @@ impl BlockDriver for RawNode {
             .write(g, at, buf))
     }
 
+    fn zeroes_fast(&self, g: &GraphView, offset: u64, len: u64) -> bool {
+        self.route(g, IoOp::WriteZeroes, offset, len)
+            .is_ok_and(|c| c.zeroes_fast(g, offset + self.offset, len))
+    }
+
     fn write_zeroes<'a>(
         &'a self,
         g: &'a GraphView,

@@ -180,6 +180,14 @@ pub trait BlockDriver: Send + Sync + 'static {
         may_unmap: bool,
     ) -> IoFuture<'a>;
 
+    /// Whether [`write_zeroes`](Self::write_zeroes) of `len` bytes at
+    /// `offset` changes metadata rather than writing zeroes, so that it
+    /// costs far less than a write (what NBD's FAST_ZERO asks). By default
+    /// it does not.
+    fn zeroes_fast(&self, _g: &GraphView, _offset: u64, _len: u64) -> bool {
+        false
+    }
+
     /// Tells the node that `len` bytes at `offset` are no longer needed.
     /// What they read as afterwards is up to the driver.
     fn discard<'a>(&'a self, g: &'a GraphView, offset: u64, len: u64) -> IoFuture<'a>;

@@ -32,6 +32,12 @@ pub trait Filter: Send + Sync + 'static {
         g.child(self.child()).map_or(1, |c| c.request_alignment(g))
     }
 
+    /// See [`BlockDriver::zeroes_fast`].
+    fn zeroes_fast(&self, g: &GraphView, offset: u64, len: u64) -> bool {
+        g.child(self.child())
+            .is_ok_and(|c| c.zeroes_fast(g, offset, len))
+    }
+
     /// See [`BlockDriver::read`].
     fn read<'a>(&'a self, g: &'a GraphView, offset: u64, buf: &'a IoVecs<'a>) -> IoFuture<'a> {
         g.via(self.child(), |c| c.read(g, offset, buf))
@@ -104,6 +110,10 @@ impl<F: Filter> BlockDriver for F {
 
     fn request_alignment(&self, g: &GraphView) -> u32 {
         Filter::request_alignment(self, g)
+    }
+
+    fn zeroes_fast(&self, g: &GraphView, offset: u64, len: u64) -> bool {
+        Filter::zeroes_fast(self, g, offset, len)
     }
 
     fn read<'a>(&'a self, g: &'a GraphView, offset: u64, buf: &'a IoVecs<'a>) -> IoFuture<'a> {

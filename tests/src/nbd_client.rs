@@ -13,6 +13,14 @@ use strata_nbd::consts::{
 };
 use strata_nbd::{Command, OptionHeader, Request};
 
+/// A TCP port on 127.0.0.1 that nothing listens on now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
 /// A connection, after the server's greeting.
 pub struct RawClient {
     /// The socket, for tests that write bytes of their own.

@@ -1071,11 +1071,7 @@ fn storage_migration_over_nbd_with_tls_under_fio_verify() {
         pki.server("b-creds"),
         pki.client("a-creds", "/O=Strata/CN=host-a"),
     );
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = strata_tests::nbd_client::free_port();
 
     // Host B: the empty disk, exported over NBD with TLS for host A only.
     let b_dir = d.join("b");

@@ -3,7 +3,7 @@
 //! whose disk is not on shared storage moves to another host. Whatever the
 //! frontend wrote before, during and after the switch is on the target.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -122,21 +122,28 @@ fn seeded_source(dir: &Path) -> std::path::PathBuf {
     img
 }
 
+/// A seeded source served with an empty qcow2 target node `tgt`: the
+/// source image, the target image, the daemon and its monitor.
+fn with_local_target(dir: &Path) -> (PathBuf, PathBuf, Daemon, Qmp) {
+    let img = seeded_source(dir);
+    let target = dir.join("target.qcow2");
+    create(&target, "qcow2", &SIZE.to_string());
+    let (d, qmp) = source(
+        dir,
+        &img,
+        &[format!(
+            "driver=qcow2,node-name=tgt,file.driver=file,file.filename={}",
+            target.display()
+        )],
+    );
+    (img, target, d, qmp)
+}
+
 #[test]
 fn a_mirror_under_writes_ends_with_everything_on_the_target() {
     for mode in ["background", "write-blocking"] {
         let dir = tempfile::tempdir().unwrap();
-        let img = seeded_source(dir.path());
-        let target = dir.path().join("target.qcow2");
-        create(&target, "qcow2", &SIZE.to_string());
-        let (d, mut qmp) = source(
-            dir.path(),
-            &img,
-            &[format!(
-                "driver=qcow2,node-name=tgt,file.driver=file,file.filename={}",
-                target.display()
-            )],
-        );
+        let (img, target, d, mut qmp) = with_local_target(dir.path());
         let expected = mirror_under_writes(&d, &mut qmp, &img, "tgt", mode);
         let (status, log) = d.stop();
         assert!(status.success(), "{log}");
@@ -157,11 +164,7 @@ fn storage_migration_mirrors_a_live_disk_to_another_daemon_over_nbd() {
     // sets it up before a migration.
     let dest = dst_dir.join("disk.qcow2");
     create(&dest, "qcow2", &SIZE.to_string());
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = strata_tests::nbd_client::free_port();
     let dst = Daemon::qsd(
         &[
             "--blockdev",
@@ -202,17 +205,7 @@ fn storage_migration_mirrors_a_live_disk_to_another_daemon_over_nbd() {
 #[test]
 fn cancelling_a_ready_mirror_leaves_a_copy_of_the_disk_at_that_moment() {
     let dir = tempfile::tempdir().unwrap();
-    let img = seeded_source(dir.path());
-    let target = dir.path().join("target.qcow2");
-    create(&target, "qcow2", &SIZE.to_string());
-    let (d, mut qmp) = source(
-        dir.path(),
-        &img,
-        &[format!(
-            "driver=qcow2,node-name=tgt,file.driver=file,file.filename={}",
-            target.display()
-        )],
-    );
+    let (img, target, d, mut qmp) = with_local_target(dir.path());
     let shadow = Arc::new(Mutex::new(std::fs::read(&img).unwrap()));
     let stop = Arc::new(AtomicBool::new(false));
     let w = writer(

@@ -13,7 +13,7 @@ use strata_nbd::consts::{cflag, chunk, err, opt, rep};
 use strata_nbd::Command as Cmd;
 use strata_tests::client::SyncClient;
 use strata_tests::daemon::Daemon;
-use strata_tests::nbd_client::{RawClient, Reply};
+use strata_tests::nbd_client::{free_port, RawClient, Reply};
 use strata_tests::qemu::{create, qemu_img, qemu_img_ok};
 
 const MIB: u64 = 1 << 20;
@@ -273,15 +273,6 @@ fn a_qcow2_chain_reads_and_maps_over_nbd_as_it_does_on_disk() {
             }
         }
     }
-}
-
-/// A port nothing listens on now.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 #[test]
@@ -642,4 +633,86 @@ fn graph_edits_under_nbd_writes_lose_nothing() {
     assert!(status.success(), "{log}");
     let (code, out) = strata_tests::qemu::check(&top);
     assert_eq!(code, 0, "{out}");
+}
+
+#[test]
+fn fast_zero_is_refused_where_zeroing_would_mean_writing() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.qcow2");
+    create(&img, "qcow2", "16M");
+    qemu_io("qcow2", img.to_str().unwrap(), &["write -P 0x5a 0 4M"]);
+    let d = serve(
+        dir.path(),
+        &[format!(
+            "driver=qcow2,node-name=disk,file.driver=file,file.filename={}",
+            img.display()
+        )],
+        "unix",
+        &["id=e0,node-name=disk,writable=on"],
+    );
+    let (mut c, _) = RawClient::go(d.socket(), "disk", &[]);
+    let fast = cflag::FAST_ZERO | cflag::NO_HOLE;
+    // Whole 64 KiB clusters are zeroed in metadata: done.
+    c.send(Cmd::WriteZeroes, fast, 1, 1 << 20, 128 << 10, &[]);
+    assert_eq!(RawClient::error_of(&c.reply()), 0);
+    // Part of a cluster would be a write of zeroes: refused, untouched.
+    c.send(Cmd::WriteZeroes, fast, 2, 2 << 20, 4096, &[]);
+    assert_eq!(RawClient::error_of(&c.reply()), err::ENOTSUP);
+    // Without FAST_ZERO, the same request is done the slow way.
+    c.send(Cmd::WriteZeroes, cflag::NO_HOLE, 3, 3 << 20, 4096, &[]);
+    assert_eq!(RawClient::error_of(&c.reply()), 0);
+    // Zeroed clusters are metadata, durable once flushed.
+    c.send(Cmd::Flush, 0, 4, 0, 0, &[]);
+    assert_eq!(RawClient::error_of(&c.reply()), 0);
+    drop(c);
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+    qemu_io(
+        "qcow2",
+        img.to_str().unwrap(),
+        &[
+            "read -P 0 1M 128k",
+            "read -P 0x5a 1152k 896k",
+            "read -P 0x5a 2M 1M",
+            "read -P 0 3M 4k",
+            "read -P 0x5a 3076k 1020k",
+        ],
+    );
+
+    // qemu-img convert onto an export that is not zero yet zeroes it
+    // first with FAST_ZERO, and the result is the source.
+    let src = dir.path().join("src.qcow2");
+    create(&src, "qcow2", "16M");
+    qemu_io("qcow2", src.to_str().unwrap(), &["write -P 0x77 6M 1M"]);
+    let d = serve(
+        dir.path(),
+        &[format!(
+            "driver=qcow2,node-name=disk,file.driver=file,file.filename={}",
+            img.display()
+        )],
+        "unix",
+        &["id=e0,node-name=disk,writable=on"],
+    );
+    let url = format!("nbd+unix:///disk?socket={}", d.socket().display());
+    qemu_img_ok(&[
+        "convert",
+        "-n",
+        "-f",
+        "qcow2",
+        "-O",
+        "raw",
+        src.to_str().unwrap(),
+        &url,
+    ]);
+    let (code, out, e) = qemu_img(&[
+        "compare",
+        "-U",
+        "-f",
+        "qcow2",
+        "-F",
+        "raw",
+        src.to_str().unwrap(),
+        &url,
+    ]);
+    assert_eq!(code, 0, "{out}{e}");
 }

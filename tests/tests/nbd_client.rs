@@ -14,18 +14,11 @@ use std::time::{Duration, Instant};
 
 use strata_tests::client::SyncClient;
 use strata_tests::daemon::Daemon;
+use strata_tests::nbd_client::free_port;
 use strata_tests::pki::Pki;
 use strata_tests::qemu::{create, qemu_img, qemu_img_ok, to_raw};
 
 const MIB: u64 = 1 << 20;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// A server process, killed when dropped.
 struct Server(Child);
@@ -147,6 +140,16 @@ fn check_round_trip(d: &Daemon, expected: &[u8]) {
     assert_eq!(c.read(MIB, 64 << 10).unwrap(), vec![0; 64 << 10]);
 }
 
+/// [`check_round_trip`], then with the daemon and the server stopped,
+/// [`check_landed`].
+fn round_trip_lands(d: Daemon, server: Server, img: &Path, expected: &[u8]) {
+    check_round_trip(&d, expected);
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+    drop(server);
+    check_landed(img);
+}
+
 fn check_landed(img: &Path) {
     let out = Command::new("qemu-io")
         .args([
@@ -181,11 +184,7 @@ fn a_node_over_qemu_nbd_reads_the_image_and_its_writes_land() {
         ),
     )
     .unwrap();
-    check_round_trip(&d, &expected);
-    let (status, log) = d.stop();
-    assert!(status.success(), "{log}");
-    drop(server);
-    check_landed(&img);
+    round_trip_lands(d, server, &img, &expected);
 }
 
 #[test]
@@ -248,11 +247,7 @@ fn a_node_over_qsd_nbd_export_on_tcp_maps_reads_and_writes() {
     qmp.execute("nbd-server-stop", serde_json::json!({}))
         .unwrap();
 
-    check_round_trip(&d, &expected);
-    let (status, log) = d.stop();
-    assert!(status.success(), "{log}");
-    drop(qsd);
-    check_landed(&img);
+    round_trip_lands(d, qsd, &img, &expected);
 }
 
 /// A node on a raw image served by qemu-nbd on `sock`, reconnecting for
@@ -390,11 +385,7 @@ fn a_node_over_tls_to_qemu_nbd() {
         &format!("{node},tls-creds=t"),
     )
     .unwrap();
-    check_round_trip(&d, &expected);
-    let (status, log) = d.stop();
-    assert!(status.success(), "{log}");
-    drop(server);
-    check_landed(&img);
+    round_trip_lands(d, server, &img, &expected);
 }
 
 #[test]

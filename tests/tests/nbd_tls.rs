@@ -8,19 +8,12 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use strata_tests::daemon::Daemon;
+use strata_tests::nbd_client::free_port;
 use strata_tests::pki::Pki;
 use strata_tests::qemu::{create, qemu_img, qemu_img_ok};
 
 /// The subject `tls-authz` lets in, as GnuTLS spells the certificate's.
 const ALLOWED: &str = "O=Strata,CN=client";
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// A daemon exporting `img` (qcow2) as `disk` over TLS on `port`, with
 /// verify-peer on and `ALLOWED` as the only identity.

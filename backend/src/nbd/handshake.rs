@@ -281,7 +281,8 @@ fn describe(e: &NbdExport, structured: bool) -> io::Result<(u64, u16)> {
         .map_err(|err| io::Error::other(format!("cannot size the export: {err}")))?;
     let mut flags = tflag::HAS_FLAGS | tflag::SEND_FLUSH | tflag::SEND_CACHE;
     if e.options().writable {
-        flags |= tflag::SEND_FUA | tflag::SEND_TRIM | tflag::SEND_WRITE_ZEROES;
+        flags |=
+            tflag::SEND_FUA | tflag::SEND_TRIM | tflag::SEND_WRITE_ZEROES | tflag::SEND_FAST_ZERO;
     } else {
         // Nothing changes the disk under a reader but this daemon, which
         // every connection sees alike.

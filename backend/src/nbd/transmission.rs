@@ -17,7 +17,7 @@ use std::task::{Poll, Waker};
 use std::time::Duration;
 
 use io_uring::{opcode, types};
-use strata_graph::{allocation, BlockDriver, BlockError, GraphView};
+use strata_graph::{allocation, BlockDriver, BlockError, GraphView, IoOp};
 use strata_nbd::consts::{cflag, chunk, err, STATE_HOLE, STATE_ZERO};
 use strata_nbd::{
     block_status_chunk, data_chunk, error_chunk, hole_chunk, simple_reply, Command, Extent, Limits,
@@ -382,6 +382,12 @@ async fn execute(
             Ok(ok_reply(req))
         }
         Command::WriteZeroes => {
+            let (offset, len) = (req.offset, u64::from(req.len));
+            if req.flags & cflag::FAST_ZERO != 0 && !node.zeroes_fast(v, offset, len) {
+                // The client would rather write zeroes itself than wait
+                // for us to.
+                return Err(BlockError::errno(IoOp::WriteZeroes, offset, libc::ENOTSUP));
+            }
             let may_unmap = req.flags & cflag::NO_HOLE == 0;
             node.write_zeroes(v, req.offset, req.len.into(), may_unmap)
                 .await?;
@@ -577,6 +583,7 @@ fn errno_of(e: &BlockError) -> u32 {
         BlockError::Io { source, .. } => match source.raw_os_error() {
             Some(libc::ENOSPC) => err::ENOSPC,
             Some(libc::EDQUOT) => err::ENOSPC,
+            Some(libc::ENOTSUP) => err::ENOTSUP,
             _ => err::EIO,
         },
         _ => err::EIO,

@@ -645,6 +645,18 @@ mod tests {
         })
     }
 
+    /// A connection to the server at `path` that does not reconnect.
+    fn open(path: std::path::PathBuf) -> (Connection, ExportInfo) {
+        Connection::open(ConnectOptions {
+            server: Server::Unix(path),
+            export: "x".into(),
+            tls: None,
+            reconnect_delay: Duration::ZERO,
+            open_timeout: Duration::ZERO,
+        })
+        .unwrap()
+    }
+
     fn read_4k(conn: &Connection) -> Result<Answer, Failure> {
         let rx = conn.submit(Req {
             cmd: Command::Read,
@@ -704,14 +716,7 @@ mod tests {
             let dir = tempfile::tempdir().unwrap();
             let path = dir.path().join("nbd.sock");
             let server = hostile(&path, reply);
-            let (conn, info) = Connection::open(ConnectOptions {
-                server: Server::Unix(path),
-                export: "x".into(),
-                tls: None,
-                reconnect_delay: Duration::ZERO,
-                open_timeout: Duration::ZERO,
-            })
-            .unwrap();
+            let (conn, info) = open(path);
             assert_eq!(info.size, 1 << 20);
             assert!(info.structured && info.allocation == Some(1));
             match read_4k(&conn) {
@@ -732,14 +737,7 @@ mod tests {
             strata_nbd::error_chunk(&mut v, c, 28, "the disk is full");
             v
         });
-        let (conn, _) = Connection::open(ConnectOptions {
-            server: Server::Unix(path),
-            export: "x".into(),
-            tls: None,
-            reconnect_delay: Duration::ZERO,
-            open_timeout: Duration::ZERO,
-        })
-        .unwrap();
+        let (conn, _) = open(path);
         match read_4k(&conn) {
             Err(Failure::Server { error: 28, message }) => assert_eq!(message, "the disk is full"),
             other => panic!("{other:?}"),

@@ -47,6 +47,17 @@ impl BlockDriver for Qcow2Node {
         IoFuture::new(self.write_impl(g, offset, buf))
     }
 
+    /// Whole clusters (whole subclusters in an image with extended L2
+    /// entries) are zeroed in metadata; anything less is written.
+    fn zeroes_fast(&self, _g: &GraphView, offset: u64, len: u64) -> bool {
+        let unit = if self.g.extended {
+            self.g.subcluster_size()
+        } else {
+            self.g.cluster_size()
+        };
+        !self.read_only && offset % unit == 0 && len % unit == 0
+    }
+
     fn write_zeroes<'a>(
         &'a self,
         g: &'a GraphView,

@@ -4,6 +4,7 @@
 use std::fmt::Write as _;
 
 use crate::idle::Idle;
+use crate::load::Outcome;
 use crate::migration_cost::{self, Row, Setting};
 use crate::sandbox_cost::SandboxCost;
 use crate::scaling::{self, Scaling};
@@ -223,6 +224,22 @@ pub fn markdown(plan: &Plan, cells: &[Cell], extras: &Extras, date: &str) -> Str
     );
     let _ = writeln!(s, "{END}");
     s
+}
+
+/// A row's measured cells: IOPS, their ratio, mean latency and CPU per
+/// request, Strata's beside qsd's.
+fn beside_qsd(a: &Outcome, b: &Outcome) -> String {
+    format!(
+        "{:.0} | {:.0} | **{}** | {:.1} / {:.1} | {:.0} / {:.0} | {}",
+        a.iops,
+        b.iops,
+        ratio(a.iops, b.iops),
+        a.mean_us,
+        b.mean_us,
+        a.cpu_ns,
+        b.cpu_ns,
+        ratio(a.cpu_ns, b.cpu_ns),
+    )
 }
 
 /// The goals and how the run did, as a table.
@@ -495,17 +512,10 @@ pub fn nbd_markdown(plan: &Plan, rows: &[nbd_export::Row], date: &str) -> String
         let (a, b) = (&r.strata, &r.qsd);
         let _ = writeln!(
             s,
-            "| {} | {} | {:.0} | {:.0} | **{}** | {:.1} / {:.1} | {:.0} / {:.0} | {} |",
+            "| {} | {} | {} |",
             r.target.name(),
             r.job.label(),
-            a.iops,
-            b.iops,
-            ratio(a.iops, b.iops),
-            a.mean_us,
-            b.mean_us,
-            a.cpu_ns,
-            b.cpu_ns,
-            ratio(a.cpu_ns, b.cpu_ns),
+            beside_qsd(a, b)
         );
         let what = format!("NBD {} {}", r.target.name(), r.job.label());
         let x = a.iops / b.iops;
@@ -561,19 +571,7 @@ pub fn nbd_client_markdown(plan: &Plan, rows: &[nbd_client::Row], date: &str) ->
     let mut goals = Vec::new();
     for r in rows {
         let (a, b) = (&r.strata, &r.qsd);
-        let _ = writeln!(
-            s,
-            "| randread 4k QD{} | {:.0} | {:.0} | **{}** | {:.1} / {:.1} | {:.0} / {:.0} | {} |",
-            r.depth,
-            a.iops,
-            b.iops,
-            ratio(a.iops, b.iops),
-            a.mean_us,
-            b.mean_us,
-            a.cpu_ns,
-            b.cpu_ns,
-            ratio(a.cpu_ns, b.cpu_ns),
-        );
+        let _ = writeln!(s, "| randread 4k QD{} | {} |", r.depth, beside_qsd(a, b));
         if r.depth == 32 {
             let x = a.iops / b.iops;
             goals.push(Goal {
