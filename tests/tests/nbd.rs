@@ -641,15 +641,18 @@ fn fast_zero_is_refused_where_zeroing_would_mean_writing() {
     let img = dir.path().join("disk.qcow2");
     create(&img, "qcow2", "16M");
     qemu_io("qcow2", img.to_str().unwrap(), &["write -P 0x5a 0 4M"]);
-    let d = serve(
-        dir.path(),
-        &[format!(
-            "driver=qcow2,node-name=disk,file.driver=file,file.filename={}",
-            img.display()
-        )],
-        "unix",
-        &["id=e0,node-name=disk,writable=on"],
-    );
+    let serve_disk = || {
+        serve(
+            dir.path(),
+            &[format!(
+                "driver=qcow2,node-name=disk,file.driver=file,file.filename={}",
+                img.display()
+            )],
+            "unix",
+            &["id=e0,node-name=disk,writable=on"],
+        )
+    };
+    let d = serve_disk();
     let (mut c, _) = RawClient::go(d.socket(), "disk", &[]);
     let fast = cflag::FAST_ZERO | cflag::NO_HOLE;
     // Whole 64 KiB clusters are zeroed in metadata: done.
@@ -684,15 +687,7 @@ fn fast_zero_is_refused_where_zeroing_would_mean_writing() {
     let src = dir.path().join("src.qcow2");
     create(&src, "qcow2", "16M");
     qemu_io("qcow2", src.to_str().unwrap(), &["write -P 0x77 6M 1M"]);
-    let d = serve(
-        dir.path(),
-        &[format!(
-            "driver=qcow2,node-name=disk,file.driver=file,file.filename={}",
-            img.display()
-        )],
-        "unix",
-        &["id=e0,node-name=disk,writable=on"],
-    );
+    let d = serve_disk();
     let url = format!("nbd+unix:///disk?socket={}", d.socket().display());
     qemu_img_ok(&[
         "convert",
