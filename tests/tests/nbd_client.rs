@@ -409,6 +409,12 @@ fn bad_nbd_options_are_named() {
             format!("driver=nbd,node-name=n,{unix},export=nope"),
             "no such export",
         ),
+        // A name that does not resolve: an error, not a sandbox violation.
+        (
+            "driver=nbd,node-name=n,server.type=inet,server.host=nowhere.invalid,server.port=10809"
+                .into(),
+            "server.host 'nowhere.invalid'",
+        ),
         (
             format!("driver=nbd,node-name=n,{unix},export=disk,tls-creds=none"),
             "no TLS credentials with id 'none'",
