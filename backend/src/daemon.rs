@@ -17,7 +17,7 @@ use strata_runtime::reactor::block_on;
 
 use crate::events::EventBus;
 use crate::export::{Export, ExportOptions};
-use crate::nbd::{NbdExport, NbdExportOptions, NbdServer, ServerAddr, ServerOptions, ServerTls};
+use crate::nbd::{NbdExport, NbdExportOptions, NbdServer, ServerOptions, ServerTls};
 use crate::on_error::OnError;
 use crate::qmp::error::QmpError;
 use crate::serve::RunningExport;
@@ -356,40 +356,7 @@ impl Daemon {
     /// Parses nbd-server-start / --nbd-server options. QMP's legacy
     /// address form (`{"type": "unix", "data": {...}}`) is taken too.
     pub fn nbd_server_spec(o: &mut Options) -> Result<ServerOptions, QmpError> {
-        let addr = o.take_group("addr")?;
-        let mut addr = o.required("addr", addr)?;
-        let kind = addr.take_enum("type", &["unix", "inet"])?;
-        let kind = addr.required("type", kind)?;
-        if let Some(data) = addr.take_group("data")? {
-            addr = data;
-        }
-        let server_addr = match kind.as_str() {
-            "unix" => {
-                let path = addr.take_str("path")?;
-                let path = addr.required("path", path)?;
-                if addr.take_bool("abstract")? == Some(true) {
-                    return Err(QmpError::generic("abstract unix sockets are not supported"));
-                }
-                addr.take_bool("tight")?;
-                ServerAddr::Unix(path.into())
-            }
-            _ => {
-                let host = addr.take_str("host")?;
-                let host = addr.required("host", host)?;
-                let port = addr.take_str("port")?;
-                let port = addr.required("port", port)?;
-                let port = port.parse::<u16>().map_err(|_| {
-                    QmpError::generic(format!("addr.port '{port}': not a port number"))
-                })?;
-                for flag in ["numeric", "ipv4", "ipv6", "keep-alive", "mptcp"] {
-                    addr.take_bool(flag)?;
-                }
-                addr.take_str("to")?;
-                ServerAddr::Inet { host, port }
-            }
-        };
-        addr.finish()?;
-        let addr = server_addr;
+        let addr = strata_blockdev::socket_address::take_socket_address(o, "addr")?;
         let tls_creds = o.take_str("tls-creds")?;
         let tls_authz = o.take_str("tls-authz")?;
         if tls_authz.is_some() && tls_creds.is_none() {

@@ -2,14 +2,12 @@
 //! TLS, with blocking I/O on the connection's thread.
 
 use std::io::{self, Read, Write};
-use std::net::TcpStream;
-use std::os::fd::OwnedFd;
-use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::time::Duration;
 
 use rustls::{ServerConfig, ServerConnection};
 use strata_blockdev::tls::Authz;
+use strata_formats::nbd::wire::Socket;
 
 /// The server's TLS: its credentials and whom it lets in.
 #[derive(Clone)]
@@ -18,62 +16,6 @@ pub struct ServerTls {
     pub config: Arc<ServerConfig>,
     /// From the `tls-authz` object; without it, any client the CA signed.
     pub authz: Option<Arc<Authz>>,
-}
-
-/// A client's socket.
-pub enum Stream {
-    /// On a unix socket.
-    Unix(UnixStream),
-    /// On TCP.
-    Tcp(TcpStream),
-}
-
-impl Stream {
-    /// A second handle on the socket.
-    pub fn handle(&self) -> io::Result<OwnedFd> {
-        match self {
-            Stream::Unix(s) => s.try_clone().map(OwnedFd::from),
-            Stream::Tcp(s) => s.try_clone().map(OwnedFd::from),
-        }
-    }
-
-    fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
-        match self {
-            Stream::Unix(s) => s.set_read_timeout(t),
-            Stream::Tcp(s) => s.set_read_timeout(t),
-        }
-    }
-}
-
-impl From<Stream> for OwnedFd {
-    fn from(s: Stream) -> OwnedFd {
-        match s {
-            Stream::Unix(s) => s.into(),
-            Stream::Tcp(s) => s.into(),
-        }
-    }
-}
-
-impl Read for Stream {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self {
-            Stream::Unix(s) => s.read(buf),
-            Stream::Tcp(s) => s.read(buf),
-        }
-    }
-}
-
-impl Write for Stream {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match self {
-            Stream::Unix(s) => s.write(buf),
-            Stream::Tcp(s) => s.write(buf),
-        }
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
 }
 
 /// A negotiation's byte stream, which STARTTLS can encrypt.
@@ -87,13 +29,13 @@ pub trait Upgrade: Read + Write {
 
 /// The negotiation's byte stream on a socket.
 pub struct Channel {
-    stream: Stream,
+    stream: Socket,
     tls: Option<ServerConnection>,
 }
 
 impl Channel {
     /// A plain channel on `stream`.
-    pub fn new(stream: Stream) -> Channel {
+    pub fn new(stream: Socket) -> Channel {
         Channel { stream, tls: None }
     }
 
@@ -104,7 +46,7 @@ impl Channel {
 
     /// The socket and, after STARTTLS, the session, which may hold bytes
     /// the client sent early.
-    pub fn into_parts(self) -> (Stream, Option<ServerConnection>) {
+    pub fn into_parts(self) -> (Socket, Option<ServerConnection>) {
         (self.stream, self.tls)
     }
 }

@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 
-use super::channel::{Channel, ServerTls, Stream};
+use strata_formats::nbd::wire::Socket;
+
+use super::channel::{Channel, ServerTls};
 use super::export::NbdExport;
 use super::handshake::{negotiate, HANDSHAKE_TIMEOUT};
 use super::registry::Registry;
@@ -24,27 +26,7 @@ use super::transmission;
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Where the server listens.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ServerAddr {
-    /// A unix socket.
-    Unix(PathBuf),
-    /// A TCP address.
-    Inet {
-        /// Host name or address.
-        host: String,
-        /// Port.
-        port: u16,
-    },
-}
-
-impl std::fmt::Display for ServerAddr {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            ServerAddr::Unix(p) => write!(f, "unix:{}", p.display()),
-            ServerAddr::Inet { host, port } => write!(f, "{host}:{port}"),
-        }
-    }
-}
+pub use strata_blockdev::socket_address::SocketAddress as ServerAddr;
 
 /// How the server runs.
 #[derive(Clone, Debug)]
@@ -250,12 +232,12 @@ fn accept_loop(
             }
         }
         let accepted = match &listener {
-            Listener::Unix(l, ..) => l.accept().map(|(s, _)| Stream::Unix(s)),
+            Listener::Unix(l, ..) => l.accept().map(|(s, _)| Socket::Unix(s)),
             Listener::Tcp(l) => l.accept().map(|(s, _)| {
                 // Replies are whole messages; waiting to merge them only
                 // adds latency.
                 let _ = s.set_nodelay(true);
-                Stream::Tcp(s)
+                Socket::Tcp(s)
             }),
         };
         let stream = match accepted {
@@ -272,7 +254,7 @@ fn accept_loop(
             );
             continue;
         }
-        let client = match stream.handle() {
+        let client = match stream.try_clone().map(OwnedFd::from) {
             Ok(socket) => Arc::new(Client {
                 socket,
                 export: Mutex::new(None),
@@ -310,7 +292,7 @@ fn accept_loop(
 
 /// Negotiates with one client, then serves it.
 fn serve_client(
-    stream: Stream,
+    stream: Socket,
     exports: &Registry,
     tls: Option<&ServerTls>,
     client: &Client,

@@ -11,6 +11,7 @@ use std::rc::Rc;
 
 use io_uring::{opcode, types};
 use rustls::ServerConnection;
+use strata_formats::nbd::wire::open_records;
 use strata_runtime::reactor::Reactor;
 
 /// Bytes read from the socket at once: many request headers (and small
@@ -72,19 +73,11 @@ impl Transport {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return Err(e),
             }
-            // Records are handed over only once the plaintext before them
-            // is consumed, which bounds the session's buffers.
             let mut data = {
                 let mut ra = self.buf.borrow_mut();
                 if ra.start < ra.end {
-                    let mut records = &ra.data[ra.start..ra.end];
-                    let before = records.len();
-                    let mut tls = tls.borrow_mut();
-                    tls.read_tls(&mut records)?;
-                    ra.start += before - records.len();
-                    tls.process_new_packets().map_err(|e| {
-                        io::Error::new(io::ErrorKind::InvalidData, format!("TLS: {e}"))
-                    })?;
+                    let (from, to) = (ra.start, ra.end);
+                    ra.start += open_records(&mut tls.borrow_mut(), &ra.data[from..to])?;
                     continue;
                 }
                 std::mem::take(&mut ra.data)

@@ -11,6 +11,7 @@ use strata_formats::nbd::wire::Server;
 
 use super::{BlockdevError, OpenContext};
 use crate::options::{Options, OptionsError};
+use crate::socket_address::{take_socket_address, SocketAddress};
 
 fn invalid(msg: String) -> BlockdevError {
     BlockdevError::Options(OptionsError::Invalid(msg))
@@ -18,32 +19,9 @@ fn invalid(msg: String) -> BlockdevError {
 
 /// Parses the options of an `nbd` node.
 pub(super) fn options(o: &mut Options, ctx: &OpenContext) -> Result<ConnectOptions, BlockdevError> {
-    let server = o.take_group("server")?;
-    let mut server = o.required("server", server)?;
-    let ty = server.take_enum("type", &["unix", "inet"])?;
-    let server = match server.required("type", ty)?.as_str() {
-        "unix" => {
-            let path = server.take_str("path")?;
-            let path = server.required("path", path)?;
-            if server.take_bool("abstract")? == Some(true) {
-                return Err(BlockdevError::NotSupported("abstract unix sockets".into()));
-            }
-            server.take_bool("tight")?;
-            server.finish()?;
-            Server::Unix(path.into())
-        }
-        _ => {
-            let host = server.take_str("host")?;
-            let host = server.required("host", host)?;
-            let port = server.take_str("port")?;
-            let port = server.required("port", port)?;
-            for flag in ["numeric", "ipv4", "ipv6", "keep-alive", "mptcp"] {
-                server.take_bool(flag)?;
-            }
-            server.finish()?;
-            let port: u16 = port
-                .parse()
-                .map_err(|_| invalid(format!("server.port '{port}': not a port number")))?;
+    let server = match take_socket_address(o, "server")? {
+        SocketAddress::Unix(path) => Server::Unix(path),
+        SocketAddress::Inet { host, port } => {
             // Resolved now, while the name service is reachable: a
             // sandboxed daemon may not read /etc/hosts later.
             let addrs: Vec<_> = (host.as_str(), port)

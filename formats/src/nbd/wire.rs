@@ -5,6 +5,7 @@
 
 use std::io::{self, IoSlice, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -38,7 +39,7 @@ impl std::fmt::Display for Server {
     }
 }
 
-/// A connected socket.
+/// A connected socket, the client's or one a server accepted.
 #[derive(Debug)]
 pub enum Socket {
     /// On a unix socket.
@@ -91,6 +92,15 @@ impl Socket {
         match self {
             Socket::Unix(s) => s.set_read_timeout(t),
             Socket::Tcp(s) => s.set_read_timeout(t),
+        }
+    }
+}
+
+impl From<Socket> for OwnedFd {
+    fn from(s: Socket) -> OwnedFd {
+        match s {
+            Socket::Unix(s) => s.into(),
+            Socket::Tcp(s) => s.into(),
         }
     }
 }
@@ -209,6 +219,21 @@ impl Sender {
     }
 }
 
+/// Hands `session` what it takes of `records` and opens them; returns
+/// the bytes taken. Callers hand records over only once the plaintext
+/// before them is consumed, which bounds the session's buffers.
+pub fn open_records<D>(
+    session: &mut rustls::ConnectionCommon<D>,
+    records: &[u8],
+) -> io::Result<usize> {
+    let mut rest = records;
+    session.read_tls(&mut rest)?;
+    session
+        .process_new_packets()
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("TLS: {e}")))?;
+    Ok(records.len() - rest.len())
+}
+
 fn write_all_vectored(sock: &mut Socket, parts: &[&[u8]]) -> io::Result<()> {
     let mut slices: Vec<IoSlice<'_>> = parts
         .iter()
@@ -259,16 +284,8 @@ impl Read for Receiver {
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                     Err(e) => return Err(e),
                 }
-                // Records are handed over only once the plaintext before
-                // them is consumed, which bounds the session's buffers.
                 if self.start < self.end {
-                    let mut records = &self.records[self.start..self.end];
-                    let before = records.len();
-                    t.read_tls(&mut records)?;
-                    self.start += before - records.len();
-                    t.process_new_packets().map_err(|e| {
-                        io::Error::new(io::ErrorKind::InvalidData, format!("TLS: {e}"))
-                    })?;
+                    self.start += open_records(&mut t, &self.records[self.start..self.end])?;
                     continue;
                 }
             }

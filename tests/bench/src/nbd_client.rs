@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 
-use crate::backend::{Backend, Kind};
+use crate::backend::Backend;
 use crate::load::{self, Load, Outcome};
 use crate::suite::{self, Plan, CLIENT_CPU, DAEMON_CPU};
 
@@ -76,7 +76,6 @@ fn qemu_nbd(img: &Path, sock: &Path) -> anyhow::Result<Server> {
 /// Every depth, `plan.runs` runs per daemon, alternating; each run on a
 /// fresh qemu-nbd and a fresh daemon.
 pub fn run(plan: &Plan, progress: &mut dyn FnMut(&str)) -> anyhow::Result<Vec<Row>> {
-    let kinds = [Kind::Strata, Kind::Qsd];
     load::pin_self(CLIENT_CPU)?;
     let dir = plan.workdir.join("nbd-client");
     std::fs::create_dir_all(&dir)?;
@@ -98,51 +97,30 @@ pub fn run(plan: &Plan, progress: &mut dyn FnMut(&str)) -> anyhow::Result<Vec<Ro
     );
     let mut rows = Vec::new();
     for depth in DEPTHS {
-        let mut samples: [Vec<Outcome>; 2] = Default::default();
-        for run in 0..plan.runs {
-            let order = if run % 2 == 0 { [0, 1] } else { [1, 0] };
-            for i in order {
-                let bin = if kinds[i] == Kind::Qsd {
-                    &plan.qsd
-                } else {
-                    &plan.strata
-                };
-                suite::warm(&img)?;
-                let _server = qemu_nbd(&img, &sock)?;
-                let b = Backend::start(
-                    kinds[i],
-                    bin,
-                    &dir,
-                    std::slice::from_ref(&node),
-                    None,
-                    &DAEMON_CPU.to_string(),
-                    1,
-                )?;
-                let load = Load {
-                    write: false,
-                    depth,
-                    poll: false,
-                    warmup: plan.warmup,
-                    measure: plan.measure,
-                };
-                let o = load::run(&b.socket, load, &|| b.cpu_ns())
-                    .with_context(|| format!("{} nbd node QD{depth}", kinds[i].name()))?;
-                progress(&format!(
-                    "nbd-client randread 4k QD{depth:<3} {:<6} run {}: {:>9.0} IOPS  mean {:>7.1} us  cpu {:>6.0} ns/req",
-                    kinds[i].name(),
-                    run + 1,
-                    o.iops,
-                    o.mean_us,
-                    o.cpu_ns
-                ));
-                samples[i].push(o);
-            }
-        }
-        rows.push(Row {
-            depth,
-            strata: suite::median(&samples[0]),
-            qsd: suite::median(&samples[1]),
-        });
+        let label = format!("nbd-client randread 4k QD{depth:<3}");
+        let (strata, qsd) = suite::alternating(plan, &label, progress, |_, kind, bin| {
+            suite::warm(&img)?;
+            let _server = qemu_nbd(&img, &sock)?;
+            let b = Backend::start(
+                kind,
+                bin,
+                &dir,
+                std::slice::from_ref(&node),
+                None,
+                &DAEMON_CPU.to_string(),
+                1,
+            )?;
+            let load = Load {
+                write: false,
+                depth,
+                poll: false,
+                warmup: plan.warmup,
+                measure: plan.measure,
+            };
+            load::run(&b.socket, load, &|| b.cpu_ns())
+                .with_context(|| format!("{} nbd node QD{depth}", kind.name()))
+        })?;
+        rows.push(Row { depth, strata, qsd });
     }
     Ok(rows)
 }

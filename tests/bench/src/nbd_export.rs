@@ -83,51 +83,27 @@ pub fn run(plan: &Plan, progress: &mut dyn FnMut(&str)) -> anyhow::Result<Vec<Ro
             .map(|d| target.prepare(d))
             .collect::<anyhow::Result<Vec<_>>>()?;
         for job in Job::ALL {
-            let mut samples: [Vec<Outcome>; 2] = Default::default();
-            for run in 0..plan.runs {
-                let order = if run % 2 == 0 { [0, 1] } else { [1, 0] };
-                for i in order {
-                    let bin = if kinds[i] == Kind::Qsd {
-                        &plan.qsd
-                    } else {
-                        &plan.strata
-                    };
-                    for f in target.files(&dirs[i]) {
-                        suite::warm(&f)?;
-                    }
-                    let b = Backend::start_nbd(
-                        kinds[i],
-                        bin,
-                        &dirs[i],
-                        &blockdevs[i],
-                        &DAEMON_CPU.to_string(),
-                    )?;
-                    let o = fio(&b, job, plan.warmup, plan.measure).with_context(|| {
-                        format!(
-                            "{} NBD on {} {}",
-                            kinds[i].name(),
-                            target.name(),
-                            job.label()
-                        )
-                    })?;
-                    progress(&format!(
-                        "nbd        {:<10} {:<20} {:<6} run {}: {:>9.0} IOPS  mean {:>7.1} us  cpu {:>6.0} ns/req",
-                        target.name(),
-                        job.label(),
-                        kinds[i].name(),
-                        run + 1,
-                        o.iops,
-                        o.mean_us,
-                        o.cpu_ns
-                    ));
-                    samples[i].push(o);
+            let label = format!("nbd        {:<10} {:<20}", target.name(), job.label());
+            let (strata, qsd) = suite::alternating(plan, &label, progress, |i, kind, bin| {
+                for f in target.files(&dirs[i]) {
+                    suite::warm(&f)?;
                 }
-            }
+                let b = Backend::start_nbd(
+                    kind,
+                    bin,
+                    &dirs[i],
+                    &blockdevs[i],
+                    &DAEMON_CPU.to_string(),
+                )?;
+                fio(&b, job, plan.warmup, plan.measure).with_context(|| {
+                    format!("{} NBD on {} {}", kind.name(), target.name(), job.label())
+                })
+            })?;
             rows.push(Row {
                 target,
                 job,
-                strata: suite::median(&samples[0]),
-                qsd: suite::median(&samples[1]),
+                strata,
+                qsd,
             });
         }
     }

@@ -226,6 +226,20 @@ pub fn markdown(plan: &Plan, cells: &[Cell], extras: &Extras, date: &str) -> Str
     s
 }
 
+/// How a section's runs were made: `setup`, then the runs, then `after`.
+fn alternating_runs(plan: &Plan, date: &str, setup: &str, after: &str) -> String {
+    format!(
+        "Run on {date}: {}. Strata `{}` against `{}`, {setup}. Each cell is the median of {} \
+         alternating runs per daemon of {:.1} s (after {:.1} s of warm-up), {after}",
+        machine(),
+        version(&plan.strata),
+        version(&plan.qsd),
+        plan.runs,
+        plan.measure.as_secs_f64(),
+        plan.warmup.as_secs_f64(),
+    )
+}
+
 /// A row's measured cells: IOPS, their ratio, mean latency and CPU per
 /// request, Strata's beside qsd's.
 fn beside_qsd(a: &Outcome, b: &Outcome) -> String {
@@ -490,16 +504,14 @@ pub fn nbd_markdown(plan: &Plan, rows: &[nbd_export::Row], date: &str) -> String
     let _ = writeln!(s, "{NBD_BEGIN}");
     let _ = writeln!(
         s,
-        "Run on {date}: {}. Strata `{}` against `{}`, each serving one NBD export on a unix \
-         socket; fio's `nbd` engine (libnbd) on cpu 1, the daemon on cpu 0. Each cell is the \
-         median of {} alternating runs per daemon of {:.1} s (after {:.1} s of warm-up), on a \
-         freshly started daemon.\n",
-        machine(),
-        version(&plan.strata),
-        version(&plan.qsd),
-        plan.runs,
-        plan.measure.as_secs_f64(),
-        plan.warmup.as_secs_f64(),
+        "{}\n",
+        alternating_runs(
+            plan,
+            date,
+            "each serving one NBD export on a unix socket; fio's `nbd` engine (libnbd) on \
+             cpu 1, the daemon on cpu 0",
+            "on a freshly started daemon."
+        )
     );
     let _ = writeln!(
         s,
@@ -550,17 +562,14 @@ pub fn nbd_client_markdown(plan: &Plan, rows: &[nbd_client::Row], date: &str) ->
     let _ = writeln!(s, "{NBD_CLIENT_BEGIN}");
     let _ = writeln!(
         s,
-        "Run on {date}: {}. Strata `{}` against `{}`, each serving a one-queue vhost-user export \
-         of an `nbd` node on qemu-nbd (a raw file in the page cache, on cpu 1 with the libblkio \
-         load), the daemon on cpu 0. Each cell is the median of {} alternating runs per daemon \
-         of {:.1} s (after {:.1} s of warm-up), on a freshly started daemon and qemu-nbd. CPU \
-         per request is the daemon's alone.\n",
-        machine(),
-        version(&plan.strata),
-        version(&plan.qsd),
-        plan.runs,
-        plan.measure.as_secs_f64(),
-        plan.warmup.as_secs_f64(),
+        "{}\n",
+        alternating_runs(
+            plan,
+            date,
+            "each serving a one-queue vhost-user export of an `nbd` node on qemu-nbd (a raw \
+             file in the page cache, on cpu 1 with the libblkio load), the daemon on cpu 0",
+            "on a freshly started daemon and qemu-nbd. CPU per request is the daemon's alone."
+        )
     );
     let _ = writeln!(
         s,

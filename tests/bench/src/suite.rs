@@ -211,6 +211,40 @@ pub fn warm(path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Runs `one(i, kind, bin, run)` `plan.runs` times for Strata (`i` 0)
+/// and qsd (`i` 1), alternating which goes first, logs each run as
+/// `label` says, and returns both medians.
+pub fn alternating(
+    plan: &Plan,
+    label: &str,
+    progress: &mut dyn FnMut(&str),
+    mut one: impl FnMut(usize, Kind, &Path) -> anyhow::Result<Outcome>,
+) -> anyhow::Result<(Outcome, Outcome)> {
+    let kinds = [Kind::Strata, Kind::Qsd];
+    let mut samples: [Vec<Outcome>; 2] = Default::default();
+    for run in 0..plan.runs {
+        let order = if run % 2 == 0 { [0, 1] } else { [1, 0] };
+        for i in order {
+            let bin = if kinds[i] == Kind::Qsd {
+                &plan.qsd
+            } else {
+                &plan.strata
+            };
+            let o = one(i, kinds[i], bin)?;
+            progress(&format!(
+                "{label} {:<6} run {}: {:>9.0} IOPS  mean {:>7.1} us  cpu {:>6.0} ns/req",
+                kinds[i].name(),
+                run + 1,
+                o.iops,
+                o.mean_us,
+                o.cpu_ns
+            ));
+            samples[i].push(o);
+        }
+    }
+    Ok((median(&samples[0]), median(&samples[1])))
+}
+
 /// Each field's median over the runs.
 pub fn median(runs: &[Outcome]) -> Outcome {
     let m = |f: fn(&Outcome) -> f64| {
