@@ -169,13 +169,29 @@ impl Reactor {
         self.waiting.get()
     }
 
-    /// Submits, then sleeps in the kernel until at least one completion.
+    /// Submits, then sleeps in the kernel until at least one completion,
+    /// with one system call for both.
     pub fn wait(&self) -> io::Result<()> {
-        self.submit()?;
         loop {
             match self.ring.borrow().submit_and_wait(1) {
+                // The kernel waits only once it took every entry.
+                Ok(n) => {
+                    let left = self.queued.get().saturating_sub(n as u32);
+                    self.queued.set(left);
+                    if left == 0 {
+                        return Ok(());
+                    }
+                }
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
-                r => return r.map(drop),
+                // The completion queue overflowed: what it holds is the
+                // completion waited for.
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EBUSY | libc::EAGAIN)) => {
+                    if self.reap() == 0 {
+                        return Err(e);
+                    }
+                    return Ok(());
+                }
+                Err(e) => return Err(e),
             }
         }
     }
