@@ -479,6 +479,42 @@ fn a_client_that_stops_reading_holds_up_nobody() {
     let _ = writer.join();
 }
 
+/// A client may send all it has before it reads a reply: replies it does
+/// not read yet must not stop the server from reading its requests while
+/// they fit in the server's window.
+#[test]
+fn a_client_that_sends_everything_before_reading_is_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = null_export(dir.path(), ",writable=on");
+    let (mut c, _) = RawClient::go(d.socket(), "n", &[]);
+    // Failing here means the server stopped reading, a deadlock.
+    c.s.set_write_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    // Replies to the reads fill the socket before the writes are sent.
+    let reads = 8u64;
+    for i in 0..reads {
+        c.send(Cmd::Read, 0, i, i * MIB, MIB as u32, &[]);
+    }
+    let payload = vec![0x5a; MIB as usize];
+    for i in 0..8 {
+        c.send(Cmd::Write, 0, reads + i, i * MIB, MIB as u32, &payload);
+    }
+    let mut cookies = Vec::new();
+    while cookies.len() < 16 {
+        match c.reply() {
+            Reply::Simple { error: 0, cookie } => cookies.push(cookie),
+            Reply::Chunk { flags, cookie, .. } => {
+                if flags & chunk::FLAG_DONE != 0 {
+                    cookies.push(cookie);
+                }
+            }
+            r => panic!("{r:?}"),
+        }
+    }
+    cookies.sort_unstable();
+    assert_eq!(cookies, (0..16).collect::<Vec<_>>());
+}
+
 #[test]
 fn one_node_over_vhost_user_and_nbd_at_once() {
     let dir = tempfile::tempdir().unwrap();

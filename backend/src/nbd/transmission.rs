@@ -182,9 +182,22 @@ async fn reader(c: Rc<Conn>, exec: std::rc::Weak<Executor<Task>>) {
 async fn read_requests(c: &Rc<Conn>, exec: &std::rc::Weak<Executor<Task>>) -> io::Result<()> {
     let mut header = [0u8; REQUEST_LEN];
     loop {
+        // With nothing received ahead, the requests just started run and
+        // their replies go out before the receive, which would find the
+        // socket empty while the client waits for them. The writer wakes
+        // us once it took the replies. A client that reads no reply before
+        // it sent all it has keeps being read while the writer waits.
+        let mut yielded = false;
         poll_fn(|cx| {
-            if c.in_flight.get() < MAX_IN_FLIGHT {
+            let room = c.in_flight.get() < MAX_IN_FLIGHT;
+            let queued = !c.replies.borrow().is_empty();
+            let go = c.t.buffered() || c.t.send_waiting() || (yielded && !queued);
+            if room && go {
                 Poll::Ready(())
+            } else if room && !yielded {
+                yielded = true;
+                cx.waker().wake_by_ref();
+                Poll::Pending
             } else {
                 *c.reader.borrow_mut() = Some(cx.waker().clone());
                 Poll::Pending
@@ -291,6 +304,11 @@ async fn writer(c: Rc<Conn>) {
             if !q.is_empty() {
                 let n = q.len().min(SEND_BATCH);
                 batch.extend(q.drain(..n));
+                // Sent in this poll unless the socket is full, and then the
+                // reader must not wait for it.
+                if let Some(w) = c.reader.borrow_mut().take() {
+                    w.wake();
+                }
                 return Poll::Ready(true);
             }
             if !c.reading.get() && c.in_flight.get() == 0 {

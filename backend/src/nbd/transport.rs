@@ -4,7 +4,7 @@
 //! one thread serves many requests at once without blocking. After
 //! STARTTLS, the bytes on the socket are the TLS session's records.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::io::{self, IoSlice, Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::rc::Rc;
@@ -29,6 +29,8 @@ pub struct Transport {
     tls: Option<RefCell<ServerConnection>>,
     /// Records to send, reused from one write to the next.
     sealed: RefCell<Vec<u8>>,
+    /// A send waits for room in the socket's buffer.
+    send_waiting: Cell<bool>,
 }
 
 struct ReadAhead {
@@ -51,6 +53,7 @@ impl Transport {
             }),
             tls: tls.map(RefCell::new),
             sealed: RefCell::default(),
+            send_waiting: Cell::new(false),
         })
     }
 
@@ -130,6 +133,18 @@ impl Transport {
                 return Ok(());
             }
         }
+    }
+
+    /// True when bytes already received wait to be read, so a read may not
+    /// need a system call.
+    pub fn buffered(&self) -> bool {
+        let ra = self.buf.borrow();
+        ra.end > ra.start
+    }
+
+    /// True while a send waits for the peer to make room by reading.
+    pub fn send_waiting(&self) -> bool {
+        self.send_waiting.get()
     }
 
     /// Fills `buf`. `Ok(false)` when the peer closed the connection before
@@ -258,10 +273,12 @@ impl Transport {
             let entry = opcode::SendMsg::new(types::Fd(self.fd.as_raw_fd()), &msg)
                 .flags(libc::MSG_NOSIGNAL as u32)
                 .build();
+            self.send_waiting.set(true);
             // SAFETY: `msg`, the iovecs and the buffers they point at are
             // borrowed for the whole await; dropping the op waits for the
             // kernel to let go of them.
             let n = unsafe { self.reactor.push(entry) }.await;
+            self.send_waiting.set(false);
             if n < 0 {
                 let e = io::Error::from_raw_os_error(-n);
                 if e.kind() == io::ErrorKind::Interrupted {
