@@ -88,6 +88,28 @@ impl Backend {
         Self::spawn(kind, bin, dir, blockdevs, args, socket, cpus)
     }
 
+    /// Starts this benchmark's no-work NBD server ([`crate::nbd_floor`])
+    /// on a unix socket in `dir`, pinned to `cpus`.
+    pub fn start_nbd_floor(dir: &Path, cpus: &str) -> anyhow::Result<Backend> {
+        let socket = dir.join("floor-nbd.sock");
+        let log = dir.join("floor.log");
+        let out = File::create(&log)?;
+        let child = Command::new("taskset")
+            .arg("-c")
+            .arg(cpus)
+            .arg(std::env::current_exe()?)
+            .arg("--nbd-floor")
+            .arg(&socket)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .context("starting the no-work NBD server")?;
+        let mut b = Backend { child, socket, log };
+        b.wait_ready()?;
+        Ok(b)
+    }
+
     fn spawn(
         kind: Kind,
         bin: &Path,

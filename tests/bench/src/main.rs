@@ -8,6 +8,7 @@ mod load;
 mod migration_cost;
 mod nbd_client;
 mod nbd_export;
+mod nbd_floor;
 mod report;
 mod sandbox_cost;
 mod scaling;
@@ -87,6 +88,10 @@ struct Args {
     /// BENCHMARKS.md.
     #[arg(long)]
     nbd_only: bool,
+    /// Serve the no-work NBD server at this socket until killed (the
+    /// NBD rows start it so).
+    #[arg(long, value_name = "SOCKET", hide = true)]
+    nbd_floor: Option<PathBuf>,
     /// Drive an already running backend at this vhost-user socket with one
     /// load (--depth, --write, --poll, --secs) and print what it did; for
     /// profiling.
@@ -113,6 +118,9 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let Some(socket) = &args.nbd_floor {
+        return nbd_floor::serve(socket, 1 << 30);
+    }
     if let Some(socket) = &args.client {
         if args.queues == 1 {
             load::pin_self(suite::CLIENT_CPU)?;

@@ -70,12 +70,15 @@ pub struct Row {
     pub strata: Outcome,
     /// qemu-storage-daemon's medians.
     pub qsd: Outcome,
+    /// The no-work server's medians for the same job: the most the client
+    /// reaches.
+    pub floor: Outcome,
 }
 
 /// Every cell, `plan.runs` runs per daemon, alternating.
 pub fn run(plan: &Plan, progress: &mut dyn FnMut(&str)) -> anyhow::Result<Vec<Row>> {
     let kinds = [Kind::Strata, Kind::Qsd];
-    let mut rows = Vec::new();
+    let mut rows: Vec<Row> = Vec::new();
     for target in TARGETS {
         let dirs = kinds.map(|k| plan.workdir.join("nbd").join(target.name()).join(k.name()));
         let blockdevs = dirs
@@ -99,15 +102,46 @@ pub fn run(plan: &Plan, progress: &mut dyn FnMut(&str)) -> anyhow::Result<Vec<Ro
                     format!("{} NBD on {} {}", kind.name(), target.name(), job.label())
                 })
             })?;
+            // The no-work server serves zeroes whatever the target, so it
+            // is measured once per job.
+            let floor = match rows.iter().find(|r| r.job == job) {
+                Some(r) => r.floor,
+                None => no_work(plan, &dirs[0], job, progress)?,
+            };
             rows.push(Row {
                 target,
                 job,
                 strata,
                 qsd,
+                floor,
             });
         }
     }
     Ok(rows)
+}
+
+/// The median of `plan.runs` runs of `job` against the no-work server.
+fn no_work(
+    plan: &Plan,
+    dir: &std::path::Path,
+    job: Job,
+    progress: &mut dyn FnMut(&str),
+) -> anyhow::Result<Outcome> {
+    let mut runs = Vec::new();
+    for run in 0..plan.runs {
+        let b = Backend::start_nbd_floor(dir, &DAEMON_CPU.to_string())?;
+        let o = fio(&b, job, plan.warmup, plan.measure)
+            .with_context(|| format!("the no-work NBD server on {}", job.label()))?;
+        progress(&format!(
+            "nbd        no-work    {:<20} run {}: {:>9.0} IOPS  mean {:>7.1} us",
+            job.label(),
+            run + 1,
+            o.iops,
+            o.mean_us
+        ));
+        runs.push(o);
+    }
+    Ok(suite::median(&runs))
 }
 
 /// One fio run against the backend's export: `warmup` unmeasured, then

@@ -516,18 +516,20 @@ pub fn nbd_markdown(plan: &Plan, rows: &[nbd_export::Row], date: &str) -> String
     let _ = writeln!(
         s,
         "| target | workload | Strata IOPS | qsd IOPS | IOPS ratio | mean lat (us) Strata / qsd | \
-         CPU/req (ns) Strata / qsd | CPU ratio |"
+         CPU/req (ns) Strata / qsd | CPU ratio | no-work server IOPS (/ qsd) |"
     );
-    let _ = writeln!(s, "|---|---|--:|--:|--:|--:|--:|--:|");
+    let _ = writeln!(s, "|---|---|--:|--:|--:|--:|--:|--:|--:|");
     let mut goals = Vec::new();
     for r in rows {
         let (a, b) = (&r.strata, &r.qsd);
         let _ = writeln!(
             s,
-            "| {} | {} | {} |",
+            "| {} | {} | {} | {:.0} ({:.2}) |",
             r.target.name(),
             r.job.label(),
-            beside_qsd(a, b)
+            beside_qsd(a, b),
+            r.floor.iops,
+            r.floor.iops / b.iops
         );
         let what = format!("NBD {} {}", r.target.name(), r.job.label());
         let x = a.iops / b.iops;
