@@ -21,6 +21,7 @@ use crate::nbd::{NbdExport, NbdExportOptions, NbdServer, ServerOptions, ServerTl
 use crate::on_error::OnError;
 use crate::qmp::error::QmpError;
 use crate::serve::RunningExport;
+use crate::socket::ListenOn;
 
 /// A running Strata daemon.
 pub struct Daemon {
@@ -85,7 +86,7 @@ impl NewExport {
     /// The unix socket a vhost-user export listens on.
     pub fn socket_path(&self) -> Option<&std::path::Path> {
         match self {
-            NewExport::VhostUser(s) => Some(&s.path),
+            NewExport::VhostUser(s) => s.listen.path(),
             NewExport::Nbd { .. } => None,
         }
     }
@@ -96,7 +97,7 @@ pub struct ExportSpec {
     /// The node's name.
     pub node: String,
     /// The vhost-user socket.
-    pub path: PathBuf,
+    pub listen: crate::socket::ListenOn,
     /// How to present the node.
     pub opts: ExportOptions,
     /// The iothread object whose polling settings the queues take.
@@ -253,20 +254,24 @@ impl Daemon {
         }
         let addr = o.take_group("addr")?;
         let mut addr = o.required("addr", addr)?;
-        let kind = addr.take_str("type")?;
+        let kind = addr.take_enum("type", &["unix", "fd"])?;
         let kind = addr.required("type", kind)?;
-        if kind != "unix" {
-            return Err(QmpError::generic(format!(
-                "addr.type '{kind}' is not supported: vhost-user-blk needs a unix socket"
-            )));
+        if let Some(data) = addr.take_group("data")? {
+            addr = data;
         }
-        let path = addr.take_str("path")?;
-        let path = addr.required("path", path)?;
-        // QEMU's abstract-namespace flags: only the default is supported.
-        if addr.take_bool("abstract")? == Some(true) {
-            return Err(QmpError::generic("abstract unix sockets are not supported"));
-        }
-        addr.take_bool("tight")?;
+        let listen = if kind == "fd" {
+            let s = addr.take_str("str")?;
+            ListenOn::Fd(addr.required("str", s)?)
+        } else {
+            let path = addr.take_str("path")?;
+            let path = addr.required("path", path)?;
+            // QEMU's abstract-namespace flags: only the default is supported.
+            if addr.take_bool("abstract")? == Some(true) {
+                return Err(QmpError::generic("abstract unix sockets are not supported"));
+            }
+            addr.take_bool("tight")?;
+            ListenOn::Path(path.into())
+        };
         addr.finish()?;
         let num_queues = o.take_u64("num-queues")?.unwrap_or(1);
         let logical_block_size = o.take_size("logical-block-size")?.unwrap_or(512);
@@ -284,7 +289,7 @@ impl Daemon {
             .unwrap_or_default();
         Ok(NewExport::VhostUser(ExportSpec {
             node,
-            path: path.into(),
+            listen,
             opts: ExportOptions {
                 id,
                 num_queues: u16::try_from(num_queues).unwrap_or(u16::MAX),
@@ -454,7 +459,7 @@ impl Daemon {
         let id = spec.opts.id.clone();
         let events = Arc::clone(&self.events) as Arc<dyn strata_graph::EventSink>;
         let export = Export::new(&self.graph, node, spec.opts, events)?;
-        match RunningExport::start(Arc::clone(&export), &spec.path, self.socket_mode()) {
+        match RunningExport::start(Arc::clone(&export), &spec.listen, self.socket_mode()) {
             Ok(running) => {
                 exports.insert(id, Running::VhostUser(running));
                 Ok(())

@@ -7,10 +7,12 @@ pub mod events;
 pub mod export;
 #[cfg(any(test, fuzzing))]
 pub mod fuzzing;
+pub mod handed_fds;
 pub mod img;
 pub mod job_cli;
 pub mod keyval;
 pub mod nbd;
+pub mod notify;
 pub mod on_error;
 pub mod open;
 pub mod pidfile;

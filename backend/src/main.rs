@@ -18,6 +18,8 @@ use strata_formats::image::{self, ImageFormat};
 use strata_formats::qcow2::create::{create as create_qcow2, CreateOptions};
 
 fn main() -> ExitCode {
+    // Before anything opens a descriptor: only inherited ones may be named.
+    strata_backend::handed_fds::adopt();
     let cli = Cli::parse();
     if !matches!(cli.command, Some(Command::Serve(_)) | None) {
         process::log_to_stderr();
@@ -45,6 +47,7 @@ fn main() -> ExitCode {
 
 fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
     process::setup(&args.process, false)?;
+    let notifier = strata_backend::notify::Notifier::from_env();
     if args.process.sandbox == OnOff::On {
         strata_backend::sandbox::enter()?;
     }
@@ -130,13 +133,17 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
     daemon
         .export_add(ExportSpec {
             node: "disk".into(),
-            path: args.socket.clone(),
+            listen: strata_backend::socket::ListenOn::Path(args.socket.clone()),
             opts,
             iothread: None,
         })
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     if let Some(q) = &args.qmp {
-        strata_backend::qmp::server::start_monitor(Arc::clone(&daemon), q, false)?;
+        strata_backend::qmp::server::start_monitor(
+            Arc::clone(&daemon),
+            &strata_backend::socket::ListenOn::Path(q.clone()),
+            false,
+        )?;
     }
     if let Some(user) = &args.process.run_with {
         user.drop_privileges()?;
@@ -148,7 +155,9 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         if args.read_only { " (read-only)" } else { "" }
     );
     strata_backend::signals::quit_on_signals(Arc::clone(&daemon))?;
+    notifier.notify("READY=1");
     daemon.wait_quit();
+    notifier.notify("STOPPING=1");
     daemon.shutdown();
     tracing::info!("stopped");
     Ok(())

@@ -18,6 +18,7 @@ use crate::daemon::Daemon;
 use crate::keyval;
 use crate::pidfile::PidFile;
 use crate::qmp::server::start_monitor;
+use crate::socket::ListenOn;
 
 /// An option parsed into [`Options`]: JSON keeps its types, the dotted form
 /// gives strings.
@@ -32,7 +33,7 @@ fn options(flag: &str, arg: &str, implied: Option<&str>) -> anyhow::Result<Optio
 }
 
 struct Monitor {
-    path: PathBuf,
+    on: ListenOn,
     pretty: bool,
 }
 
@@ -50,7 +51,13 @@ fn monitors(args: &QsdArgs) -> anyhow::Result<Vec<Monitor>> {
         let id = o.take_str("id").map_err(|e| ctx(&e))?;
         let id = o.required("id", id).map_err(|e| ctx(&e))?;
         let path = o.take_str("path").map_err(|e| ctx(&e))?;
-        let path = o.required("path", path).map_err(|e| ctx(&e))?;
+        let fd = o.take_str("fd").map_err(|e| ctx(&e))?;
+        let on = match (path, fd) {
+            (Some(p), None) => ListenOn::Path(PathBuf::from(p)),
+            (None, Some(fd)) => ListenOn::Fd(fd),
+            (Some(_), Some(_)) => bail!("--chardev {arg}: give 'path' or 'fd', not both"),
+            (None, None) => bail!("--chardev {arg}: 'path' or 'fd' is required"),
+        };
         if o.take_bool("server").map_err(|e| ctx(&e))? != Some(true) {
             bail!("--chardev {arg}: only server=on is supported");
         }
@@ -58,7 +65,7 @@ fn monitors(args: &QsdArgs) -> anyhow::Result<Vec<Monitor>> {
             bail!("--chardev {arg}: only wait=off is supported");
         }
         o.finish().map_err(|e| ctx(&e))?;
-        if chardevs.insert(id.clone(), PathBuf::from(path)).is_some() {
+        if chardevs.insert(id.clone(), on).is_some() {
             bail!("--chardev {arg}: duplicate chardev id '{id}'");
         }
     }
@@ -77,10 +84,10 @@ fn monitors(args: &QsdArgs) -> anyhow::Result<Vec<Monitor>> {
         let pretty = o.take_bool("pretty").map_err(|e| ctx(&e))?.unwrap_or(false);
         o.take_str("id").map_err(|e| ctx(&e))?;
         o.finish().map_err(|e| ctx(&e))?;
-        let path = chardevs.remove(&chardev).ok_or_else(|| {
+        let on = chardevs.remove(&chardev).ok_or_else(|| {
             anyhow!("--monitor {arg}: chardev '{chardev}' is not defined (or already used)")
         })?;
-        out.push(Monitor { path, pretty });
+        out.push(Monitor { on, pretty });
     }
     if let Some(id) = chardevs.keys().next() {
         tracing::warn!("chardev '{id}' is not used by any monitor");
@@ -95,6 +102,7 @@ pub fn run(args: QsdArgs) -> anyhow::Result<()> {
         bail!("nothing to do: give --blockdev/--export/--monitor options or a subcommand (see --help)");
     }
     let log = crate::process::setup(&args.process, args.daemonize)?;
+    let notifier = crate::notify::Notifier::from_env();
     // Parse what can be parsed up front, so mistakes stop us before any
     // side effect.
     let mut objects = Vec::new();
@@ -180,8 +188,8 @@ pub fn run(args: QsdArgs) -> anyhow::Result<()> {
         {
             reach.dir_of(p);
         }
-        for m in &monitors {
-            reach.dir_of(&m.path);
+        for m in monitors.iter().filter_map(|m| m.on.path()) {
+            reach.dir_of(m);
         }
         if let Some(p) = &args.pidfile {
             reach.dir_of(p);
@@ -201,7 +209,7 @@ pub fn run(args: QsdArgs) -> anyhow::Result<()> {
                 .map_err(|e| anyhow!("--export {arg}: {e}"))?;
         }
         for m in monitors {
-            start_monitor(Arc::clone(&daemon), &m.path, m.pretty)?;
+            start_monitor(Arc::clone(&daemon), &m.on, m.pretty)?;
         }
         if let Some(user) = &args.process.run_with {
             user.drop_privileges()?;
@@ -222,7 +230,9 @@ pub fn run(args: QsdArgs) -> anyhow::Result<()> {
         r.ready(log.as_ref());
     }
     crate::signals::quit_on_signals(Arc::clone(&daemon))?;
+    notifier.notify("READY=1");
     daemon.wait_quit();
+    notifier.notify("STOPPING=1");
     tracing::info!("shutting down");
     daemon.shutdown();
     drop(pidfile);

@@ -3,7 +3,7 @@
 
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -53,23 +53,22 @@ impl StopHandle {
 /// An export being served by its own thread.
 pub struct RunningExport {
     export: Arc<Export>,
-    path: PathBuf,
-    socket_id: Option<(u64, u64)>,
+    bound: Option<crate::socket::Bound>,
     stop: StopHandle,
     thread: Option<JoinHandle<()>>,
 }
 
 impl RunningExport {
-    /// Listens on `path` with permissions `mode` (replacing a stale socket
-    /// file) and serves `export` there from a new thread.
-    pub fn start(export: Arc<Export>, path: &Path, mode: u32) -> anyhow::Result<RunningExport> {
-        let listener = Listener::from(crate::socket::listen(path, mode)?);
-        let socket_id = crate::socket::identity(path);
-        tracing::info!(
-            "export '{}': listening on {}",
-            export.options().id,
-            path.display()
-        );
+    /// Listens on `on` (a path gets permissions `mode`, replacing a stale
+    /// socket file) and serves `export` there from a new thread.
+    pub fn start(
+        export: Arc<Export>,
+        on: &crate::socket::ListenOn,
+        mode: u32,
+    ) -> anyhow::Result<RunningExport> {
+        let (listener, bound) = on.listen(mode)?;
+        let listener = Listener::from(listener);
+        tracing::info!("export '{}': listening on {on}", export.options().id);
         let stop = StopHandle::default();
         let thread = std::thread::Builder::new()
             .name(format!("export-{}", export.options().id))
@@ -80,8 +79,7 @@ impl RunningExport {
             .context("cannot start the export's thread")?;
         Ok(RunningExport {
             export,
-            path: path.into(),
-            socket_id,
+            bound,
             stop,
             thread: Some(thread),
         })
@@ -90,11 +88,6 @@ impl RunningExport {
     /// The export.
     pub fn export(&self) -> &Arc<Export> {
         &self.export
-    }
-
-    /// The socket path.
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 
     /// Lets the requests in flight finish and reach the guest, then
@@ -117,7 +110,9 @@ impl RunningExport {
                 );
             }
         }
-        crate::socket::remove_if_ours(&self.path, self.socket_id);
+        if let Some(b) = &self.bound {
+            b.remove();
+        }
     }
 }
 

@@ -58,6 +58,69 @@ pub fn listen(path: &Path, mode: u32) -> Result<UnixListener, SocketError> {
     Ok(listener)
 }
 
+/// Where a unix listener comes from: a path the daemon binds, or a
+/// listening socket the parent handed it (`addr.type=fd`, `fd=`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ListenOn {
+    /// Bound here.
+    Path(PathBuf),
+    /// Handed in: a descriptor number or a socket-activation name.
+    Fd(String),
+}
+
+/// A socket file the daemon bound, to remove when it stops listening if
+/// it is still the daemon's.
+#[derive(Clone, Debug)]
+pub struct Bound {
+    /// The socket file.
+    pub path: PathBuf,
+    id: Option<(u64, u64)>,
+}
+
+impl Bound {
+    /// Removes the socket file unless another daemon replaced it.
+    pub fn remove(&self) {
+        remove_if_ours(&self.path, self.id);
+    }
+}
+
+impl ListenOn {
+    /// The path to bind, if the daemon binds one.
+    pub fn path(&self) -> Option<&Path> {
+        match self {
+            ListenOn::Path(p) => Some(p),
+            ListenOn::Fd(_) => None,
+        }
+    }
+
+    /// Listens, with permissions `mode` on a bound path.
+    pub fn listen(&self, mode: u32) -> anyhow::Result<(UnixListener, Option<Bound>)> {
+        match self {
+            ListenOn::Path(path) => {
+                let l = listen(path, mode)?;
+                let id = identity(path);
+                Ok((
+                    l,
+                    Some(Bound {
+                        path: path.clone(),
+                        id,
+                    }),
+                ))
+            }
+            ListenOn::Fd(s) => Ok((crate::handed_fds::take_listener(s, true)?.into(), None)),
+        }
+    }
+}
+
+impl std::fmt::Display for ListenOn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ListenOn::Path(p) => write!(f, "{}", p.display()),
+            ListenOn::Fd(s) => write!(f, "fd '{s}'"),
+        }
+    }
+}
+
 /// What identifies the socket file at `path` (device and inode), so that
 /// a daemon removes only its own.
 pub fn identity(path: &Path) -> Option<(u64, u64)> {

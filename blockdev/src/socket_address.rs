@@ -17,6 +17,8 @@ pub enum SocketAddress {
         /// Port.
         port: u16,
     },
+    /// A socket the parent handed in: a descriptor number or a name.
+    Fd(String),
 }
 
 impl std::fmt::Display for SocketAddress {
@@ -24,6 +26,7 @@ impl std::fmt::Display for SocketAddress {
         match self {
             SocketAddress::Unix(p) => write!(f, "unix:{}", p.display()),
             SocketAddress::Inet { host, port } => write!(f, "{host}:{port}"),
+            SocketAddress::Fd(s) => write!(f, "fd '{s}'"),
         }
     }
 }
@@ -34,12 +37,15 @@ impl std::fmt::Display for SocketAddress {
 pub fn take_socket_address(o: &mut Options, key: &str) -> Result<SocketAddress, OptionsError> {
     let addr = o.take_group(key)?;
     let mut addr = o.required(key, addr)?;
-    let kind = addr.take_enum("type", &["unix", "inet"])?;
+    let kind = addr.take_enum("type", &["unix", "inet", "fd"])?;
     let kind = addr.required("type", kind)?;
     if let Some(data) = addr.take_group("data")? {
         addr = data;
     }
-    let parsed = if kind == "unix" {
+    let parsed = if kind == "fd" {
+        let s = addr.take_str("str")?;
+        SocketAddress::Fd(addr.required("str", s)?)
+    } else if kind == "unix" {
         let path = addr.take_str("path")?;
         let path = addr.required("path", path)?;
         if addr.take_bool("abstract")? == Some(true) {

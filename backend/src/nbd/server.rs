@@ -5,7 +5,6 @@ use std::io;
 use std::net::TcpListener;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixListener;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -65,7 +64,7 @@ impl Client {
 }
 
 enum Listener {
-    Unix(UnixListener, PathBuf, Option<(u64, u64)>),
+    Unix(UnixListener, Option<crate::socket::Bound>),
     Tcp(TcpListener),
 }
 
@@ -85,7 +84,7 @@ pub struct NbdServer {
     clients: Arc<Mutex<Vec<Arc<Client>>>>,
     stop: Arc<AtomicBool>,
     thread: Mutex<Option<JoinHandle<()>>>,
-    unix: Option<(PathBuf, Option<(u64, u64)>)>,
+    unix: Option<crate::socket::Bound>,
 }
 
 impl NbdServer {
@@ -98,16 +97,24 @@ impl NbdServer {
     ) -> anyhow::Result<NbdServer> {
         let listener = match &opts.addr {
             ServerAddr::Unix(path) => {
-                let l = crate::socket::listen(path, mode)?;
-                Listener::Unix(l, path.clone(), crate::socket::identity(path))
+                let (l, bound) = crate::socket::ListenOn::Path(path.clone()).listen(mode)?;
+                Listener::Unix(l, bound)
             }
             ServerAddr::Inet { host, port } => Listener::Tcp(
                 TcpListener::bind((host.as_str(), *port))
                     .with_context(|| format!("cannot listen on {host}:{port}"))?,
             ),
+            ServerAddr::Fd(s) => {
+                let fd = crate::handed_fds::take_listener(s, false)?;
+                if crate::handed_fds::is_unix(&fd) {
+                    Listener::Unix(fd.into(), None)
+                } else {
+                    Listener::Tcp(fd.into())
+                }
+            }
         };
         let unix = match &listener {
-            Listener::Unix(_, p, id) => Some((p.clone(), *id)),
+            Listener::Unix(_, bound) => bound.clone(),
             Listener::Tcp(_) => None,
         };
         tracing::info!("NBD server listening on {}", opts.addr);
@@ -179,8 +186,8 @@ impl NbdServer {
         }
         self.clients().iter().for_each(|c| c.close());
         self.wait_gone(|_| true);
-        if let Some((path, id)) = &self.unix {
-            crate::socket::remove_if_ours(path, *id);
+        if let Some(b) = &self.unix {
+            b.remove();
         }
         tracing::info!("NBD server on {} stopped", self.opts.addr);
     }

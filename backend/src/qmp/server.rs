@@ -2,10 +2,10 @@
 //! negotiation, then `execute` requests answered by `return` or `error`
 //! (with the request's `id`), and events.
 
+use crate::socket::ListenOn;
 use std::cell::Cell;
 use std::io::{BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::Path;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -72,11 +72,12 @@ impl Read for Bounded {
     }
 }
 
-/// Listens for QMP clients on `path` (replacing a stale socket), serving
-/// each from its own thread.
-pub fn start_monitor(daemon: Arc<Daemon>, path: &Path, pretty: bool) -> anyhow::Result<()> {
-    let listener = crate::socket::listen(path, daemon.socket_mode())?;
-    tracing::info!("QMP monitor listening on {}", path.display());
+/// Listens for QMP clients on `on` (a path replaces a stale socket),
+/// serving each from its own thread.
+pub fn start_monitor(daemon: Arc<Daemon>, on: &ListenOn, pretty: bool) -> anyhow::Result<()> {
+    // The monitor lives as long as the process: its socket file stays.
+    let (listener, _) = on.listen(daemon.socket_mode())?;
+    tracing::info!("QMP monitor listening on {on}");
     std::thread::Builder::new()
         .name("qmp-accept".into())
         .spawn(move || {

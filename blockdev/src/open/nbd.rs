@@ -19,18 +19,25 @@ fn invalid(msg: String) -> BlockdevError {
 
 /// Parses the options of an `nbd` node.
 pub(super) fn options(o: &mut Options, ctx: &OpenContext) -> Result<ConnectOptions, BlockdevError> {
-    let server = match take_socket_address(o, "server")? {
-        SocketAddress::Unix(path) => Server::Unix(path),
-        SocketAddress::Inet { host, port } => {
-            // Resolved now, while the name service is reachable: a
-            // sandboxed daemon may not read /etc/hosts later.
-            let addrs: Vec<_> = (host.as_str(), port)
-                .to_socket_addrs()
-                .map_err(|e| invalid(format!("server.host '{host}': {e}")))?
-                .collect();
-            Server::Tcp { host, port, addrs }
-        }
-    };
+    let server =
+        match take_socket_address(o, "server")? {
+            SocketAddress::Unix(path) => Server::Unix(path),
+            SocketAddress::Inet { host, port } => {
+                // Resolved now, while the name service is reachable: a
+                // sandboxed daemon may not read /etc/hosts later.
+                let addrs: Vec<_> = (host.as_str(), port)
+                    .to_socket_addrs()
+                    .map_err(|e| invalid(format!("server.host '{host}': {e}")))?
+                    .collect();
+                Server::Tcp { host, port, addrs }
+            }
+            // A connected socket would be lost with the first reconnect.
+            SocketAddress::Fd(_) => return Err(invalid(
+                "server.type 'fd' is not supported for driver=nbd: give unix or inet, which the \
+                 driver can reconnect to"
+                    .into(),
+            )),
+        };
     let export = o.take_str("export")?.unwrap_or_default();
     let hostname = o.take_str("tls-hostname")?;
     let tls = match o.take_str("tls-creds")? {
