@@ -3,8 +3,9 @@
 //! with, and `addr.str=NAME` one that systemd's socket activation passed
 //! under that name (`LISTEN_FDS`, `LISTEN_FDNAMES`).
 //!
-//! Only descriptors open when the process started can be named, so an
-//! option can never take over one the daemon opened itself.
+//! A QMP client may also send one over the monitor and name it (`getfd`).
+//! Only descriptors open when the process started, or sent so, can be
+//! named, so an option can never take over one the daemon opened itself.
 
 use std::collections::BTreeMap;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -114,6 +115,31 @@ pub fn take_listener(s: &str, unix: bool) -> Result<OwnedFd, FdError> {
                 why,
             })
         }
+    }
+}
+
+/// Names `fd`, a descriptor a QMP client sent (`getfd`); one that had the
+/// name before is closed.
+pub fn add_named(name: &str, fd: OwnedFd) {
+    let mut guard = HANDED.lock().unwrap_or_else(|e| e.into_inner());
+    let handed = guard.get_or_insert_with(Handed::default);
+    if let Some(old) = handed.by_name.remove(name) {
+        handed.by_number.remove(&old);
+    }
+    handed.by_name.insert(name.into(), fd.as_raw_fd());
+    handed.by_number.insert(fd.as_raw_fd(), fd);
+}
+
+/// Closes the descriptor named `name` (`closefd`); false when none is.
+pub fn close_named(name: &str) -> bool {
+    let mut guard = HANDED.lock().unwrap_or_else(|e| e.into_inner());
+    let handed = guard.get_or_insert_with(Handed::default);
+    match handed.by_name.remove(name) {
+        Some(fd) => {
+            handed.by_number.remove(&fd);
+            true
+        }
+        None => false,
     }
 }
 

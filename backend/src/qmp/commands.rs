@@ -12,6 +12,8 @@ pub const COMMANDS: &[&str] = &[
     "qmp_capabilities",
     "query-version",
     "query-commands",
+    "getfd",
+    "closefd",
     "quit",
     "blockdev-add",
     "blockdev-del",

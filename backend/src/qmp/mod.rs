@@ -5,4 +5,5 @@ pub mod commands;
 pub mod error;
 pub mod info;
 pub mod jobs;
+mod scm_reader;
 pub mod server;

@@ -5,6 +5,7 @@
 use crate::socket::ListenOn;
 use std::cell::Cell;
 use std::io::{BufReader, Read, Write};
+use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -16,6 +17,8 @@ use serde_json::{json, Map, Value};
 use crate::daemon::Daemon;
 use crate::qmp::commands;
 use crate::qmp::error::QmpError;
+use crate::qmp::scm_reader::ScmReader;
+use strata_blockdev::options::Options;
 
 /// Serializes command execution across all monitor sessions.
 static COMMAND_LOCK: Mutex<()> = Mutex::new(());
@@ -52,7 +55,7 @@ impl Drop for SessionSlot {
 /// The session's input, counting what one message has taken: past
 /// [`MAX_MESSAGE`] it fails, and the parser with it.
 struct Bounded {
-    inner: BufReader<UnixStream>,
+    inner: BufReader<ScmReader>,
     used: Rc<Cell<usize>>,
 }
 
@@ -123,6 +126,8 @@ struct Session {
     writer: Arc<Mutex<UnixStream>>,
     pretty: bool,
     negotiated: bool,
+    /// Descriptors the client sent that no `getfd` claimed yet.
+    fds: Arc<Mutex<Vec<OwnedFd>>>,
 }
 
 impl Session {
@@ -133,6 +138,7 @@ impl Session {
             reader: stream,
             pretty,
             negotiated: false,
+            fds: Arc::default(),
         })
     }
 
@@ -151,7 +157,7 @@ impl Session {
         let Ok(reader) = reader else { return };
         let used = Rc::new(Cell::new(0));
         let reader = Bounded {
-            inner: BufReader::new(reader),
+            inner: BufReader::new(ScmReader::new(reader, Arc::clone(&self.fds))),
             used: Rc::clone(&used),
         };
         for msg in serde_json::Deserializer::from_reader(reader).into_iter::<Value>() {
@@ -204,24 +210,49 @@ impl Session {
             );
             return (error_reply(e, id), Vec::new());
         }
+        if name == "getfd" || name == "closefd" {
+            let res = self.fd_command(&name, args);
+            return (reply(res, id), Vec::new());
+        }
         let daemon = Arc::clone(&self.daemon);
         let (res, held) = daemon.events().hold(|| {
             let _guard = COMMAND_LOCK.lock().unwrap_or_else(|e| e.into_inner());
             commands::execute(&daemon, &name, args)
         });
-        match res {
-            Ok(v) => {
-                let mut r = json!({"return": v});
-                if let Some(id) = id {
-                    r["id"] = id;
-                }
-                (r, held)
-            }
-            Err(e) => {
-                tracing::info!("QMP {name}: {e}");
-                (error_reply(e, id), held)
-            }
+        if let Err(e) = &res {
+            tracing::info!("QMP {name}: {e}");
         }
+        (reply(res, id), held)
+    }
+
+    /// `getfd` names the descriptor the client sent last; `closefd`
+    /// closes a named one.
+    fn fd_command(&self, name: &str, args: Map<String, Value>) -> Result<Value, QmpError> {
+        let mut a = Options::from_json(Value::Object(args))?;
+        let fdname = a.take_str("fdname")?;
+        let fdname = a.required("fdname", fdname)?;
+        a.finish()?;
+        if fdname.is_empty() || fdname.starts_with(|c: char| c.is_ascii_digit()) {
+            return Err(QmpError::generic(format!(
+                "Parameter 'fdname' '{fdname}': a name may not be empty or start with a digit"
+            )));
+        }
+        if name == "closefd" {
+            if !crate::handed_fds::close_named(&fdname) {
+                return Err(QmpError::generic(format!(
+                    "File descriptor named '{fdname}' not found"
+                )));
+            }
+            return Ok(json!({}));
+        }
+        let fd = self
+            .fds
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop()
+            .ok_or_else(|| QmpError::generic("No file descriptor supplied via SCM_RIGHTS"))?;
+        crate::handed_fds::add_named(&fdname, fd);
+        Ok(json!({}))
     }
 
     fn negotiate(&mut self, args: Map<String, Value>, id: Option<Value>) -> Value {
@@ -306,6 +337,19 @@ fn parse_request(mut msg: Map<String, Value>) -> Result<(String, Map<String, Val
         )));
     }
     Ok((name, args))
+}
+
+fn reply(res: Result<Value, QmpError>, id: Option<Value>) -> Value {
+    match res {
+        Ok(v) => {
+            let mut r = json!({"return": v});
+            if let Some(id) = id {
+                r["id"] = id;
+            }
+            r
+        }
+        Err(e) => error_reply(e, id),
+    }
 }
 
 fn error_reply(e: QmpError, id: Option<Value>) -> Value {
