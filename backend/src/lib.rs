@@ -27,6 +27,7 @@ pub mod sandbox;
 pub mod serve;
 pub mod signals;
 pub mod socket;
+pub mod stop_signal;
 pub mod vhost_user;
 pub mod virtio;
 mod worker;

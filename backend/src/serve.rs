@@ -4,7 +4,6 @@
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -13,6 +12,7 @@ use anyhow::Context as _;
 use vhost::vhost_user::Listener;
 
 use crate::export::Export;
+use crate::stop_signal::StopSignal;
 use crate::vhost_user::serve_one;
 
 /// How long a stop lets the guest's requests in flight finish and reach
@@ -21,24 +21,31 @@ const STOP_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Asks a serving loop to finish: the current frontend is disconnected and
 /// its in-flight requests complete.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub(crate) struct StopHandle {
-    stop: Arc<AtomicBool>,
+    stop: Arc<StopSignal>,
     /// The connected frontend's socket: shutting it down ends the
     /// connection's request loop.
     conn: Arc<Mutex<Option<UnixStream>>>,
 }
 
 impl StopHandle {
+    pub(crate) fn new() -> std::io::Result<StopHandle> {
+        Ok(StopHandle {
+            stop: Arc::new(StopSignal::new()?),
+            conn: Arc::default(),
+        })
+    }
+
     fn stop(&self) {
-        self.stop.store(true, Ordering::SeqCst);
+        self.stop.request();
         if let Some(conn) = self.conn.lock().unwrap_or_else(|e| e.into_inner()).take() {
             let _ = conn.shutdown(std::net::Shutdown::Both);
         }
     }
 
     fn requested(&self) -> bool {
-        self.stop.load(Ordering::SeqCst)
+        self.stop.requested()
     }
 
     pub(crate) fn set_connection(&self, conn: Option<UnixStream>) {
@@ -69,7 +76,7 @@ impl RunningExport {
         let (listener, bound) = on.listen(mode)?;
         let listener = Listener::from(listener);
         tracing::info!("export '{}': listening on {on}", export.options().id);
-        let stop = StopHandle::default();
+        let stop = StopHandle::new().context("cannot set up the export's stop signal")?;
         let thread = std::thread::Builder::new()
             .name(format!("export-{}", export.options().id))
             .spawn({
@@ -124,10 +131,10 @@ impl Drop for RunningExport {
 
 fn serve(mut listener: Listener, export: &Arc<Export>, stop: &StopHandle) {
     let id = export.options().id.clone();
-    while !stop.requested() {
-        match readable(listener.as_raw_fd()) {
+    loop {
+        match stop.stop.wait_readable(listener.as_raw_fd()) {
             Ok(true) => {}
-            Ok(false) => continue,
+            Ok(false) => break,
             Err(e) => {
                 tracing::error!("export '{id}': {e:#}");
                 return;
@@ -138,23 +145,4 @@ fn serve(mut listener: Listener, export: &Arc<Export>, stop: &StopHandle) {
         }
     }
     tracing::info!("export '{id}': stopped");
-}
-
-/// Waits up to 200 ms for a connection, so a stop request is noticed.
-pub(crate) fn readable(fd: i32) -> anyhow::Result<bool> {
-    let mut pfd = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd, for the duration of the call.
-    let n = unsafe { libc::poll(&mut pfd, 1, 200) };
-    if n < 0 {
-        let e = std::io::Error::last_os_error();
-        if e.kind() == std::io::ErrorKind::Interrupted {
-            return Ok(false);
-        }
-        return Err(e).context("poll on the listening socket failed");
-    }
-    Ok(n > 0)
 }

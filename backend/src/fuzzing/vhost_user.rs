@@ -248,7 +248,7 @@ pub fn vhost_user_messages(data: &[u8]) {
         })
     };
     let _ = input.byte();
-    let stop = crate::serve::StopHandle::default();
+    let stop = crate::serve::StopHandle::new().expect("an eventfd");
     if let Err(e) = crate::vhost_user::serve_one(&mut listener, &export, &stop) {
         tracing::debug!("fuzz connection: {e:#}");
     }

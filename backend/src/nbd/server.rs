@@ -5,7 +5,6 @@ use std::io;
 use std::net::TcpListener;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixListener;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -19,6 +18,7 @@ use super::export::NbdExport;
 use super::handshake::{negotiate, HANDSHAKE_TIMEOUT};
 use super::registry::Registry;
 use super::transmission;
+use crate::stop_signal::StopSignal;
 
 /// How long removing an export or stopping the server waits for its
 /// connections to finish their requests in flight.
@@ -82,7 +82,7 @@ pub struct NbdServer {
     opts: ServerOptions,
     exports: Arc<Registry>,
     clients: Arc<Mutex<Vec<Arc<Client>>>>,
-    stop: Arc<AtomicBool>,
+    stop: Arc<StopSignal>,
     thread: Mutex<Option<JoinHandle<()>>>,
     unix: Option<crate::socket::Bound>,
 }
@@ -120,7 +120,8 @@ impl NbdServer {
         tracing::info!("NBD server listening on {}", opts.addr);
         let exports = Arc::new(Registry::default());
         let clients = Arc::new(Mutex::new(Vec::new()));
-        let stop = Arc::new(AtomicBool::new(false));
+        let stop =
+            Arc::new(StopSignal::new().context("cannot set up the NBD server's stop signal")?);
         let thread = std::thread::Builder::new()
             .name("nbd-server".into())
             .spawn({
@@ -177,7 +178,7 @@ impl NbdServer {
 
     /// Stops listening and disconnects every client.
     pub fn stop(&self) {
-        self.stop.store(true, Ordering::SeqCst);
+        self.stop.request();
         let thread = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(t) = thread {
             if t.join().is_err() {
@@ -215,7 +216,7 @@ impl NbdServer {
 
 impl Drop for NbdServer {
     fn drop(&mut self) {
-        if !self.stop.load(Ordering::SeqCst) {
+        if !self.stop.requested() {
             self.stop();
         }
     }
@@ -226,13 +227,13 @@ fn accept_loop(
     exports: &Arc<Registry>,
     tls: Option<Arc<ServerTls>>,
     clients: &Arc<Mutex<Vec<Arc<Client>>>>,
-    stop: &AtomicBool,
+    stop: &StopSignal,
     max: u32,
 ) {
-    while !stop.load(Ordering::SeqCst) {
-        match crate::serve::readable(listener.fd()) {
+    loop {
+        match stop.wait_readable(listener.fd()) {
             Ok(true) => {}
-            Ok(false) => continue,
+            Ok(false) => break,
             Err(e) => {
                 tracing::error!("NBD server: {e:#}");
                 return;
