@@ -3,6 +3,7 @@
 
 mod backend;
 mod chart;
+mod density;
 mod idle;
 mod load;
 mod migration_cost;
@@ -81,6 +82,13 @@ struct Args {
     /// just that part of BENCHMARKS.md.
     #[arg(long)]
     migration_only: bool,
+    /// Skip the density and start-up measurement (100 daemons of each).
+    #[arg(long)]
+    no_density: bool,
+    /// Only the density and start-up measurement: replaces just that
+    /// part of BENCHMARKS.md.
+    #[arg(long)]
+    density_only: bool,
     /// Skip the NBD export and the NBD client node against qsd's.
     #[arg(long)]
     no_nbd: bool,
@@ -182,7 +190,7 @@ fn main() -> anyhow::Result<()> {
     std::fs::create_dir_all(&plan.workdir)
         .with_context(|| format!("creating {}", plan.workdir.display()))?;
 
-    let only = args.migration_only || args.nbd_only;
+    let only = args.migration_only || args.nbd_only || args.density_only;
     let cells = if only {
         Vec::new()
     } else {
@@ -202,12 +210,12 @@ fn main() -> anyhow::Result<()> {
     if !(args.no_sandbox || args.smoke || only) {
         extras.sandbox = Some(sandbox_cost::run(&plan, &mut |line| eprintln!("{line}"))?);
     }
-    let migration = if args.no_migration || args.smoke || args.nbd_only {
+    let migration = if args.no_migration || args.smoke || args.nbd_only || args.density_only {
         None
     } else {
         Some(migration_cost::run(&plan, &mut |line| eprintln!("{line}"))?)
     };
-    let nbd = if args.no_nbd || args.smoke || args.migration_only {
+    let nbd = if args.no_nbd || args.smoke || args.migration_only || args.density_only {
         None
     } else if !nbd_export::available() {
         eprintln!("skipping the NBD rows: this fio has no nbd engine");
@@ -215,10 +223,20 @@ fn main() -> anyhow::Result<()> {
     } else {
         Some(nbd_export::run(&plan, &mut |line| eprintln!("{line}"))?)
     };
-    let nbd_client = if args.no_nbd || args.smoke || args.migration_only {
+    let nbd_client = if args.no_nbd || args.smoke || args.migration_only || args.density_only {
         None
     } else {
         Some(nbd_client::run(&plan, &mut |line| eprintln!("{line}"))?)
+    };
+    let density_window = Duration::from_secs(60);
+    let density = if args.no_density || args.smoke || (only && !args.density_only) {
+        None
+    } else {
+        let dir = plan.workdir.join("density");
+        let mut p = |line: &str| eprintln!("{line}");
+        let strata = density::measure(Kind::Strata, &plan.strata, &dir, density_window, &mut p)?;
+        let qsd = density::measure(Kind::Qsd, &plan.qsd, &dir, density_window, &mut p)?;
+        Some((strata, qsd))
     };
 
     let date = date();
@@ -232,6 +250,11 @@ fn main() -> anyhow::Result<()> {
             report::MIGRATION_BEGIN,
             report::MIGRATION_END,
         );
+    }
+    if let Some((strata, qsd)) = &density {
+        let section = report::density_markdown(&plan, strata, qsd, density_window, &date);
+        println!("{section}");
+        doc = report::splice(&doc, &section, report::DENSITY_BEGIN, report::DENSITY_END);
     }
     if let Some(rows) = &nbd {
         let section = report::nbd_markdown(&plan, rows, &date);

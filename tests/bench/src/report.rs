@@ -597,3 +597,91 @@ pub fn nbd_client_markdown(plan: &Plan, rows: &[nbd_client::Row], date: &str) ->
     let _ = writeln!(s, "{NBD_CLIENT_END}");
     s
 }
+
+/// Where the generated density part of BENCHMARKS.md begins and ends;
+/// `--density-only` replaces just this part.
+pub const DENSITY_BEGIN: &str = "<!-- strata-bench:density:begin -->";
+/// See [`DENSITY_BEGIN`].
+pub const DENSITY_END: &str = "<!-- strata-bench:density:end -->";
+
+/// The density and start-up section, markers included.
+pub fn density_markdown(
+    plan: &Plan,
+    strata: &crate::density::Density,
+    qsd: &crate::density::Density,
+    window: std::time::Duration,
+    date: &str,
+) -> String {
+    use crate::density::{CONNECTED, DAEMONS, STARTS};
+    let mut s = String::new();
+    let _ = writeln!(s, "{DENSITY_BEGIN}");
+    let _ = writeln!(
+        s,
+        "Run on {date}: {}. Strata `{}` against `{}`. {DAEMONS} daemons of each, one after the \
+         other, each serving its own sparse 10 GiB qcow2 over vhost-user with a QMP monitor, \
+         {CONNECTED} of them with a libblkio frontend connected and idle; CPU over {:.0} s after \
+         5 s of quiet. Start-up is the median of {STARTS} starts of one such daemon.\n",
+        machine(),
+        version(&plan.strata),
+        version(&plan.qsd),
+        window.as_secs_f64()
+    );
+    let _ = writeln!(s, "| per daemon | Strata | qsd | ratio |");
+    let _ = writeln!(s, "|---|--:|--:|--:|");
+    let mib = |b: f64| b / (1u64 << 20) as f64;
+    let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+    let rows: [(&str, f64, f64, usize); 5] = [
+        ("PSS (MiB)", mib(strata.pss), mib(qsd.pss), 1),
+        ("threads", strata.threads, qsd.threads, 1),
+        (
+            "idle CPU of all daemons (% of one core)",
+            strata.idle_cpu * 100.0,
+            qsd.idle_cpu * 100.0,
+            2,
+        ),
+        (
+            "exec to listening socket (ms)",
+            ms(strata.to_socket),
+            ms(qsd.to_socket),
+            1,
+        ),
+        (
+            "exec to ready (ms): READY=1 / qsd's --daemonize",
+            ms(strata.to_ready),
+            ms(qsd.to_ready),
+            1,
+        ),
+    ];
+    for (what, a, b, digits) in rows {
+        let ratio = if b > 0.0 {
+            format!("{:.2}", a / b)
+        } else {
+            "-".into()
+        };
+        let _ = writeln!(s, "| {what} | {a:.digits$} | {b:.digits$} | {ratio} |");
+    }
+    let _ = writeln!(s);
+    let goals = vec![
+        Goal {
+            what: "PSS per idle daemon / qsd".into(),
+            goal: "<= 0.50",
+            value: strata.pss / qsd.pss,
+            met: strata.pss <= 0.5 * qsd.pss,
+        },
+        Goal {
+            what: "start-up (exec to listening) / qsd".into(),
+            goal: "<= 0.50",
+            value: ms(strata.to_socket) / ms(qsd.to_socket),
+            met: strata.to_socket.as_secs_f64() <= 0.5 * qsd.to_socket.as_secs_f64(),
+        },
+        Goal {
+            what: format!("idle CPU of {DAEMONS} daemons (% of one core)"),
+            goal: "< 1",
+            value: strata.idle_cpu * 100.0,
+            met: strata.idle_cpu < 0.01,
+        },
+    ];
+    goal_table(&mut s, &goals);
+    let _ = writeln!(s, "{DENSITY_END}");
+    s
+}
