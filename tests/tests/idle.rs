@@ -11,7 +11,10 @@ use strata_tests::daemon::Daemon;
 /// Context switches of each thread of `pid`, by thread name and id.
 fn switches(pid: u32) -> BTreeMap<String, u64> {
     let mut out = BTreeMap::new();
-    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
         let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
         let get = |key: &str| {
             status
