@@ -595,6 +595,41 @@ impl Daemon {
         Ok(())
     }
 
+    /// query-blockstats. Without `query_nodes`, one entry per
+    /// vhost-user export (named `device` by its id, as QEMU names a
+    /// device's backend); with it, one per named node, whose counts are
+    /// those of the exports it is the root of (the guests' requests enter
+    /// the graph there).
+    pub fn blockstats(&self, query_nodes: bool) -> Value {
+        let exports: Vec<(String, String, crate::io_stats::Totals)> = self
+            .exports()
+            .values()
+            .filter_map(|r| match r {
+                Running::VhostUser(r) => {
+                    let e = r.export();
+                    Some((e.options().id.clone(), e.node_name(), e.stats()))
+                }
+                Running::Nbd(_) => None,
+            })
+            .collect();
+        if !query_nodes {
+            return exports
+                .iter()
+                .map(|(id, node, t)| json!({"device": id, "node-name": node, "stats": t.to_json()}))
+                .collect();
+        }
+        let v = self.graph.view();
+        v.nodes()
+            .map(|(_, n)| {
+                let mut t = crate::io_stats::Totals::default();
+                for (_, _, e) in exports.iter().filter(|(_, node, _)| node == n.name()) {
+                    t.merge(e);
+                }
+                json!({"node-name": n.name(), "stats": t.to_json()})
+            })
+            .collect()
+    }
+
     /// query-block-exports.
     pub fn exports_info(&self) -> Value {
         Value::Array(self.exports().values().map(Running::info).collect())

@@ -14,6 +14,7 @@ use strata_graph::{
 };
 use strata_runtime::reactor::block_on;
 
+use crate::io_stats::{QueueStats, Totals};
 use crate::on_error::{ErrorHold, OnError};
 use crate::queue::Queues;
 use crate::vhost_user::Channel;
@@ -137,6 +138,8 @@ pub struct Export {
     hold: ErrorHold,
     /// The connected frontend's backend-request channel, if it gave one.
     channel: Mutex<Option<Arc<Channel>>>,
+    /// Each queue's I/O counters; they outlive frontend connections.
+    stats: Vec<Arc<QueueStats>>,
 }
 
 impl Export {
@@ -195,6 +198,7 @@ impl Export {
         };
         let root = graph.attach_user(user, node)?;
         let hold = ErrorHold::new(opts.on_error, events);
+        let opts_queues = usize::from(opts.num_queues);
         let export = Arc::new(Export {
             writeback: AtomicBool::new(opts.writeback),
             opts,
@@ -207,6 +211,7 @@ impl Export {
             queues: Mutex::new(None),
             hold,
             channel: Mutex::new(None),
+            stats: (0..opts_queues).map(|_| Arc::default()).collect(),
         });
         graph.register_quiesce(
             &export.opts.id,
@@ -221,6 +226,18 @@ impl Export {
         let mut tx = self.graph.transaction();
         tx.detach(self.root)?;
         tx.commit()
+    }
+
+    /// Queue `queue`'s I/O counters, for its thread to count into.
+    pub fn queue_stats(&self, queue: usize) -> Arc<QueueStats> {
+        // A queue index past num_queues never reaches a worker; counting it
+        // with the last queue keeps this total.
+        Arc::clone(&self.stats[queue.min(self.stats.len() - 1)])
+    }
+
+    /// The I/O counters of every queue, added up.
+    pub fn stats(&self) -> Totals {
+        Totals::of(&self.stats)
     }
 
     /// The options the export was made with.

@@ -9,6 +9,7 @@ pub mod export;
 pub mod fuzzing;
 pub mod handed_fds;
 pub mod img;
+pub mod io_stats;
 pub mod job_cli;
 pub mod keyval;
 pub mod nbd;

@@ -25,6 +25,7 @@ pub const COMMANDS: &[&str] = &[
     "block-export-del",
     "block-export-resume",
     "query-block-exports",
+    "query-blockstats",
     "nbd-server-start",
     "nbd-server-stop",
     "object-add",
@@ -143,6 +144,11 @@ pub fn execute(daemon: &Daemon, name: &str, args: Map<String, Value>) -> Result<
         "query-block-exports" => {
             a.finish()?;
             daemon.exports_info()
+        }
+        "query-blockstats" => {
+            let nodes = a.take_bool("query-nodes")?.unwrap_or(false);
+            a.finish()?;
+            daemon.blockstats(nodes)
         }
         "object-add" => {
             daemon.object_add(&mut a)?;

@@ -248,6 +248,9 @@ pub struct Rejected {
     pub status: Option<StatusByte>,
     /// Why.
     pub error: RequestError,
+    /// The header's request type, when it could be read: for the I/O
+    /// statistics' invalid counts.
+    pub ty: Option<u32>,
 }
 
 impl std::fmt::Debug for Rejected {
@@ -319,6 +322,7 @@ pub fn parse_descs(
         head,
         status,
         error,
+        ty: None,
     };
     // GUEST-INPUT: the chain's shape. Collect at most MAX_DESCS; past
     // that, only the last descriptor (where the status byte is) is kept.
@@ -368,7 +372,15 @@ pub fn parse_descs(
             data,
             status,
         }),
-        Err(error) => Err(reject(Some(status), error)),
+        Err(error) => Err(Rejected {
+            // Read again only to count the refusal; nothing is decided on it.
+            ty: descs
+                .first()
+                .filter(|d| !d.writable)
+                .and_then(|d| read_header(mem, d))
+                .map(|(ty, _)| ty),
+            ..reject(Some(status), error)
+        }),
     }
 }
 

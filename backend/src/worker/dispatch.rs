@@ -4,12 +4,14 @@
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::sync::Arc;
+use std::time::Instant;
 
 use strata_graph::{BlockError, GraphView, IoOp, LocalView};
 use strata_runtime::executor::Executor;
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP};
 
 use crate::export::{Export, SERIAL_LEN};
+use crate::io_stats::{Op, QueueStats};
 use crate::queue::QueueState;
 use crate::ratelimit::RateLimit;
 use crate::vhost_user::Marker;
@@ -43,12 +45,15 @@ pub(crate) struct QueueCtx {
     reported: RefCell<RateLimit>,
     /// This thread's way into the dirty log.
     log: RefCell<Marker>,
+    /// This queue's I/O counters.
+    pub stats: Arc<QueueStats>,
 }
 
 impl QueueCtx {
     pub fn new(export: Arc<Export>, state: Arc<QueueState>, queue: usize) -> Self {
         QueueCtx {
             log: RefCell::new(state.log().marker()),
+            stats: export.queue_stats(queue),
             export,
             state,
             queue,
@@ -174,6 +179,7 @@ enum Reply {
 /// Runs one request to completion and records it as finished, or holds
 /// it if it failed and the export's `on-error` says so.
 async fn execute(ctx: Rc<QueueCtx>, view: LocalView, job: Job) {
+    let start = Instant::now();
     let reply = dispatch(&ctx.export, &view, &job.req).await;
     if let Reply::Failed(e, _) = &reply {
         if !e.is_unsupported() && ctx.hold_or_report(&job.req, e) {
@@ -183,6 +189,11 @@ async fn execute(ctx: Rc<QueueCtx>, view: LocalView, job: Job) {
         }
     }
     let Job { req, generation } = job;
+    if let Some((op, bytes, write_end)) = accounted(&req) {
+        let ok = matches!(reply, Reply::Done(_));
+        ctx.stats
+            .done(op, bytes, start, ok, write_end.filter(|_| ok));
+    }
     let (status, used) = match reply {
         Reply::Done(used) => (VIRTIO_BLK_S_OK, used),
         Reply::Failed(e, used) => {
@@ -199,6 +210,32 @@ async fn execute(ctx: Rc<QueueCtx>, view: LocalView, job: Job) {
     req.status.set(status as u8);
     ctx.mark(|| req.written());
     ctx.finish(req.head, used, generation);
+}
+
+/// How QEMU's virtio-blk accounts `req`: its kind, its bytes, and for a
+/// write the end of the range. GET_ID is not accounted.
+fn accounted(req: &Request) -> Option<(Op, u64, Option<u64>)> {
+    let n = req.data().len();
+    match req.kind {
+        RequestKind::Read { .. } => Some((Op::Read, n, None)),
+        RequestKind::Write { offset } => Some((Op::Write, n, Some(offset + n))),
+        RequestKind::WriteZeroes { offset, len, .. } => Some((Op::Write, len, Some(offset + len))),
+        RequestKind::Discard { len, .. } => Some((Op::Unmap, len, None)),
+        RequestKind::Flush => Some((Op::Flush, 0, None)),
+        RequestKind::GetId => None,
+    }
+}
+
+/// The [`Op`] a refused request of header type `ty` counts as invalid.
+pub(crate) fn invalid_op(ty: u32) -> Option<Op> {
+    use virtio_bindings::virtio_blk::*;
+    match ty {
+        VIRTIO_BLK_T_IN => Some(Op::Read),
+        VIRTIO_BLK_T_OUT | VIRTIO_BLK_T_WRITE_ZEROES => Some(Op::Write),
+        VIRTIO_BLK_T_FLUSH => Some(Op::Flush),
+        VIRTIO_BLK_T_DISCARD => Some(Op::Unmap),
+        _ => None,
+    }
 }
 
 /// Runs a request against the export's root node.

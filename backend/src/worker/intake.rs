@@ -234,6 +234,9 @@ impl Worker {
             },
             Err(rej) => {
                 self.ctx.warn(format_args!("{rej:?}"));
+                if let Some(op) = rej.ty.and_then(super::dispatch::invalid_op) {
+                    self.ctx.stats.invalid(op);
+                }
                 let used = rej.complete();
                 if let Some(s) = &rej.status {
                     self.ctx.mark(|| s.gpa().map(|g| (g, 1)));

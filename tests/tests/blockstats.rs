@@ -1,0 +1,153 @@
+//! `query-blockstats` counts what the guest sent: a known mix of reads,
+//! writes, write-zeroes, discards, flushes and a refused read through a
+//! two-queue export, read back per export and per node, with the keys
+//! qemu-storage-daemon's answer has.
+
+use std::collections::BTreeSet;
+use std::process::Command;
+
+use serde_json::{json, Value};
+use strata_tests::client::SyncClient;
+use strata_tests::daemon::Daemon;
+
+const KIB: u64 = 1 << 10;
+const MIB: u64 = 1 << 20;
+
+fn blockdevs(img: &str) -> [String; 2] {
+    [
+        format!("driver=file,node-name=file,filename={img}"),
+        "driver=raw,node-name=disk,file=file".into(),
+    ]
+}
+
+fn keys(stats: &Value) -> BTreeSet<String> {
+    stats.as_object().unwrap().keys().cloned().collect()
+}
+
+#[test]
+fn blockstats_count_each_request_the_guest_sent() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.raw");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(64 * MIB)
+        .unwrap();
+    let img = img.display().to_string();
+    let [file, raw] = blockdevs(&img);
+    let (d, mut qmp) = Daemon::qsd_with_monitor(
+        dir.path(),
+        &[&file, &raw],
+        "id=vda,node-name=disk,writable=on,num-queues=2",
+        &[],
+    );
+    let before = qmp.execute("query-blockstats", json!({})).unwrap();
+    assert_eq!(before[0]["stats"]["rd_operations"], 0);
+    assert!(
+        before[0]["stats"].get("idle_time_ns").is_none(),
+        "no idle time before any I/O: {before}"
+    );
+
+    let mut c = SyncClient::connect(d.socket(), false).unwrap();
+    for i in 0..3 {
+        c.write(i * MIB, &[7; 4096]).unwrap();
+    }
+    for i in 0..5 {
+        c.read(i * 8 * KIB, 8192).unwrap();
+    }
+    c.write_zeroes(8 * MIB, 64 * KIB, true).unwrap();
+    c.discard(4 * MIB, 64 * KIB).unwrap();
+    c.flush().unwrap();
+    c.flush().unwrap();
+    // Past the end: refused before it runs.
+    assert!(c.read(64 * MIB, 4096).is_err());
+
+    let all = qmp.execute("query-blockstats", json!({})).unwrap();
+    let list = all.as_array().unwrap();
+    assert_eq!(list.len(), 1, "{all}");
+    assert_eq!(list[0]["device"], "vda");
+    assert_eq!(list[0]["node-name"], "disk");
+    let s = &list[0]["stats"];
+    let expect = [
+        ("rd_operations", 5),
+        ("rd_bytes", 5 * 8192),
+        ("wr_operations", 4),
+        ("wr_bytes", 3 * 4096 + 64 * KIB),
+        ("unmap_operations", 1),
+        ("unmap_bytes", 64 * KIB),
+        ("flush_operations", 2),
+        ("wr_highest_offset", 8 * MIB + 64 * KIB),
+        ("failed_rd_operations", 0),
+        ("failed_wr_operations", 0),
+        ("invalid_rd_operations", 1),
+        ("invalid_wr_operations", 0),
+    ];
+    for (k, v) in expect {
+        assert_eq!(s[k], json!(v), "{k} in {s}");
+    }
+    for k in [
+        "rd_total_time_ns",
+        "wr_total_time_ns",
+        "flush_total_time_ns",
+    ] {
+        assert!(s[k].as_u64().unwrap() > 0, "{k} in {s}");
+    }
+    assert!(s["idle_time_ns"].is_u64(), "{s}");
+
+    // Per node: the root carries the export's counts; its file none.
+    let nodes = qmp
+        .execute("query-blockstats", json!({"query-nodes": true}))
+        .unwrap();
+    let node = |name: &str| {
+        nodes
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["node-name"] == name)
+            .unwrap_or_else(|| panic!("no {name} in {nodes}"))["stats"]
+            .clone()
+    };
+    assert_eq!(node("disk")["rd_operations"], 5);
+    assert_eq!(node("file")["rd_operations"], 0);
+
+    // The same keys as qsd's answer, for a node that had no I/O.
+    if let Some(theirs) = qsd_file_stats() {
+        assert_eq!(keys(&node("file")), keys(&theirs));
+    }
+}
+
+/// qemu-storage-daemon's stats of node `file` over an image of its own,
+/// untouched by I/O; None without qsd.
+fn qsd_file_stats() -> Option<Value> {
+    let dir = tempfile::tempdir().unwrap();
+    let qmp_sock = dir.path().join("qmp.sock");
+    let img = dir.path().join("disk.raw");
+    std::fs::File::create(&img).unwrap().set_len(MIB).unwrap();
+    let [file, raw] = blockdevs(&img.display().to_string());
+    let mut child = Command::new("qemu-storage-daemon")
+        .args(["--blockdev", &file, "--blockdev", &raw])
+        .arg("--chardev")
+        .arg(format!(
+            "socket,id=m0,path={},server=on,wait=off",
+            qmp_sock.display()
+        ))
+        .args(["--monitor", "chardev=m0"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .ok()?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !qmp_sock.exists() {
+        assert!(std::time::Instant::now() < deadline, "qsd did not listen");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let mut q = strata_tests::qmp::Qmp::connect(&qmp_sock);
+    let all = q
+        .execute("query-blockstats", json!({"query-nodes": true}))
+        .unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    all.as_array()?
+        .iter()
+        .find(|n| n["node-name"] == "file")
+        .map(|n| n["stats"].clone())
+}
