@@ -595,21 +595,20 @@ impl Daemon {
         Ok(())
     }
 
-    /// query-blockstats. Without `query_nodes`, one entry per
-    /// vhost-user export (named `device` by its id, as QEMU names a
-    /// device's backend); with it, one per named node, whose counts are
+    /// query-blockstats. Without `query_nodes`, one entry per export
+    /// (named `device` by its id, as QEMU names a device's backend); with it, one per named node, whose counts are
     /// those of the exports it is the root of (the guests' requests enter
     /// the graph there).
     pub fn blockstats(&self, query_nodes: bool) -> Value {
         let exports: Vec<(String, String, crate::io_stats::Totals)> = self
             .exports()
             .values()
-            .filter_map(|r| match r {
+            .map(|r| match r {
                 Running::VhostUser(r) => {
                     let e = r.export();
-                    Some((e.options().id.clone(), e.node_name(), e.stats()))
+                    (e.options().id.clone(), e.node_name(), e.stats())
                 }
-                Running::Nbd(_) => None,
+                Running::Nbd(e) => (e.options().id.clone(), e.node_name(), e.stats()),
             })
             .collect();
         if !query_nodes {

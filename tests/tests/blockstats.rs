@@ -151,3 +151,92 @@ fn qsd_file_stats() -> Option<Value> {
         .find(|n| n["node-name"] == "file")
         .map(|n| n["stats"].clone())
 }
+
+/// An NBD export counts the same way, per connection, and keeps the
+/// counts of connections that ended.
+#[test]
+fn an_nbd_export_counts_its_clients_requests() {
+    use strata_nbd::Command as Cmd;
+    use strata_tests::nbd_client::RawClient;
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.raw");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(64 * MIB)
+        .unwrap();
+    let [file, raw] = blockdevs(&img.display().to_string());
+    let (sock, qmp_sock) = (dir.path().join("nbd.sock"), dir.path().join("qmp.sock"));
+    let server = format!("addr.type=unix,addr.path={}", sock.display());
+    let chardev = format!(
+        "socket,id=m0,path={},server=on,wait=off",
+        qmp_sock.display()
+    );
+    let d = Daemon::qsd(
+        &[
+            "--blockdev",
+            &file,
+            "--blockdev",
+            &raw,
+            "--nbd-server",
+            &server,
+            "--export",
+            "type=nbd,id=n0,node-name=disk,name=vm,writable=on",
+            "--chardev",
+            &chardev,
+            "--monitor",
+            "chardev=m0",
+        ],
+        &sock,
+        &dir.path().join("log"),
+    );
+    let mut qmp = strata_tests::qmp::Qmp::connect(&qmp_sock);
+    let (mut c, _) = RawClient::go(&sock, "vm", &[]);
+    // A structured read may come in several chunks; these are small
+    // enough for one.
+    let ok = |c: &mut RawClient| RawClient::error_of(&c.reply()) == 0;
+    c.send(Cmd::Write, 0, 1, 0, 4096, &[3; 4096]);
+    assert!(ok(&mut c));
+    for i in 0..2 {
+        c.send(Cmd::Read, 0, 2 + i, 0, 4096, &[]);
+        assert!(ok(&mut c));
+    }
+    c.send(Cmd::Flush, 0, 4, 0, 0, &[]);
+    assert!(ok(&mut c));
+    c.send(Cmd::Trim, 0, 5, MIB, 64 * KIB as u32, &[]);
+    assert!(ok(&mut c));
+    c.send(Cmd::WriteZeroes, 0, 6, 2 * MIB, 64 * KIB as u32, &[]);
+    assert!(ok(&mut c));
+    c.send(Cmd::Read, 0, 7, 64 * MIB, 4096, &[]);
+    assert!(!ok(&mut c), "a read past the end is refused");
+
+    let check = |qmp: &mut strata_tests::qmp::Qmp| {
+        let all = qmp.execute("query-blockstats", json!({})).unwrap();
+        let e = all
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["device"] == "n0")
+            .unwrap_or_else(|| panic!("no n0 in {all}"))
+            .clone();
+        let s = &e["stats"];
+        for (k, v) in [
+            ("rd_operations", 2),
+            ("rd_bytes", 8192),
+            ("wr_operations", 2),
+            ("wr_bytes", 4096 + 64 * KIB),
+            ("flush_operations", 1),
+            ("unmap_operations", 1),
+            ("unmap_bytes", 64 * KIB),
+            ("invalid_rd_operations", 1),
+            ("wr_highest_offset", 2 * MIB + 64 * KIB),
+        ] {
+            assert_eq!(s[k], json!(v), "{k} in {s}");
+        }
+    };
+    check(&mut qmp);
+    drop(c);
+    // The connection's thread folds its counts in as it ends.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    check(&mut qmp);
+    drop(d);
+}

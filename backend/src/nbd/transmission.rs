@@ -14,7 +14,7 @@ use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::task::{Poll, Waker};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use io_uring::{opcode, types};
 use strata_graph::{allocation, BlockDriver, BlockError, GraphView, IoOp};
@@ -31,6 +31,7 @@ use super::buffers::{Buf, Pool};
 use super::export::{NbdExport, MAX_PAYLOAD};
 use super::handshake::{Contexts, Negotiated, CONTEXT_ALLOCATION, CONTEXT_DEPTH};
 use super::transport::Transport;
+use crate::io_stats::{Op, QueueStats};
 
 /// Requests accepted and not yet answered, per connection.
 pub const MAX_IN_FLIGHT: usize = 64;
@@ -79,6 +80,8 @@ struct Conn {
     /// The socket failed or the client broke the protocol: nothing more
     /// is sent.
     broken: Cell<bool>,
+    /// This connection's I/O counters, part of the export's.
+    stats: Arc<QueueStats>,
 }
 
 impl Conn {
@@ -111,8 +114,12 @@ pub fn serve(
     let exec: Rc<Executor<Task>> = Rc::new(Executor::new(move || {
         let _ = notify.write(1);
     }));
+    let t = Transport::new(fd, tls)?;
+    let stats = n.export.connection_stats();
+    // However the connection ends, its counts stay in the export's.
+    let _counted = Counted(Arc::clone(&n.export), Arc::clone(&stats));
     let conn = Rc::new(Conn {
-        t: Transport::new(fd, tls)?,
+        t,
         export: n.export,
         structured: n.structured,
         contexts: n.contexts,
@@ -125,6 +132,7 @@ pub fn serve(
         reading: Cell::new(true),
         writing: Cell::new(true),
         broken: Cell::new(false),
+        stats,
     });
     confine();
     exec.spawn(Box::pin(remote_wakes(wake)));
@@ -142,6 +150,15 @@ pub fn serve(
     // kernel to let go of its buffer.
     drop(exec);
     Ok(())
+}
+
+/// Folds a connection's counters into its export's when it ends.
+struct Counted(Arc<NbdExport>, Arc<QueueStats>);
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.connection_ended(&self.1);
+    }
 }
 
 /// Keeps a read posted on the eventfd other threads write to wake a task
@@ -222,6 +239,9 @@ async fn read_requests(c: &Rc<Conn>, exec: &std::rc::Weak<Executor<Task>>) -> io
             has_contexts: c.contexts.any(),
         };
         let checked = req.check(&limits);
+        if let (Err(_), Some((op, ..))) = (&checked, accounted(&req)) {
+            c.stats.invalid(op);
+        }
         // What the request will hold: its payload, or its read buffer.
         let bytes = match (req.command, &checked) {
             (Command::Write, _) => u64::from(req.len),
@@ -354,11 +374,16 @@ async fn run(c: Rc<Conn>, req: Request, payload: Option<Buf>, bytes: u64) {
         let _ = sleep(Duration::from_millis(1)).await;
     }
     let v = c.export.graph().view();
+    let start = Instant::now();
     let reply = match v.child(c.export.root()) {
         Ok(node) => execute(&c, &v, node, &req, payload).await,
         Err(e) => Err(e),
     };
     c.export.end();
+    if let Some((op, bytes, write_end)) = accounted(&req) {
+        let ok = reply.is_ok();
+        c.stats.done(op, bytes, start, ok, write_end.filter(|_| ok));
+    }
     let parts = match reply {
         Ok(parts) => parts,
         Err(e) => {
@@ -368,6 +393,20 @@ async fn run(c: Rc<Conn>, req: Request, payload: Option<Buf>, bytes: u64) {
         }
     };
     c.push_reply(parts, bytes);
+}
+
+/// How `req` counts in the statistics, as a vhost-user request of the
+/// same kind would: its kind, its bytes, and for a write the end of the
+/// range. CACHE and BLOCK_STATUS are not counted.
+fn accounted(req: &Request) -> Option<(Op, u64, Option<u64>)> {
+    let (off, len) = (req.offset, u64::from(req.len));
+    match req.command {
+        Command::Read => Some((Op::Read, len, None)),
+        Command::Write | Command::WriteZeroes => Some((Op::Write, len, Some(off + len))),
+        Command::Trim => Some((Op::Unmap, len, None)),
+        Command::Flush => Some((Op::Flush, 0, None)),
+        _ => None,
+    }
 }
 
 async fn execute(
