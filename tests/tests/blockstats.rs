@@ -20,6 +20,13 @@ fn blockdevs(img: &str) -> [String; 2] {
     ]
 }
 
+/// A sparse raw image of `size` bytes in `dir`, by path.
+fn image(dir: &std::path::Path, size: u64) -> String {
+    let img = dir.join("disk.raw");
+    std::fs::File::create(&img).unwrap().set_len(size).unwrap();
+    img.display().to_string()
+}
+
 fn keys(stats: &Value) -> BTreeSet<String> {
     stats.as_object().unwrap().keys().cloned().collect()
 }
@@ -27,13 +34,7 @@ fn keys(stats: &Value) -> BTreeSet<String> {
 #[test]
 fn blockstats_count_each_request_the_guest_sent() {
     let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("disk.raw");
-    std::fs::File::create(&img)
-        .unwrap()
-        .set_len(64 * MIB)
-        .unwrap();
-    let img = img.display().to_string();
-    let [file, raw] = blockdevs(&img);
+    let [file, raw] = blockdevs(&image(dir.path(), 64 * MIB));
     let (d, mut qmp) = Daemon::qsd_with_monitor(
         dir.path(),
         &[&file, &raw],
@@ -120,9 +121,7 @@ fn blockstats_count_each_request_the_guest_sent() {
 fn qsd_file_stats() -> Option<Value> {
     let dir = tempfile::tempdir().unwrap();
     let qmp_sock = dir.path().join("qmp.sock");
-    let img = dir.path().join("disk.raw");
-    std::fs::File::create(&img).unwrap().set_len(MIB).unwrap();
-    let [file, raw] = blockdevs(&img.display().to_string());
+    let [file, raw] = blockdevs(&image(dir.path(), 64 * MIB));
     let mut child = Command::new("qemu-storage-daemon")
         .args(["--blockdev", &file, "--blockdev", &raw])
         .arg("--chardev")
@@ -159,12 +158,7 @@ fn an_nbd_export_counts_its_clients_requests() {
     use strata_nbd::Command as Cmd;
     use strata_tests::nbd_client::RawClient;
     let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("disk.raw");
-    std::fs::File::create(&img)
-        .unwrap()
-        .set_len(64 * MIB)
-        .unwrap();
-    let [file, raw] = blockdevs(&img.display().to_string());
+    let [file, raw] = blockdevs(&image(dir.path(), 64 * MIB));
     let (sock, qmp_sock) = (dir.path().join("nbd.sock"), dir.path().join("qmp.sock"));
     let server = format!("addr.type=unix,addr.path={}", sock.display());
     let chardev = format!(

@@ -188,7 +188,7 @@ impl Drop for Backend {
 }
 
 /// utime + stime of process `pid`, in ns.
-fn cpu_ns(pid: u32) -> u64 {
+pub fn cpu_ns(pid: u32) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // The command name may hold spaces; the fields after it do not.
     let fields: Vec<&str> = stat

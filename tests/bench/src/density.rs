@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _};
 use blkio::{Blkio, ReqFlags};
 
-use crate::backend::Kind;
+use crate::backend::{cpu_ns, Kind};
 
 /// How many daemons, and how many of them have a frontend.
 pub const DAEMONS: usize = 100;
@@ -141,17 +141,6 @@ fn field(file: &str, key: &str) -> u64 {
         .unwrap_or(0)
 }
 
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map_or(vec![], |(_, rest)| rest.split_whitespace().collect());
-    [11, 12]
-        .iter()
-        .filter_map(|&i| fields.get(i).and_then(|f| f.parse::<u64>().ok()))
-        .sum()
-}
-
 /// A frontend that connects, reads a little, and stays.
 fn frontend(socket: &Path) -> anyhow::Result<Blkio> {
     let mut b = Blkio::new("virtio-blk-vhost-user")?;
@@ -194,11 +183,10 @@ pub fn measure(
     // Let start-up work (and any adaptive polling) settle.
     std::thread::sleep(Duration::from_secs(5));
     let pids: Vec<u32> = fleet.0.iter().map(Child::id).collect();
-    let before: u64 = pids.iter().map(|&p| cpu_ticks(p)).sum();
+    let before: u64 = pids.iter().map(|&p| cpu_ns(p)).sum();
     std::thread::sleep(window);
-    let after: u64 = pids.iter().map(|&p| cpu_ticks(p)).sum();
-    // USER_HZ is 100 on Linux.
-    let idle_cpu = (after - before) as f64 / 100.0 / window.as_secs_f64();
+    let after: u64 = pids.iter().map(|&p| cpu_ns(p)).sum();
+    let idle_cpu = (after - before) as f64 / window.as_nanos() as f64;
     let n = pids.len() as f64;
     let pss = pids.iter().map(|&p| pss(p) as f64).sum::<f64>() / n;
     let threads = pids.iter().map(|&p| threads(p) as f64).sum::<f64>() / n;
