@@ -629,6 +629,41 @@ impl Daemon {
             .collect()
     }
 
+    /// block-latency-histogram-set on export `id`: `all` and each kind's
+    /// own boundaries (the kind's win), as QEMU takes them; with none at
+    /// all, every histogram goes.
+    pub fn latency_histogram_set(
+        &self,
+        id: &str,
+        all: Option<Vec<u64>>,
+        per_kind: [(&'static str, Option<Vec<u64>>); 3],
+        any_other: bool,
+    ) -> Result<(), QmpError> {
+        use crate::io_stats::HistogramChange;
+        let exports = self.exports();
+        let stats = match exports.get(id) {
+            Some(Running::VhostUser(r)) => r.export().io_stats(),
+            Some(Running::Nbd(e)) => e.io_stats(),
+            None => {
+                return Err(QmpError::device_not_found(format!(
+                    "Device '{id}' not found"
+                )))
+            }
+        };
+        let none_given = all.is_none() && !any_other && per_kind.iter().all(|(_, b)| b.is_none());
+        let names = per_kind
+            .each_ref()
+            .map(|(key, own)| if own.is_some() { *key } else { "boundaries" });
+        let changes = per_kind.map(|(_, own)| match own.or_else(|| all.clone()) {
+            Some(b) => HistogramChange::Set(b),
+            None if none_given => HistogramChange::Remove,
+            None => HistogramChange::Keep,
+        });
+        stats
+            .set_histograms(&changes)
+            .map_err(|(i, e)| QmpError::generic(format!("Parameter '{}': {e}", names[i])))
+    }
+
     /// query-block-exports.
     pub fn exports_info(&self) -> Value {
         Value::Array(self.exports().values().map(Running::info).collect())

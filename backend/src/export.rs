@@ -14,7 +14,7 @@ use strata_graph::{
 };
 use strata_runtime::reactor::block_on;
 
-use crate::io_stats::{QueueStats, Totals};
+use crate::io_stats::{ExportStats, QueueStats, Totals};
 use crate::on_error::{ErrorHold, OnError};
 use crate::queue::Queues;
 use crate::vhost_user::Channel;
@@ -139,7 +139,9 @@ pub struct Export {
     /// The connected frontend's backend-request channel, if it gave one.
     channel: Mutex<Option<Arc<Channel>>>,
     /// Each queue's I/O counters; they outlive frontend connections.
-    stats: Vec<Arc<QueueStats>>,
+    stats: ExportStats,
+    /// Each queue's counters in `stats`, by queue index.
+    queue_stats: Vec<Arc<QueueStats>>,
 }
 
 impl Export {
@@ -198,7 +200,8 @@ impl Export {
         };
         let root = graph.attach_user(user, node)?;
         let hold = ErrorHold::new(opts.on_error, events);
-        let opts_queues = usize::from(opts.num_queues);
+        let stats = ExportStats::default();
+        let queue_stats = (0..opts.num_queues).map(|_| stats.add_queue()).collect();
         let export = Arc::new(Export {
             writeback: AtomicBool::new(opts.writeback),
             opts,
@@ -211,7 +214,8 @@ impl Export {
             queues: Mutex::new(None),
             hold,
             channel: Mutex::new(None),
-            stats: (0..opts_queues).map(|_| Arc::default()).collect(),
+            stats,
+            queue_stats,
         });
         graph.register_quiesce(
             &export.opts.id,
@@ -232,12 +236,17 @@ impl Export {
     pub fn queue_stats(&self, queue: usize) -> Arc<QueueStats> {
         // A queue index past num_queues never reaches a worker; counting it
         // with the last queue keeps this total.
-        Arc::clone(&self.stats[queue.min(self.stats.len() - 1)])
+        Arc::clone(&self.queue_stats[queue.min(self.queue_stats.len() - 1)])
     }
 
     /// The I/O counters of every queue, added up.
     pub fn stats(&self) -> Totals {
-        Totals::of(&self.stats)
+        self.stats.totals()
+    }
+
+    /// The I/O counters, and what the operator set for them.
+    pub fn io_stats(&self) -> &ExportStats {
+        &self.stats
     }
 
     /// The options the export was made with.

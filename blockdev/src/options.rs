@@ -158,6 +158,30 @@ impl Options {
         }
     }
 
+    /// A list of non-negative integers (QMP only: the dotted form has
+    /// no lists of numbers).
+    pub fn take_u64_list(&mut self, key: &str) -> Result<Option<Vec<u64>>, OptionsError> {
+        match self.map.remove(key) {
+            None => Ok(None),
+            Some(Value::Array(items)) => items
+                .iter()
+                .enumerate()
+                .map(|(i, v)| match v {
+                    Value::Number(n) => n.as_u64().ok_or_else(|| OptionsError::Value {
+                        param: format!("{}[{i}]", self.param(key)),
+                        expected: "a non-negative integer".into(),
+                    }),
+                    _ => Err(OptionsError::Type {
+                        param: format!("{}[{i}]", self.param(key)),
+                        expected: "integer",
+                    }),
+                })
+                .collect::<Result<_, _>>()
+                .map(Some),
+            Some(_) => Err(self.type_error(key, "array")),
+        }
+    }
+
     /// An integer that may be negative.
     pub fn take_i64(&mut self, key: &str) -> Result<Option<i64>, OptionsError> {
         let param = self.param(key);

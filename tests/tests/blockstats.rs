@@ -234,3 +234,101 @@ fn an_nbd_export_counts_its_clients_requests() {
     check(&mut qmp);
     drop(d);
 }
+
+/// `block-latency-histogram-set` counts each finished request into the
+/// bins from then on, per kind, in QEMU's shape; bad boundaries and
+/// unknown exports are refused by name, and an empty call removes all.
+#[test]
+fn latency_histograms_bin_every_request_after_they_are_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let [file, raw] = blockdevs(&image(dir.path(), 64 * MIB));
+    let (d, mut qmp) = Daemon::qsd_with_monitor(
+        dir.path(),
+        &[&file, &raw],
+        "id=vda,node-name=disk,writable=on,num-queues=2",
+        &[],
+    );
+    let mut c = SyncClient::connect(d.socket(), false).unwrap();
+    c.read(0, 4096).unwrap();
+    // One boundary no request reaches, one every request does: each
+    // request lands in the middle bin.
+    let set = json!({"id": "vda", "boundaries": [1, 3_600_000_000_000u64],
+                     "boundaries-flush": [1, 2, 3_600_000_000_000u64]});
+    qmp.execute("block-latency-histogram-set", set).unwrap();
+    for i in 0..3 {
+        c.read(i * 4096, 4096).unwrap();
+    }
+    c.write(0, &[1; 512]).unwrap();
+    c.flush().unwrap();
+    let stats = |qmp: &mut strata_tests::qmp::Qmp| {
+        qmp.execute("query-blockstats", json!({})).unwrap()[0]["stats"].clone()
+    };
+    let s = stats(&mut qmp);
+    assert_eq!(
+        s["rd_latency_histogram"],
+        json!({"boundaries": [1, 3_600_000_000_000u64], "bins": [0, 3, 0]}),
+        "the read before the set is not binned: {s}"
+    );
+    assert_eq!(s["wr_latency_histogram"]["bins"], json!([0, 1, 0]));
+    let flush_bins = s["flush_latency_histogram"]["bins"]
+        .as_array()
+        .unwrap()
+        .clone();
+    assert_eq!(flush_bins.len(), 4);
+    assert_eq!(
+        flush_bins.iter().map(|b| b.as_u64().unwrap()).sum::<u64>(),
+        1
+    );
+
+    // Only reads: writes keep counting over what they had.
+    qmp.execute(
+        "block-latency-histogram-set",
+        json!({"id": "vda", "boundaries-read": [5]}),
+    )
+    .unwrap();
+    c.write(4096, &[1; 512]).unwrap();
+    let s = stats(&mut qmp);
+    assert_eq!(s["rd_latency_histogram"]["bins"], json!([0, 0]));
+    assert_eq!(s["wr_latency_histogram"]["bins"], json!([0, 2, 0]));
+
+    for (args, want) in [
+        (
+            json!({"id": "vda", "boundaries-write": [10, 10]}),
+            "Parameter 'boundaries-write': boundaries must be greater than zero and strictly \
+             ascending (boundary 1 is 10)",
+        ),
+        (
+            json!({"id": "vda", "boundaries": [0]}),
+            "Parameter 'boundaries': boundaries must be greater than zero and strictly \
+             ascending (boundary 0 is 0)",
+        ),
+        (
+            json!({"id": "vda", "boundaries": "10"}),
+            "Invalid parameter type for 'boundaries', expected: array",
+        ),
+        (json!({"id": "vda", "boundaries": [-1]}), "boundaries[0]"),
+        (json!({"id": "nope"}), "Device 'nope' not found"),
+    ] {
+        let e = qmp
+            .execute("block-latency-histogram-set", args.clone())
+            .unwrap_err();
+        let desc = e["desc"].as_str().unwrap();
+        assert!(desc.contains(want), "{args}: {e}");
+    }
+    // The refusals changed nothing.
+    assert_eq!(
+        stats(&mut qmp)["wr_latency_histogram"]["bins"],
+        json!([0, 2, 0])
+    );
+
+    qmp.execute("block-latency-histogram-set", json!({"id": "vda"}))
+        .unwrap();
+    let s = stats(&mut qmp);
+    for k in [
+        "rd_latency_histogram",
+        "wr_latency_histogram",
+        "flush_latency_histogram",
+    ] {
+        assert!(s.get(k).is_none(), "{k} still in {s}");
+    }
+}

@@ -2,10 +2,10 @@
 //! requests in flight counted so that a graph edit can drain them.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
-use crate::io_stats::{QueueStats, Totals};
+use crate::io_stats::{ExportStats, QueueStats, Totals};
 use strata_graph::{
     BlockError, Graph, GraphError, GraphView, NodeId, Quiesce, SlotId, SlotPerm, User, UserKind,
 };
@@ -42,7 +42,7 @@ pub struct NbdExport {
     in_flight: AtomicU64,
     /// The I/O counters of live connections, and the sum of those that
     /// ended (so reconnects cannot grow the list).
-    stats: Mutex<(Vec<Arc<QueueStats>>, Totals)>,
+    stats: ExportStats,
 }
 
 impl NbdExport {
@@ -64,7 +64,7 @@ impl NbdExport {
             root,
             paused: AtomicU32::new(0),
             in_flight: AtomicU64::new(0),
-            stats: Mutex::default(),
+            stats: ExportStats::default(),
         });
         graph.register_quiesce(
             &export.opts.id,
@@ -117,28 +117,22 @@ impl NbdExport {
 
     /// Counters for a new connection's thread to count into.
     pub fn connection_stats(&self) -> Arc<QueueStats> {
-        let s = Arc::new(QueueStats::default());
-        self.stats
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .0
-            .push(Arc::clone(&s));
-        s
+        self.stats.add_queue()
     }
 
     /// Folds an ended connection's counters into the export's.
     pub fn connection_ended(&self, s: &Arc<QueueStats>) {
-        let mut g = self.stats.lock().unwrap_or_else(|e| e.into_inner());
-        g.0.retain(|x| !Arc::ptr_eq(x, s));
-        g.1.merge(&Totals::of([s]));
+        self.stats.end_queue(s);
     }
 
     /// Every connection's I/O counters, ended ones included, added up.
     pub fn stats(&self) -> Totals {
-        let g = self.stats.lock().unwrap_or_else(|e| e.into_inner());
-        let mut t = Totals::of(&g.0);
-        t.merge(&g.1);
-        t
+        self.stats.totals()
+    }
+
+    /// The I/O counters, and what the operator set for them.
+    pub fn io_stats(&self) -> &ExportStats {
+        &self.stats
     }
 
     /// Starts a request, unless a graph edit holds the export: then the

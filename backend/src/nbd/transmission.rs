@@ -375,12 +375,14 @@ async fn run(c: Rc<Conn>, req: Request, payload: Option<Buf>, bytes: u64) {
     }
     let v = c.export.graph().view();
     let start = Instant::now();
+    let accounted = accounted(&req);
+    let _in_flight = accounted.map(|_| c.stats.begin());
     let reply = match v.child(c.export.root()) {
         Ok(node) => execute(&c, &v, node, &req, payload).await,
         Err(e) => Err(e),
     };
     c.export.end();
-    if let Some((op, bytes, write_end)) = accounted(&req) {
+    if let Some((op, bytes, write_end)) = accounted {
         let ok = reply.is_ok();
         c.stats.done(op, bytes, start, ok, write_end.filter(|_| ok));
     }

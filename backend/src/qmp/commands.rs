@@ -26,6 +26,7 @@ pub const COMMANDS: &[&str] = &[
     "block-export-resume",
     "query-block-exports",
     "query-blockstats",
+    "block-latency-histogram-set",
     "nbd-server-start",
     "nbd-server-stop",
     "object-add",
@@ -149,6 +150,21 @@ pub fn execute(daemon: &Daemon, name: &str, args: Map<String, Value>) -> Result<
             let nodes = a.take_bool("query-nodes")?.unwrap_or(false);
             a.finish()?;
             daemon.blockstats(nodes)
+        }
+        "block-latency-histogram-set" => {
+            let id = a.take_str("id")?;
+            let id = a.required("id", id)?;
+            let all = a.take_u64_list("boundaries")?;
+            let given = [
+                ("boundaries-read", a.take_u64_list("boundaries-read")?),
+                ("boundaries-write", a.take_u64_list("boundaries-write")?),
+                ("boundaries-flush", a.take_u64_list("boundaries-flush")?),
+            ];
+            // Zone appends: there are none to count.
+            let zap = a.take_u64_list("boundaries-zap")?;
+            a.finish()?;
+            daemon.latency_histogram_set(&id, all, given, zap.is_some())?;
+            json!({})
         }
         "object-add" => {
             daemon.object_add(&mut a)?;

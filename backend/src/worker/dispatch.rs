@@ -180,6 +180,8 @@ enum Reply {
 /// it if it failed and the export's `on-error` says so.
 async fn execute(ctx: Rc<QueueCtx>, view: LocalView, job: Job) {
     let start = Instant::now();
+    let accounted = accounted(&job.req);
+    let _in_flight = accounted.map(|_| ctx.stats.begin());
     let reply = dispatch(&ctx.export, &view, &job.req).await;
     if let Reply::Failed(e, _) = &reply {
         if !e.is_unsupported() && ctx.hold_or_report(&job.req, e) {
@@ -189,7 +191,7 @@ async fn execute(ctx: Rc<QueueCtx>, view: LocalView, job: Job) {
         }
     }
     let Job { req, generation } = job;
-    if let Some((op, bytes, write_end)) = accounted(&req) {
+    if let Some((op, bytes, write_end)) = accounted {
         let ok = matches!(reply, Reply::Done(_));
         ctx.stats
             .done(op, bytes, start, ok, write_end.filter(|_| ok));

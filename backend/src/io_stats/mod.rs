@@ -6,11 +6,19 @@
 //! read-modify-write, and no cache line is shared between queues on the
 //! data path. A query reads every queue's counters and adds them up.
 
+mod export_stats;
+pub mod latency;
+
+pub use export_stats::{ExportStats, HistogramChange};
+
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Instant;
 
+use arc_swap::ArcSwapOption;
 use serde_json::{json, Value};
+
+use latency::{Snapshot, UserHistogram, BUCKETS};
 
 /// The kinds QEMU accounts separately. Write-zeroes counts as a write,
 /// discard as an unmap, as QEMU's virtio-blk does.
@@ -35,6 +43,9 @@ struct Counters {
     invalid: AtomicU64,
 }
 
+/// The kinds with a user histogram, in QEMU's order: read, write, flush.
+pub const HISTOGRAM_OPS: [Op; 3] = [Op::Read, Op::Write, Op::Flush];
+
 /// One queue's counters. Written by that queue's thread only.
 #[derive(Default)]
 #[repr(align(64))]
@@ -43,6 +54,22 @@ pub struct QueueStats {
     highest_write: AtomicU64,
     /// When the last request ended, in ns since [`epoch`]; 0 for never.
     last_ns: AtomicU64,
+    /// Requests begun and not yet done.
+    in_flight: AtomicU64,
+    /// Per [`Op`]: successful requests by [`latency::bucket`].
+    latency: [[AtomicU64; BUCKETS]; 4],
+    /// Per [`HISTOGRAM_OPS`]: the operator's histogram, if set. Replaced
+    /// whole by the monitor, so the queue never sees half a change.
+    user: [ArcSwapOption<UserHistogram>; 3],
+}
+
+/// A request in flight on a queue; see [`QueueStats::begin`].
+pub struct InFlight<'a>(&'a QueueStats);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        add(&self.0.in_flight, u64::MAX);
+    }
 }
 
 /// A fixed start for the `last_ns` stamps.
@@ -65,9 +92,16 @@ impl QueueStats {
         let now = Instant::now();
         let c = &self.ops[op as usize];
         if ok {
+            let ns = now.duration_since(start).as_nanos() as u64;
             add(&c.ops, 1);
             add(&c.bytes, bytes);
-            add(&c.ns, now.duration_since(start).as_nanos() as u64);
+            add(&c.ns, ns);
+            add(&self.latency[op as usize][latency::bucket(ns)], 1);
+            if let Some(i) = HISTOGRAM_OPS.iter().position(|&o| o == op) {
+                if let Some(h) = &*self.user[i].load() {
+                    h.record(ns);
+                }
+            }
             if let Some(end) = write_end {
                 if end > self.highest_write.load(Relaxed) {
                     self.highest_write.store(end, Relaxed);
@@ -80,6 +114,20 @@ impl QueueStats {
         self.last_ns.store(stamp.max(1), Relaxed);
     }
 
+    /// Counts a request as in flight until the guard drops: when it is
+    /// done, held for `block-export-resume`, or abandoned.
+    #[inline]
+    pub fn begin(&self) -> InFlight<'_> {
+        add(&self.in_flight, 1);
+        InFlight(self)
+    }
+
+    /// Starts counting kind `i` of [`HISTOGRAM_OPS`] into empty bins over
+    /// `boundaries`, or stops with `None`.
+    pub fn set_histogram(&self, i: usize, h: Option<UserHistogram>) {
+        self.user[i].store(h.map(Arc::new));
+    }
+
     /// Counts a request refused before it ran (out of range, misaligned,
     /// a write to a read-only export).
     pub fn invalid(&self, op: Op) {
@@ -88,7 +136,7 @@ impl QueueStats {
 }
 
 /// Counters added up over queues.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Totals {
     /// Per [`Op`]: operations, bytes, ns, failed, invalid.
     pub ops: [[u64; 5]; 4],
@@ -96,6 +144,12 @@ pub struct Totals {
     pub highest_write: u64,
     /// The last request's end, ns since the epoch; 0 for never.
     pub last_ns: u64,
+    /// Requests running now.
+    pub in_flight: u64,
+    /// Per [`Op`]: successful requests by fixed latency bucket.
+    pub latency: [[u64; BUCKETS]; 4],
+    /// Per [`HISTOGRAM_OPS`]: the operator's histogram, if set.
+    pub user: [Option<Snapshot>; 3],
 }
 
 impl Totals {
@@ -117,6 +171,19 @@ impl Totals {
         }
         self.highest_write = self.highest_write.max(q.highest_write.load(Relaxed));
         self.last_ns = self.last_ns.max(q.last_ns.load(Relaxed));
+        self.in_flight = self.in_flight.wrapping_add(q.in_flight.load(Relaxed));
+        for (sum, buckets) in self.latency.iter_mut().zip(&q.latency) {
+            for (s, b) in sum.iter_mut().zip(buckets) {
+                *s += b.load(Relaxed);
+            }
+        }
+        let user = q
+            .user
+            .iter()
+            .map(|h| h.load().as_ref().map(|h| h.snapshot()));
+        for (sum, h) in self.user.iter_mut().zip(user) {
+            merge_user(sum, h.as_ref());
+        }
     }
 
     /// Adds `other` in.
@@ -128,6 +195,15 @@ impl Totals {
         }
         self.highest_write = self.highest_write.max(other.highest_write);
         self.last_ns = self.last_ns.max(other.last_ns);
+        self.in_flight = self.in_flight.wrapping_add(other.in_flight);
+        for (a, b) in self.latency.iter_mut().zip(&other.latency) {
+            for (x, y) in a.iter_mut().zip(b) {
+                *x += y;
+            }
+        }
+        for (sum, h) in self.user.iter_mut().zip(&other.user) {
+            merge_user(sum, h.as_ref());
+        }
     }
 
     /// QEMU's `BlockDeviceStats`, with `idle_time_ns` once there was I/O.
@@ -148,11 +224,24 @@ impl Totals {
             "account_invalid": true, "account_failed": true,
             "timed_stats": [],
         });
+        for (key, h) in ["rd", "wr", "flush"].iter().zip(&self.user) {
+            if let Some(h) = h {
+                v[format!("{key}_latency_histogram")] = h.to_json();
+            }
+        }
         if self.last_ns > 0 {
             let now = Instant::now().duration_since(epoch()).as_nanos() as u64;
             v["idle_time_ns"] = json!(now.saturating_sub(self.last_ns));
         }
         v
+    }
+}
+
+fn merge_user(sum: &mut Option<Snapshot>, h: Option<&Snapshot>) {
+    match (sum.as_mut(), h) {
+        (Some(s), Some(h)) => s.merge(h),
+        (None, Some(h)) => *sum = Some(h.clone()),
+        (_, None) => {}
     }
 }
 
