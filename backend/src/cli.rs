@@ -105,6 +105,15 @@ pub struct ProcessArgs {
     /// a directory, for images blockdev-add opens later. Repeatable.
     #[arg(long, value_name = "DIR")]
     pub sandbox_allow: Vec<PathBuf>,
+
+    /// Serve Prometheus metrics over HTTP at http://HOST:PORT/metrics
+    /// (off by default; port 0 picks a free one, logged at start).
+    #[arg(long, value_name = "HOST:PORT", value_parser = parse_metrics_addr)]
+    pub metrics: Option<std::net::SocketAddr>,
+}
+
+fn parse_metrics_addr(s: &str) -> Result<std::net::SocketAddr, String> {
+    crate::metrics::parse_addr(s).map_err(|e| format!("{e:#}"))
 }
 
 /// QEMU's on/off switch.

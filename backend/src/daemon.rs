@@ -67,6 +67,44 @@ impl Running {
             }),
         }
     }
+
+    /// The export's type (as `block-export-add` names it), node and
+    /// counters.
+    fn counted(&self) -> (&'static str, String, &crate::io_stats::ExportStats) {
+        match self {
+            Running::VhostUser(r) => (
+                "vhost-user-blk",
+                r.export().node_name(),
+                r.export().io_stats(),
+            ),
+            Running::Nbd(e) => ("nbd", e.node_name(), e.io_stats()),
+        }
+    }
+}
+
+/// One export's counters, per queue (vhost-user) or summed over its
+/// connections (NBD), for the metrics endpoint.
+pub struct ExportSample {
+    /// The export's id.
+    pub id: String,
+    /// `vhost-user-blk` or `nbd`.
+    pub kind: &'static str,
+    /// The node it exports.
+    pub node: String,
+    /// Per queue.
+    pub queues: Vec<crate::io_stats::Totals>,
+}
+
+/// One node's monitoring figures.
+pub struct NodeSample {
+    /// Its node name.
+    pub name: String,
+    /// Its driver.
+    pub driver: &'static str,
+    /// Its size in bytes, if it can tell.
+    pub size: Option<u64>,
+    /// What the driver reports.
+    pub stats: strata_graph::NodeStats,
 }
 
 /// What block-export-add or `--export` asks for.
@@ -602,13 +640,10 @@ impl Daemon {
     pub fn blockstats(&self, query_nodes: bool) -> Value {
         let exports: Vec<(String, String, crate::io_stats::Totals)> = self
             .exports()
-            .values()
-            .map(|r| match r {
-                Running::VhostUser(r) => {
-                    let e = r.export();
-                    (e.options().id.clone(), e.node_name(), e.stats())
-                }
-                Running::Nbd(e) => (e.options().id.clone(), e.node_name(), e.stats()),
+            .iter()
+            .map(|(id, r)| {
+                let (_, node, stats) = r.counted();
+                (id.clone(), node, stats.totals())
             })
             .collect();
         if !query_nodes {
@@ -641,14 +676,10 @@ impl Daemon {
     ) -> Result<(), QmpError> {
         use crate::io_stats::HistogramChange;
         let exports = self.exports();
-        let stats = match exports.get(id) {
-            Some(Running::VhostUser(r)) => r.export().io_stats(),
-            Some(Running::Nbd(e)) => e.io_stats(),
-            None => {
-                return Err(QmpError::device_not_found(format!(
-                    "Device '{id}' not found"
-                )))
-            }
+        let Some((_, _, stats)) = exports.get(id).map(Running::counted) else {
+            return Err(QmpError::device_not_found(format!(
+                "Device '{id}' not found"
+            )));
         };
         let none_given = all.is_none() && !any_other && per_kind.iter().all(|(_, b)| b.is_none());
         let names = per_kind
@@ -662,6 +693,40 @@ impl Daemon {
         stats
             .set_histograms(&changes)
             .map_err(|(i, e)| QmpError::generic(format!("Parameter '{}': {e}", names[i])))
+    }
+
+    /// Every export's counters, for the metrics endpoint.
+    pub fn export_samples(&self) -> Vec<ExportSample> {
+        self.exports()
+            .iter()
+            .map(|(id, r)| {
+                let (kind, node, stats) = r.counted();
+                let queues = match r {
+                    Running::VhostUser(_) => stats.per_queue(),
+                    // Connections come and go; their sum only grows.
+                    Running::Nbd(_) => vec![stats.totals()],
+                };
+                ExportSample {
+                    id: id.clone(),
+                    kind,
+                    node,
+                    queues,
+                }
+            })
+            .collect()
+    }
+
+    /// Every named node's figures, for the metrics endpoint.
+    pub fn node_samples(&self) -> Vec<NodeSample> {
+        let v = self.graph.view();
+        v.nodes()
+            .map(|(_, n)| NodeSample {
+                name: n.name().to_owned(),
+                driver: n.driver().driver_name(),
+                size: n.driver().size(&v).ok(),
+                stats: n.driver().stats(&v),
+            })
+            .collect()
     }
 
     /// query-block-exports.

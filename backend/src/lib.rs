@@ -12,6 +12,7 @@ pub mod img;
 pub mod io_stats;
 pub mod job_cli;
 pub mod keyval;
+pub mod metrics;
 pub mod nbd;
 pub mod notify;
 pub mod on_error;

@@ -145,6 +145,9 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
             false,
         )?;
     }
+    if let Some(addr) = args.process.metrics {
+        strata_backend::metrics::serve(Arc::clone(&daemon), addr)?;
+    }
     if let Some(user) = &args.process.run_with {
         user.drop_privileges()?;
     }

@@ -211,6 +211,9 @@ pub fn run(args: QsdArgs) -> anyhow::Result<()> {
         for m in monitors {
             start_monitor(Arc::clone(&daemon), &m.on, m.pretty)?;
         }
+        if let Some(addr) = args.process.metrics {
+            crate::metrics::serve(Arc::clone(&daemon), addr)?;
+        }
         if let Some(user) = &args.process.run_with {
             user.drop_privileges()?;
         }

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use io_uring::{opcode, types};
 use strata_graph::{
     AlignedBuf, BlockDriver, BlockError, BlockStatus, EventSink, GraphView, IoFuture, IoOp, IoVecs,
-    Perm, SlotPerm,
+    NodeStats, Perm, SlotPerm,
 };
 
 use strata_runtime::reactor::Reactor;
@@ -379,6 +379,14 @@ impl FileNode {
 impl BlockDriver for FileNode {
     fn driver_name(&self) -> &'static str {
         "file"
+    }
+
+    fn stats(&self, _g: &GraphView) -> NodeStats {
+        use std::os::unix::fs::MetadataExt;
+        NodeStats {
+            allocated_bytes: self.file.metadata().ok().map(|m| m.blocks() * 512),
+            caches: Vec::new(),
+        }
     }
 
     fn size(&self, _g: &GraphView) -> Result<u64, BlockError> {

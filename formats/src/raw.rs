@@ -188,6 +188,17 @@ impl BlockDriver for RawNode {
         }
     }
 
+    fn stats(&self, g: &GraphView) -> strata_graph::NodeStats {
+        let allocated = g
+            .child(self.file)
+            .ok()
+            .and_then(|f| f.stats(g).allocated_bytes);
+        strata_graph::NodeStats {
+            allocated_bytes: allocated,
+            caches: Vec::new(),
+        }
+    }
+
     fn request_alignment(&self, g: &GraphView) -> u32 {
         let child = g.child(self.file).map_or(1, |c| c.request_alignment(g));
         if self.guard_format {

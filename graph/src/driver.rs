@@ -110,6 +110,27 @@ pub struct BlockStatus {
     pub offset: Option<u64>,
 }
 
+/// What a node tells monitoring about itself, beyond its size.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeStats {
+    /// Bytes the node's storage takes on the host (what QEMU calls the
+    /// actual size): for a thin image, how full it is.
+    pub allocated_bytes: Option<u64>,
+    /// The node's metadata caches.
+    pub caches: Vec<CacheStats>,
+}
+
+/// Lookups in one cache of a node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CacheStats {
+    /// Which cache (`l2`, ...).
+    pub name: &'static str,
+    /// Lookups it answered.
+    pub hits: u64,
+    /// Lookups that had to read the image.
+    pub misses: u64,
+}
+
 /// A node's behaviour: a format (raw, qcow2), a protocol (file, null) or a
 /// filter. Offsets and lengths are in bytes of the node's own address space.
 ///
@@ -152,6 +173,11 @@ pub trait BlockDriver: Send + Sync + 'static {
     /// and nothing may write metadata that could point at the lost data.
     fn write_back_error(&self) -> Option<i32> {
         None
+    }
+
+    /// What the node reports for monitoring; nothing by default.
+    fn stats(&self, _g: &GraphView) -> NodeStats {
+        NodeStats::default()
     }
 
     /// True when the node cannot be written at all (opened read-only).

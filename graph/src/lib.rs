@@ -22,6 +22,7 @@
 
 mod allocation;
 mod buffer;
+mod counter;
 mod drain;
 mod driver;
 mod error;
@@ -37,8 +38,9 @@ mod view;
 
 pub use allocation::{allocation, Allocation};
 pub use buffer::{AlignedBuf, AllocError};
+pub use counter::ShardedCounter;
 pub use drain::Quiesce;
-pub use driver::{BlockDriver, BlockStatus, IoFuture, Pooled};
+pub use driver::{BlockDriver, BlockStatus, CacheStats, IoFuture, NodeStats, Pooled};
 pub use error::{BlockError, GraphError, IoOp};
 pub use events::{EventSink, NoEvents};
 pub use filter::Filter;

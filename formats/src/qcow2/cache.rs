@@ -121,6 +121,10 @@ pub struct L2Cache {
     l1: ArcSwap<Vec<u64>>,
     sets: Box<[Set]>,
     slice_bytes: u64,
+    /// Lookups answered from a cached slice, counted by every queue.
+    hits: strata_graph::ShardedCounter,
+    /// Slices read from the image (under the metadata lock).
+    misses: AtomicU64,
 }
 
 impl L2Cache {
@@ -136,7 +140,23 @@ impl L2Cache {
                 })
                 .collect(),
             slice_bytes,
+            hits: Default::default(),
+            misses: AtomicU64::new(0),
         }
+    }
+
+    /// Lookups answered from the cache, and slices read from the image.
+    pub fn stats(&self) -> strata_graph::CacheStats {
+        strata_graph::CacheStats {
+            name: "l2",
+            hits: self.hits.sum(),
+            misses: self.misses.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Counts a slice read from the image.
+    pub fn missed(&self) {
+        self.misses.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Bytes per slice.
@@ -188,6 +208,7 @@ impl L2Cache {
             let guard = w.load();
             if let Some(s) = guard.as_ref().filter(|s| s.offset == at.offset) {
                 s.touch();
+                self.hits.add(1);
                 return Some(s.entry(g, at.index));
             }
         }

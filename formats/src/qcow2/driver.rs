@@ -6,7 +6,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use strata_graph::{
-    BlockDriver, BlockError, BlockStatus, GraphView, IoFuture, IoOp, IoVecs, Perm, SlotPerm,
+    BlockDriver, BlockError, BlockStatus, GraphView, IoFuture, IoOp, IoVecs, NodeStats, Perm,
+    SlotPerm,
 };
 
 use super::node::Qcow2Node;
@@ -37,6 +38,16 @@ impl BlockDriver for Qcow2Node {
 
     fn size(&self, _g: &GraphView) -> Result<u64, BlockError> {
         Ok(self.size.load(Ordering::Relaxed))
+    }
+
+    fn stats(&self, g: &GraphView) -> NodeStats {
+        NodeStats {
+            allocated_bytes: g
+                .child(self.file)
+                .ok()
+                .and_then(|f| f.stats(g).allocated_bytes),
+            caches: vec![self.l2.stats()],
+        }
     }
 
     fn read<'a>(&'a self, g: &'a GraphView, offset: u64, buf: &'a IoVecs<'a>) -> IoFuture<'a> {

@@ -77,6 +77,7 @@ impl Meta {
                 guest: ci * g.cluster_size(),
             });
         }
+        l2.missed();
         let mut buf = AlignedBuf::zeroed(l2.slice_bytes() as usize, 4096)?;
         io.read("read an L2 table", at.offset, buf.as_mut_slice())
             .await?;
