@@ -262,6 +262,8 @@ impl Daemon {
         let node = o.required("node-name", node)?;
         let writable = o.take_bool("writable")?.unwrap_or(false);
         let writethrough = o.take_bool("writethrough")?.unwrap_or(false);
+        let stats_intervals = o.take_u64_list("stats-intervals")?.unwrap_or_default();
+        crate::io_stats::timed::check_intervals(&stats_intervals).map_err(QmpError::generic)?;
         if ty == "nbd" {
             // Requests run on the connections' threads.
             o.take_str("iothread")?;
@@ -287,6 +289,7 @@ impl Daemon {
                     description,
                     writable,
                     allocation_depth,
+                    stats_intervals,
                 },
             });
         }
@@ -338,6 +341,7 @@ impl Daemon {
                 poll_max_ns: crate::export::DEFAULT_POLL_MAX_NS,
                 stop_timeout,
                 on_error,
+                stats_intervals,
             },
             iothread,
         }))

@@ -52,6 +52,8 @@ pub struct ExportOptions {
     pub stop_timeout: Duration,
     /// What a failed guest request does (`on-error`).
     pub on_error: OnError,
+    /// Lengths, in seconds, of the `timed_stats` intervals.
+    pub stats_intervals: Vec<u64>,
 }
 
 /// QEMU's default `poll-max-ns` for iothreads.
@@ -73,6 +75,7 @@ impl ExportOptions {
             logical_block_size: 512,
             stop_timeout: DEFAULT_STOP_TIMEOUT,
             on_error: OnError::default(),
+            stats_intervals: Vec::new(),
         }
     }
 }
@@ -200,7 +203,7 @@ impl Export {
         };
         let root = graph.attach_user(user, node)?;
         let hold = ErrorHold::new(opts.on_error, events);
-        let stats = ExportStats::default();
+        let stats = ExportStats::new(opts.stats_intervals.clone());
         let queue_stats = (0..opts.num_queues).map(|_| stats.add_queue()).collect();
         let export = Arc::new(Export {
             writeback: AtomicBool::new(opts.writeback),

@@ -158,8 +158,8 @@ impl Options {
         }
     }
 
-    /// A list of non-negative integers (QMP only: the dotted form has
-    /// no lists of numbers).
+    /// A list of non-negative integers (`key.0=`, `key.1=` on the command
+    /// line).
     pub fn take_u64_list(&mut self, key: &str) -> Result<Option<Vec<u64>>, OptionsError> {
         match self.map.remove(key) {
             None => Ok(None),
@@ -171,6 +171,12 @@ impl Options {
                         param: format!("{}[{i}]", self.param(key)),
                         expected: "a non-negative integer".into(),
                     }),
+                    Value::String(s) if self.strings => {
+                        s.parse().map_err(|_| OptionsError::Value {
+                            param: format!("{}.{i}", self.param(key)),
+                            expected: "a non-negative integer".into(),
+                        })
+                    }
                     _ => Err(OptionsError::Type {
                         param: format!("{}[{i}]", self.param(key)),
                         expected: "integer",

@@ -332,3 +332,94 @@ fn latency_histograms_bin_every_request_after_they_are_set() {
         assert!(s.get(k).is_none(), "{k} still in {s}");
     }
 }
+
+/// `stats-intervals` on the export gives `timed_stats`, one entry per
+/// interval in QEMU's `BlockDeviceTimedStats` shape, over what ran
+/// recently; bad intervals are refused by name.
+#[test]
+fn timed_stats_cover_each_interval_the_export_was_given() {
+    let dir = tempfile::tempdir().unwrap();
+    let [file, raw] = blockdevs(&image(dir.path(), 64 * MIB));
+    let (d, mut qmp) = Daemon::qsd_with_monitor(
+        dir.path(),
+        &[&file, &raw],
+        "id=vda,node-name=disk,writable=on,num-queues=2,stats-intervals.0=60,stats-intervals.1=3600",
+        &[],
+    );
+    let mut c = SyncClient::connect(d.socket(), false).unwrap();
+    for i in 0..4 {
+        c.read(i * 4096, 4096).unwrap();
+    }
+    c.write(0, &[2; 4096]).unwrap();
+    let all = qmp.execute("query-blockstats", json!({})).unwrap();
+    let timed = all[0]["stats"]["timed_stats"].as_array().unwrap().clone();
+    assert_eq!(timed.len(), 2, "{all}");
+    let want: BTreeSet<String> = [
+        "interval_length",
+        "min_rd_latency_ns",
+        "max_rd_latency_ns",
+        "avg_rd_latency_ns",
+        "min_wr_latency_ns",
+        "max_wr_latency_ns",
+        "avg_wr_latency_ns",
+        "min_flush_latency_ns",
+        "max_flush_latency_ns",
+        "avg_flush_latency_ns",
+        "avg_rd_queue_depth",
+        "avg_wr_queue_depth",
+    ]
+    .map(String::from)
+    .into();
+    for (t, len) in timed.iter().zip([60, 3600]) {
+        assert_eq!(keys(t), want);
+        assert_eq!(t["interval_length"], len);
+        let n = |k: &str| t[k].as_u64().unwrap();
+        assert!(n("min_rd_latency_ns") > 0, "{t}");
+        assert!(n("min_rd_latency_ns") <= n("avg_rd_latency_ns"), "{t}");
+        assert!(n("avg_rd_latency_ns") <= n("max_rd_latency_ns"), "{t}");
+        assert_eq!(
+            n("min_wr_latency_ns"),
+            n("max_wr_latency_ns"),
+            "one write: {t}"
+        );
+        assert_eq!(n("max_flush_latency_ns"), 0, "no flush: {t}");
+        // The reads took a sliver of the seconds the window covers.
+        let depth = t["avg_rd_queue_depth"].as_f64().unwrap();
+        assert!(depth > 0.0 && depth < 1.0, "{t}");
+    }
+    // Per node, the exported node carries the same windows.
+    let nodes = qmp
+        .execute("query-blockstats", json!({"query-nodes": true}))
+        .unwrap();
+    let disk = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node-name"] == "disk")
+        .unwrap();
+    assert_eq!(disk["stats"]["timed_stats"].as_array().unwrap().len(), 2);
+
+    for (bad, want) in [
+        (json!([0]), "stats-intervals.0 is 0"),
+        (
+            json!([60, 1u64 << 40]),
+            "stats-intervals.1 is 1099511627776",
+        ),
+        (
+            json!([1, 2, 3, 4, 5, 6, 7, 8, 9]),
+            "at most 8 stats-intervals",
+        ),
+        (
+            json!("60"),
+            "Invalid parameter type for 'stats-intervals', expected: array",
+        ),
+    ] {
+        let e = qmp
+            .execute(
+                "block-export-add",
+                json!({"type": "nbd", "id": "n", "node-name": "disk", "stats-intervals": bad}),
+            )
+            .unwrap_err();
+        assert!(e["desc"].as_str().unwrap().contains(want), "{bad}: {e}");
+    }
+}

@@ -75,6 +75,7 @@ pub fn nbd_client_bytes(data: &[u8]) {
             description: Some("fuzz".into()),
             writable: true,
             allocation_depth: true,
+            stats_intervals: Vec::new(),
         },
     )
     .expect("an export");

@@ -27,17 +27,29 @@ struct Inner {
 
 /// The counters of one export, added up when queried.
 #[derive(Default)]
-pub struct ExportStats(Mutex<Inner>);
+pub struct ExportStats {
+    inner: Mutex<Inner>,
+    /// `stats-intervals`, in seconds.
+    intervals: Vec<u64>,
+}
 
 impl ExportStats {
+    /// Counters for an export with `stats-intervals` of these lengths.
+    pub fn new(intervals: Vec<u64>) -> ExportStats {
+        ExportStats {
+            inner: Mutex::default(),
+            intervals,
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, Inner> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Counters for a new queue or connection, with the histograms set now.
     pub fn add_queue(&self) -> Arc<QueueStats> {
         let mut g = self.lock();
-        let q = Arc::new(QueueStats::default());
+        let q = Arc::new(QueueStats::with_intervals(&self.intervals));
         for (i, b) in g.boundaries.iter().enumerate() {
             if let Some(b) = b {
                 q.set_histogram(i, UserHistogram::new(b).ok());
@@ -53,6 +65,8 @@ impl ExportStats {
         let mut g = self.lock();
         g.live.retain(|x| !Arc::ptr_eq(x, q));
         g.ended.merge(&Totals::of([q]));
+        // Its windows would go stale: timed stats cover live queues.
+        g.ended.timed.clear();
     }
 
     /// Every queue's counters, ended ones included, added up.

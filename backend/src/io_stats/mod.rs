@@ -8,6 +8,7 @@
 
 mod export_stats;
 pub mod latency;
+pub mod timed;
 
 pub use export_stats::{ExportStats, HistogramChange};
 
@@ -61,6 +62,8 @@ pub struct QueueStats {
     /// Per [`HISTOGRAM_OPS`]: the operator's histogram, if set. Replaced
     /// whole by the monitor, so the queue never sees half a change.
     user: [ArcSwapOption<UserHistogram>; 3],
+    /// The export's `stats-intervals`, for `timed_stats`.
+    timed: Box<[timed::Interval]>,
 }
 
 /// A request in flight on a queue; see [`QueueStats::begin`].
@@ -85,11 +88,21 @@ fn add(c: &AtomicU64, by: u64) {
 }
 
 impl QueueStats {
+    /// Counters for a queue of an export with `stats-intervals` of these
+    /// lengths, in seconds.
+    pub fn with_intervals(intervals: &[u64]) -> QueueStats {
+        QueueStats {
+            timed: intervals.iter().map(|&s| timed::Interval::new(s)).collect(),
+            ..QueueStats::default()
+        }
+    }
+
     /// Counts a request that ran: `bytes` moved, started at `start`, and
     /// for a successful write the end of the range it wrote.
     #[inline]
     pub fn done(&self, op: Op, bytes: u64, start: Instant, ok: bool, write_end: Option<u64>) {
         let now = Instant::now();
+        let stamp = now.duration_since(epoch()).as_nanos() as u64;
         let c = &self.ops[op as usize];
         if ok {
             let ns = now.duration_since(start).as_nanos() as u64;
@@ -101,6 +114,9 @@ impl QueueStats {
                 if let Some(h) = &*self.user[i].load() {
                     h.record(ns);
                 }
+                for t in &self.timed {
+                    t.record(i, ns, stamp);
+                }
             }
             if let Some(end) = write_end {
                 if end > self.highest_write.load(Relaxed) {
@@ -110,7 +126,6 @@ impl QueueStats {
         } else {
             add(&c.failed, 1);
         }
-        let stamp = now.duration_since(epoch()).as_nanos() as u64;
         self.last_ns.store(stamp.max(1), Relaxed);
     }
 
@@ -150,6 +165,8 @@ pub struct Totals {
     pub latency: [[u64; BUCKETS]; 4],
     /// Per [`HISTOGRAM_OPS`]: the operator's histogram, if set.
     pub user: [Option<Snapshot>; 3],
+    /// Per stats interval: its oldest open window.
+    pub timed: Vec<timed::Window>,
 }
 
 impl Totals {
@@ -177,6 +194,9 @@ impl Totals {
                 *s += b.load(Relaxed);
             }
         }
+        let now = Instant::now().duration_since(epoch()).as_nanos() as u64;
+        let timed: Vec<_> = q.timed.iter().map(|t| t.read(now)).collect();
+        merge_timed(&mut self.timed, &timed);
         let user = q
             .user
             .iter()
@@ -204,6 +224,7 @@ impl Totals {
         for (sum, h) in self.user.iter_mut().zip(&other.user) {
             merge_user(sum, h.as_ref());
         }
+        merge_timed(&mut self.timed, &other.timed);
     }
 
     /// QEMU's `BlockDeviceStats`, with `idle_time_ns` once there was I/O.
@@ -222,7 +243,7 @@ impl Totals {
             "invalid_rd_operations": rd[4], "invalid_wr_operations": wr[4],
             "invalid_flush_operations": fl[4], "invalid_unmap_operations": un[4],
             "account_invalid": true, "account_failed": true,
-            "timed_stats": [],
+            "timed_stats": self.timed.iter().map(timed::Window::to_json).collect::<Vec<_>>(),
         });
         for (key, h) in ["rd", "wr", "flush"].iter().zip(&self.user) {
             if let Some(h) = h {
@@ -234,6 +255,18 @@ impl Totals {
             v["idle_time_ns"] = json!(now.saturating_sub(self.last_ns));
         }
         v
+    }
+}
+
+/// Adds windows of the same intervals; a node's exports with other
+/// intervals than the first's add nothing.
+fn merge_timed(sum: &mut Vec<timed::Window>, other: &[timed::Window]) {
+    if sum.is_empty() {
+        sum.extend_from_slice(other);
+    } else if sum.len() == other.len() {
+        for (a, b) in sum.iter_mut().zip(other) {
+            a.merge(b);
+        }
     }
 }
 

@@ -29,6 +29,8 @@ pub struct NbdExportOptions {
     pub writable: bool,
     /// Offer the `qemu:allocation-depth` metadata context.
     pub allocation_depth: bool,
+    /// Lengths, in seconds, of the `timed_stats` intervals.
+    pub stats_intervals: Vec<u64>,
 }
 
 /// A node served over NBD.
@@ -59,12 +61,12 @@ impl NbdExport {
         };
         let root = graph.attach_user(user, node)?;
         let export = Arc::new(NbdExport {
+            stats: ExportStats::new(opts.stats_intervals.clone()),
             opts,
             graph: graph.clone(),
             root,
             paused: AtomicU32::new(0),
             in_flight: AtomicU64::new(0),
-            stats: ExportStats::default(),
         });
         graph.register_quiesce(
             &export.opts.id,
