@@ -170,6 +170,37 @@ pub enum Command {
     /// Snapshot, stream, commit and mirror a running daemon's disk through its QMP
     /// monitor, with a progress bar; exits non-zero when the job fails.
     Job(JobArgs),
+    /// Watch the I/O of running daemons, like `iostat -x`: per export,
+    /// IOPS, MB/s, latency and queue depth, from query-blockstats.
+    Top(TopArgs),
+}
+
+/// Options of `strata top`.
+#[derive(Debug, Args)]
+pub struct TopArgs {
+    /// A daemon's QMP monitor socket. Repeatable.
+    #[arg(long, value_name = "PATH")]
+    pub qmp: Vec<PathBuf>,
+    /// Every daemon whose QMP socket matches this pattern (quote it:
+    /// '/run/strata/*.qmp'); matched again each round, so daemons that
+    /// start later appear.
+    #[arg(long, value_name = "PATTERN")]
+    pub glob: Option<String>,
+    /// Seconds between reports.
+    #[arg(short, long, value_name = "SECONDS", default_value = "1", value_parser = parse_interval)]
+    pub interval: f64,
+    /// Stop after this many reports (default: until interrupted).
+    #[arg(short = 'n', long, value_name = "N")]
+    pub count: Option<u64>,
+}
+
+fn parse_interval(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.05..=3600.0).contains(&v) => Ok(v),
+        _ => Err(format!(
+            "'{s}' is not a number of seconds from 0.05 to 3600"
+        )),
+    }
 }
 
 /// Options of `strata job`.

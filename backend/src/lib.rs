@@ -30,6 +30,7 @@ pub mod serve;
 pub mod signals;
 pub mod socket;
 pub mod stop_signal;
+pub mod top;
 pub mod vhost_user;
 pub mod virtio;
 mod worker;

@@ -34,6 +34,7 @@ fn main() -> ExitCode {
             Err(e) => Err(e),
         },
         Some(Command::Job(args)) => strata_backend::job_cli::run(args),
+        Some(Command::Top(args)) => strata_backend::top::run(args),
         None => strata_backend::qsd::run(cli.qsd),
     };
     match res {

@@ -18,6 +18,8 @@ pub struct QmpClient {
     next_id: u64,
     /// A line read in part before a timeout.
     partial: String,
+    /// How long a command may wait for its reply; forever if `None`.
+    reply_timeout: Option<Duration>,
 }
 
 /// A command the daemon refused: its class and description.
@@ -42,6 +44,7 @@ impl QmpClient {
             events: VecDeque::new(),
             next_id: 0,
             partial: String::new(),
+            reply_timeout: None,
         };
         let greeting = c
             .read(None)?
@@ -83,6 +86,12 @@ impl QmpClient {
         }
     }
 
+    /// Makes commands fail when their reply takes longer than `t`: for
+    /// watching many daemons, where one stuck must not stop the rest.
+    pub fn set_reply_timeout(&mut self, t: Duration) {
+        self.reply_timeout = Some(t);
+    }
+
     /// Runs `name` with `args`: Ok(Ok(return)) or Ok(Err(refusal)).
     pub fn execute(
         &mut self,
@@ -94,7 +103,12 @@ impl QmpClient {
         let msg = json!({"execute": name, "arguments": args, "id": id});
         writeln!(self.writer, "{msg}")?;
         loop {
-            let m = self.read(None)?.expect("no timeout");
+            let Some(m) = self.read(self.reply_timeout)? else {
+                bail!(
+                    "no reply to {name} within {:?}",
+                    self.reply_timeout.unwrap_or_default()
+                );
+            };
             if m.get("event").is_some() {
                 self.events.push_back(m);
                 continue;
