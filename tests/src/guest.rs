@@ -77,6 +77,26 @@ pub fn boot_reconnecting(
     boot_with(socket, num_queues, tests, ",reconnect=1", timeout, on_line)
 }
 
+/// [`boot_watching`], with QEMU's own QMP monitor on `qmp` for the test
+/// to drive (hotplug, say) from `on_line`.
+pub fn boot_with_monitor(
+    socket: &Path,
+    num_queues: u16,
+    tests: &str,
+    qmp: &Path,
+    timeout: Duration,
+    on_line: &mut dyn FnMut(&str),
+) -> GuestRun {
+    let (tx, rx) = mpsc::channel();
+    let chardev = format!("socket,id=c0,path={}", socket.display());
+    let extra = [
+        "-qmp".to_owned(),
+        format!("unix:{},server=on,wait=off", qmp.display()),
+    ];
+    let _vm = Vm::start(&chardev, num_queues, tests, "", &extra, tx, 0);
+    collect(&rx, timeout, &mut |_, l| on_line(l))
+}
+
 fn boot_with(
     socket: &Path,
     num_queues: u16,

@@ -1208,3 +1208,113 @@ fn storage_migration_over_nbd_with_tls_under_fio_verify() {
     assert_eq!(code, 0, "{out}");
     println!("migration: host B's image equals host A's source");
 }
+
+/// PCI hotplug: one daemon with a 1-queue export the guest boots with and
+/// an 8-queue export that QEMU plugs in, unplugs and plugs in again
+/// (`device_add`/`device_del` of vhost-user-blk-pci) while fio verify
+/// keeps the first disk busy. The second disk keeps what was written to
+/// it across the replug; the first never sees an error.
+#[test]
+#[ignore = "boots a QEMU guest; ci/test runs it"]
+fn a_disk_hotplugged_unplugged_and_replugged_beside_a_busy_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a.raw"), dir.path().join("b.raw"));
+    for img in [&a, &b] {
+        std::fs::File::create(img)
+            .unwrap()
+            .set_len(64 << 20)
+            .unwrap();
+    }
+    let (fa, fb) = (
+        format!("driver=file,node-name=fa,filename={}", a.display()),
+        format!("driver=file,node-name=fb,filename={}", b.display()),
+    );
+    let vdb_sock = dir.path().join("vdb.sock");
+    let vdb = format!(
+        "type=vhost-user-blk,id=vdb,node-name=b,writable=on,num-queues=8,addr.type=unix,addr.path={}",
+        vdb_sock.display()
+    );
+    let (daemon, mut strata_qmp) = Daemon::qsd_with_monitor(
+        dir.path(),
+        &[&fa, "driver=raw,node-name=a,file=fa"],
+        "id=vda,node-name=a,writable=on,num-queues=1",
+        &[
+            "--blockdev",
+            &fb,
+            "--blockdev",
+            "driver=raw,node-name=b,file=fb",
+            "--export",
+            &vdb,
+        ],
+    );
+
+    let qemu_qmp_path = dir.path().join("qemu.qmp");
+    let mut qemu: Option<Qmp> = None;
+    let plug = |q: &mut Qmp| {
+        q.execute(
+            "device_add",
+            json!({"driver": "vhost-user-blk-pci", "id": "hp0", "chardev": "c1", "num-queues": 8}),
+        )
+        .unwrap_or_else(|e| panic!("device_add: {e}"));
+    };
+    let run = strata_tests::guest::boot_with_monitor(
+        daemon.socket(),
+        1,
+        "hotplug",
+        &qemu_qmp_path,
+        BOOT_TIMEOUT,
+        &mut |line| {
+            let q = qemu.get_or_insert_with(|| Qmp::connect(&qemu_qmp_path));
+            if line.starts_with("STRATA hotplug-plug") {
+                q.execute(
+                    "chardev-add",
+                    json!({"id": "c1", "backend": {"type": "socket", "data": {
+                        "addr": {"type": "unix", "data": {"path": vdb_sock.to_str().unwrap()}},
+                        "server": false}}}),
+                )
+                .unwrap_or_else(|e| panic!("chardev-add: {e}"));
+                plug(q);
+            } else if line.starts_with("STRATA hotplug-unplug") {
+                q.execute("device_del", json!({"id": "hp0"}))
+                    .unwrap_or_else(|e| panic!("device_del: {e}"));
+            } else if line.starts_with("STRATA hotplug-replug") {
+                q.wait_event("DEVICE_DELETED", "device", "hp0", Duration::from_secs(60));
+                plug(q);
+            }
+        },
+    );
+    show(&run);
+    check_done(&run, &daemon.log_text());
+    assert!(run.failures().is_empty(), "{:?}", run.failures());
+    assert_eq!(
+        run.value("STRATA hotplug vdb", "size_sectors").as_deref(),
+        Some("131072")
+    );
+    // Linux uses no more queues than it has CPUs (two); QEMU still set up
+    // all eight with the daemon.
+    assert_eq!(
+        run.value("STRATA hotplug vdb", "queues").as_deref(),
+        Some("2")
+    );
+    assert!(run
+        .lines
+        .iter()
+        .any(|l| l.starts_with("STRATA hotplug replugged")));
+
+    let stats = strata_qmp.execute("query-blockstats", json!({})).unwrap();
+    let ops = |id: &str, k: &str| {
+        stats
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["device"] == id)
+            .unwrap()["stats"][k]
+            .as_u64()
+            .unwrap()
+    };
+    assert!(ops("vda", "wr_operations") > 100, "{stats}");
+    assert!(ops("vdb", "wr_operations") > 100, "{stats}");
+    assert!(ops("vdb", "rd_operations") > 0, "{stats}");
+    let (status, log) = daemon.stop();
+    assert!(status.success(), "strata exited with {status}:\n{log}");
+}
