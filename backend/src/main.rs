@@ -159,6 +159,7 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         if args.read_only { " (read-only)" } else { "" }
     );
     strata_backend::signals::quit_on_signals(Arc::clone(&daemon))?;
+    process::trim_heap();
     notifier.notify("READY=1");
     daemon.wait_quit();
     notifier.notify("STOPPING=1");

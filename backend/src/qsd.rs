@@ -233,6 +233,7 @@ pub fn run(args: QsdArgs) -> anyhow::Result<()> {
         r.ready(log.as_ref());
     }
     crate::signals::quit_on_signals(Arc::clone(&daemon))?;
+    crate::process::trim_heap();
     notifier.notify("READY=1");
     daemon.wait_quit();
     notifier.notify("STOPPING=1");
