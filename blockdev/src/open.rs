@@ -25,6 +25,7 @@ use strata_formats::null::{NullNode, NullOptions};
 use strata_formats::qcow2::{Qcow2Node, Qcow2Options};
 use strata_formats::quorum::{QuorumNode, QuorumOptions, ReadPattern};
 use strata_formats::raw::{RawNode, RawOptions};
+use strata_formats::rbd::{RbdNode, RbdOptions};
 use strata_formats::throttle::group::ThrottleGroups;
 use strata_formats::throttle::ThrottleNode;
 use strata_runtime::reactor::block_on;
@@ -163,6 +164,7 @@ enum Spec {
     Blkdebug(NodeId, Vec<Rule>),
     Qcow2(NodeId, Option<NodeId>, Qcow2Options),
     Nbd(ConnectOptions, bool),
+    Rbd(RbdOptions),
 }
 
 /// Adds the node described by `opts` (and its inline children) as a
@@ -467,7 +469,7 @@ fn record(mut given: Value, tx: &Transaction<'_>, spec: &Spec) -> Value {
             given["file"] = name(*f);
             given["backing"] = backing.map_or(Value::Null, name);
         }
-        Spec::File(_) | Spec::Null(_) | Spec::Nbd(..) => {}
+        Spec::File(_) | Spec::Null(_) | Spec::Nbd(..) | Spec::Rbd(_) => {}
     }
     given
 }
@@ -567,6 +569,7 @@ fn parse(
             )
         }
         "nbd" => Spec::Nbd(nbd::options(o, ctx)?, common.driver_read_only()),
+        "rbd" => Spec::Rbd(rbd::options(o, common.driver_read_only(), common.discard)?),
         "null-co" | "null-aio" => {
             let size = o.take_size("size")?.unwrap_or(1 << 30);
             let read_zeroes = o.take_bool("read-zeroes")?.unwrap_or(true);
@@ -848,6 +851,7 @@ fn build(
         Spec::Raw(file, r) => Arc::new(RawNode::open(b, file, &r)?),
         Spec::Null(n) => Arc::new(NullNode::new(n)),
         Spec::Nbd(opts, read_only) => Arc::new(NbdNode::open(opts, read_only)?),
+        Spec::Rbd(opts) => Arc::new(RbdNode::open(&opts)?),
         Spec::Throttle(file, group) => {
             let group = ctx.throttle_groups.get(&group)?;
             Arc::new(ThrottleNode::open(b, file, group)?)
@@ -869,5 +873,6 @@ fn build(
 }
 
 mod nbd;
+mod rbd;
 #[cfg(test)]
 mod tests;

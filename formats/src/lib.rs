@@ -20,6 +20,7 @@ pub mod null;
 pub mod qcow2;
 pub mod quorum;
 pub mod raw;
+pub mod rbd;
 pub mod throttle;
 
 #[cfg(test)]

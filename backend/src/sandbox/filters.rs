@@ -81,6 +81,13 @@ pub fn daemon() -> Vec<i64> {
         SYS_poll,
         SYS_ppoll,
         SYS_epoll_create1,
+        // librados (driver=rbd): its messenger's epoll, and the files it
+        // looks for (ceph.conf, keyrings) at start-up.
+        SYS_epoll_create,
+        SYS_access,
+        // librados's admin socket (`ceph daemon` commands), if the conf
+        // asks for one.
+        SYS_accept,
         SYS_eventfd2,
         SYS_timerfd_create,
         SYS_timerfd_settime,

@@ -1,0 +1,275 @@
+//! `driver=rbd` against a real one-node Ceph cluster (ci/ceph-cluster,
+//! started by ci/test, which names its ceph.conf in STRATA_CEPH_CONF):
+//! what `rbd import` put in reads back through Strata, what Strata writes
+//! `rbd export` and qemu-io's `rbd:` protocol see, discards free space,
+//! a snapshot serves read-only, and bad names are refused by name.
+//!
+//! They need the cluster, so a plain `cargo test` ignores them.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::json;
+use strata_tests::client::SyncClient;
+use strata_tests::daemon::Daemon;
+
+const MIB: u64 = 1 << 20;
+
+fn conf() -> PathBuf {
+    std::env::var("STRATA_CEPH_CONF")
+        .expect("STRATA_CEPH_CONF names the test cluster's ceph.conf (ci/test starts one)")
+        .into()
+}
+
+/// Runs `rbd -c CONF ARGS`, which must succeed; its stdout.
+fn rbd(args: &[&str]) -> String {
+    let out = Command::new("rbd")
+        .arg("-c")
+        .arg(conf())
+        .args(args)
+        .output()
+        .expect("rbd runs (apt-get install ceph-common)");
+    assert!(
+        out.status.success(),
+        "rbd {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A fresh image of `size` bytes holding `data` at 0, named `name`.
+fn image(dir: &Path, name: &str, data: &[u8], size: u64) {
+    // Left over from an earlier run: snapshots first, then the image.
+    for args in [["snap", "purge"], ["rm", "--no-progress"]] {
+        let _ = Command::new("rbd")
+            .arg("-c")
+            .arg(conf())
+            .args(args)
+            .arg(format!("rbd/{name}"))
+            .output();
+    }
+    let src = dir.join(format!("{name}.src"));
+    let mut bytes = data.to_vec();
+    bytes.resize(size as usize, 0);
+    std::fs::write(&src, &bytes).unwrap();
+    rbd(&["import", src.to_str().unwrap(), &format!("rbd/{name}")]);
+}
+
+fn random(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+fn serve(dir: &Path, node: &str, writable: bool) -> (Daemon, strata_tests::qmp::Qmp) {
+    let export = format!(
+        "id=vda,node-name=disk,writable={}",
+        if writable { "on" } else { "off" }
+    );
+    Daemon::qsd_with_monitor(dir, &[node], &export, &[])
+}
+
+fn rbd_node(name: &str, extra: &str) -> String {
+    format!(
+        "driver=rbd,node-name=disk,pool=rbd,image={name},conf={},user=admin{extra}",
+        conf().display()
+    )
+}
+
+#[test]
+#[ignore = "needs the Ceph test cluster; ci/test runs it"]
+fn an_rbd_image_round_trips_through_strata() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = random(8 * MIB as usize, 7);
+    image(dir.path(), "rt", &data, 16 * MIB);
+    let (d, mut qmp) = serve(dir.path(), &rbd_node("rt", ",discard=unmap"), true);
+    let mut c = SyncClient::connect(d.socket(), false).unwrap();
+    c.timeout = Some(std::time::Duration::from_secs(60));
+    assert_eq!(c.capacity, 16 * MIB);
+    for at in (0..16 * MIB).step_by(MIB as usize) {
+        let got = c.read(at, MIB as usize).unwrap();
+        let want = data
+            .get(at as usize..(at + MIB) as usize)
+            .map_or(vec![0; MIB as usize], <[u8]>::to_vec);
+        assert!(
+            got == want,
+            "bytes at {at} differ from what rbd import wrote"
+        );
+    }
+
+    // Writes land in the cluster, for rbd export to see.
+    let pattern = random(64 * 1024, 9);
+    c.write(12 * MIB, &pattern).unwrap();
+    c.write_zeroes(MIB, 4096, false).unwrap();
+    c.flush().unwrap();
+    let exported = dir.path().join("rt.out");
+    rbd(&["export", "rbd/rt", exported.to_str().unwrap()]);
+    let out = std::fs::read(&exported).unwrap();
+    assert!(out[12 * MIB as usize..][..pattern.len()] == pattern[..]);
+    assert!(out[MIB as usize..][..4096].iter().all(|&b| b == 0));
+    assert!(out[..MIB as usize] == data[..MIB as usize]);
+
+    // qemu-io over QEMU's own rbd: protocol reads what Strata wrote, and
+    // Strata reads what it writes.
+    let spec = format!("rbd:rbd/rt:conf={}", conf().display());
+    let io = |cmd: &str| {
+        let out = Command::new("qemu-io")
+            .args(["-f", "raw", "-c", cmd, &spec])
+            .output()
+            .expect("qemu-io (apt-get install qemu-block-extra)");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success() && !text.contains("fail"),
+            "qemu-io {cmd}: {text}"
+        );
+    };
+    io(&format!("read -P 0 {} 4096", MIB));
+    io(&format!("write -P 0x5a {} 65536", 14 * MIB));
+    assert!(c.read(14 * MIB, 65536).unwrap().iter().all(|&b| b == 0x5a));
+
+    // Discarding whole objects (4 MiB) gives their space back.
+    let used = || -> u64 {
+        let v: serde_json::Value =
+            serde_json::from_str(&rbd(&["du", "--format", "json", "rbd/rt"])).unwrap();
+        v["images"][0]["used_size"].as_u64().unwrap()
+    };
+    let before = used();
+    c.discard(4 * MIB, 4 * MIB).unwrap();
+    c.flush().unwrap();
+    assert!(used() < before, "rbd du: {} then {}", before, used());
+    assert!(c.read(4 * MIB, 4096).unwrap().iter().all(|&b| b == 0));
+
+    // query-named-block-nodes knows the driver and the size.
+    let nodes = qmp.execute("query-named-block-nodes", json!({})).unwrap();
+    let node = &nodes.as_array().unwrap()[0];
+    assert_eq!(node["drv"], "rbd", "{node}");
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+}
+
+#[test]
+#[ignore = "needs the Ceph test cluster; ci/test runs it"]
+fn a_snapshot_serves_read_only_what_it_held() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = random(MIB as usize, 3);
+    image(dir.path(), "snap", &data, 8 * MIB);
+    rbd(&["snap", "create", "rbd/snap@s1"]);
+    // The image moves on after the snapshot.
+    let out = Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 1 0 1M"])
+        .arg(format!("rbd:rbd/snap:conf={}", conf().display()))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (d, _q) = serve(dir.path(), &rbd_node("snap", ",snapshot=s1"), false);
+    let mut c = SyncClient::connect(d.socket(), true).unwrap();
+    c.timeout = Some(std::time::Duration::from_secs(60));
+    assert!(c.read(0, MIB as usize).unwrap() == data);
+    // A write to a snapshot cannot happen: the export is read-only, and
+    // the node would refuse it too.
+    assert!(c.write(0, &[1; 512]).is_err());
+}
+
+#[test]
+#[ignore = "needs the Ceph test cluster; ci/test runs it"]
+fn bad_pools_images_and_options_are_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        (
+            format!(
+                "driver=rbd,node-name=disk,pool=nopool,image=x,conf={}",
+                conf().display()
+            ),
+            "cannot open pool 'nopool'",
+        ),
+        (
+            rbd_node("no-such-image", ""),
+            "cannot open RBD image 'rbd/no-such-image'",
+        ),
+        (
+            "driver=rbd,node-name=disk,pool=rbd,image=x,conf=/nonexistent/ceph.conf".to_owned(),
+            "cannot read Ceph configuration '/nonexistent/ceph.conf'",
+        ),
+        (rbd_node("x", ",key-secret=s"), "key-secret"),
+        ("driver=rbd,node-name=disk,pool=rbd".to_owned(), "'image'"),
+    ];
+    for (node, want) in cases {
+        let out = Command::new(strata_tests::daemon::strata_bin())
+            .args(["--blockdev", &node])
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(want), "{node}: {err}");
+    }
+}
+
+/// A QEMU guest runs verified random writes on two queues of an RBD disk
+/// served by Strata, while the cluster's only OSD is frozen (SIGSTOP) for
+/// 5 s and thawed: the requests wait and resume, and fio sees no error.
+#[test]
+#[ignore = "needs the Ceph test cluster and the test guest; ci/test runs it"]
+fn a_guest_runs_fio_verify_on_rbd_through_a_frozen_osd() {
+    let dir = tempfile::tempdir().unwrap();
+    image(dir.path(), "guest", &[], 256 * MIB);
+    let node = rbd_node("guest", ",discard=unmap");
+    let export = "id=vda,node-name=disk,writable=on,num-queues=2";
+    let (d, _q) = Daemon::qsd_with_monitor(dir.path(), &[&node], export, &[]);
+    let pid_file = conf().parent().unwrap().join("run/osd.0.pid");
+    let osd: i32 = std::fs::read_to_string(&pid_file)
+        .unwrap_or_else(|e| panic!("{}: {e}", pid_file.display()))
+        .trim()
+        .parse()
+        .unwrap();
+    let mut frozen = None;
+    let run = strata_tests::guest::boot_watching(
+        d.socket(),
+        2,
+        "fio-long25",
+        std::time::Duration::from_secs(300),
+        &mut |line| {
+            if line.starts_with("STRATA fio-running") && frozen.is_none() {
+                std::thread::sleep(std::time::Duration::from_secs(3));
+                // SAFETY: signalling a process of the test's own cluster.
+                unsafe { libc::kill(osd, libc::SIGSTOP) };
+                std::thread::sleep(std::time::Duration::from_secs(5));
+                // SAFETY: as above.
+                unsafe { libc::kill(osd, libc::SIGCONT) };
+                frozen = Some(());
+            }
+        },
+    );
+    // Never leave the cluster frozen, whatever happened.
+    // SAFETY: as above.
+    unsafe { libc::kill(osd, libc::SIGCONT) };
+    for l in &run.lines {
+        println!("{l}");
+    }
+    assert!(
+        run.done,
+        "the guest did not finish:\n{}\n{}",
+        run.console,
+        d.log_text()
+    );
+    assert!(frozen.is_some(), "fio never started");
+    assert!(
+        run.failures().is_empty(),
+        "{:?}\n{}",
+        run.failures(),
+        d.log_text()
+    );
+    assert_eq!(run.value("STRATA fio", "rc").as_deref(), Some("0"));
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+}
