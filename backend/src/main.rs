@@ -64,48 +64,68 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         FormatArg::Raw => Some(ImageFormat::Raw),
         FormatArg::Qcow2 => Some(ImageFormat::Qcow2),
     };
+    // qemu-img's `rbd:POOL/IMAGE[@SNAP][:OPTION=VALUE...]`: an image in Ceph.
+    let rbd = image
+        .to_str()
+        .filter(|s| s.starts_with("rbd:"))
+        .map(str::to_owned);
+    if rbd.is_some() {
+        if create.is_some() {
+            bail!("--create makes files; create an RBD image with `rbd create --size SIZE POOL/IMAGE`");
+        }
+        if format == Some(ImageFormat::Qcow2) {
+            bail!("an rbd: image is served as it is (raw); give --format raw or auto");
+        }
+    }
     let mut created = false;
-    if let Some(size) = create {
-        if image.exists() {
-            tracing::info!("'{}' exists; serving it as it is", image.display());
-        } else {
-            if format == Some(ImageFormat::Qcow2) {
-                let opts = CreateOptions {
-                    size,
-                    ..Default::default()
-                };
-                create_qcow2(&image, &opts).context("cannot create the image")?;
+    // The cluster has an rbd: image: nothing to create or look for here.
+    if rbd.is_none() {
+        if let Some(size) = create {
+            if image.exists() {
+                tracing::info!("'{}' exists; serving it as it is", image.display());
             } else {
-                image::create_raw(&image, size).context("cannot create the image")?;
+                if format == Some(ImageFormat::Qcow2) {
+                    let opts = CreateOptions {
+                        size,
+                        ..Default::default()
+                    };
+                    create_qcow2(&image, &opts).context("cannot create the image")?;
+                } else {
+                    image::create_raw(&image, size).context("cannot create the image")?;
+                }
+                created = true;
+                tracing::info!(
+                    "created '{}' ({size} bytes, {})",
+                    image.display(),
+                    format.unwrap_or(ImageFormat::Raw).name()
+                );
             }
-            created = true;
-            tracing::info!(
-                "created '{}' ({size} bytes, {})",
-                image.display(),
-                format.unwrap_or(ImageFormat::Raw).name()
+        } else if !image.exists() {
+            bail!(
+                "'{}' does not exist (pass --create SIZE to create it)",
+                image.display()
             );
         }
-    } else if !image.exists() {
-        bail!(
-            "'{}' does not exist (pass --create SIZE to create it)",
-            image.display()
-        );
     }
 
     let daemon = Daemon::new();
     if let Some(m) = args.process.socket_mode {
         daemon.set_socket_mode(m);
     }
-    open_image(
-        &daemon,
-        &image,
-        &ImageOptions {
-            // A freshly created image's format is known.
-            format: format.or(created.then_some(ImageFormat::Raw)),
-            direct: args.cache == CacheArg::None,
-            read_only: args.read_only,
-        },
-    )?;
+    match &rbd {
+        Some(name) => strata_backend::open::open_rbd(&daemon, name, args.read_only).map(drop)?,
+        None => open_image(
+            &daemon,
+            &image,
+            &ImageOptions {
+                // A freshly created image's format is known.
+                format: format.or(created.then_some(ImageFormat::Raw)),
+                direct: args.cache == CacheArg::None,
+                read_only: args.read_only,
+            },
+        )
+        .map(drop)?,
+    }
     let mut reach = strata_backend::sandbox::landlock::Reach::default();
     for p in daemon.image_paths() {
         reach.image(&p);

@@ -80,3 +80,17 @@ pub fn open_image(daemon: &Daemon, path: &Path, opts: &ImageOptions) -> anyhow::
     })?;
     Ok(disk)
 }
+
+/// Adds the RBD image named as qemu-img names it
+/// (`rbd:POOL/IMAGE[@SNAP][:OPTION=VALUE...]`) as node `disk`.
+pub fn open_rbd(daemon: &Daemon, name: &str, read_only: bool) -> anyhow::Result<NodeId> {
+    let mut o = strata_formats::rbd::filename::parse(name).map_err(anyhow::Error::msg)?;
+    o.read_only |= read_only;
+    o.discard = true;
+    daemon
+        .graph()
+        .add_node("disk", |_| {
+            strata_formats::rbd::RbdNode::open(&o).map(|n| Arc::new(n) as Arc<dyn BlockDriver>)
+        })
+        .with_context(|| format!("cannot open '{name}'"))
+}

@@ -273,3 +273,33 @@ fn a_guest_runs_fio_verify_on_rbd_through_a_frozen_osd() {
     let (status, log) = d.stop();
     assert!(status.success(), "{log}");
 }
+
+/// `strata serve` takes an image in Ceph as qemu-img names it.
+#[test]
+#[ignore = "needs the Ceph test cluster; ci/test runs it"]
+fn serve_takes_an_rbd_name_as_qemu_img_spells_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = random(MIB as usize, 11);
+    image(dir.path(), "served", &data, 4 * MIB);
+    let name = format!("rbd:rbd/served:conf={}:id=admin", conf().display());
+    let d = Daemon::serve(
+        &[&name, "--num-queues", "2"],
+        &dir.path().join("vm.sock"),
+        &dir.path().join("log"),
+    );
+    let mut c = SyncClient::connect(d.socket(), false).unwrap();
+    c.timeout = Some(std::time::Duration::from_secs(60));
+    assert_eq!(c.capacity, 4 * MIB);
+    assert!(c.read(0, MIB as usize).unwrap() == data);
+    c.write(2 * MIB, &[6; 4096]).unwrap();
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+
+    let out = Command::new(strata_tests::daemon::strata_bin())
+        .args(["serve", &name, "--create", "1G", "--socket"])
+        .arg(dir.path().join("x.sock"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("rbd create"), "{err}");
+}

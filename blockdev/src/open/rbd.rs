@@ -79,6 +79,7 @@ pub(super) fn options(
         key: None,
         auth_client_required: auth,
         servers,
+        conf_options: Vec::new(),
         read_only,
         discard,
     })

@@ -5,6 +5,7 @@
 
 mod aio;
 pub mod ffi;
+pub mod filename;
 
 use std::ffi::{c_int, c_void, CString};
 use std::path::PathBuf;
@@ -47,6 +48,8 @@ pub struct RbdOptions {
     pub auth_client_required: Option<String>,
     /// Monitors as `host:port`, overriding the conf's.
     pub servers: Vec<String>,
+    /// Other Ceph options (`rbd:` names' `OPTION=VALUE`), set in order.
+    pub conf_options: Vec<(String, String)>,
     /// Serve it read-only.
     pub read_only: bool,
     /// Pass discards to the cluster (`discard=unmap`).
@@ -184,6 +187,9 @@ impl RbdNode {
             set("auth_client_required", a)?;
         }
         set("client_mount_timeout", MOUNT_TIMEOUT_S)?;
+        for (k, v) in &o.conf_options {
+            set(k, v)?;
+        }
         // SAFETY: a configured cluster handle.
         let r = unsafe { (lib.rados_connect)(h.cluster) };
         check(|| "cannot connect to the Ceph cluster".into(), r)?;
