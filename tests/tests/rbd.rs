@@ -303,3 +303,108 @@ fn serve_takes_an_rbd_name_as_qemu_img_spells_it() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("rbd create"), "{err}");
 }
+
+/// A golden image in Ceph under a local qcow2 overlay: `block-stream`
+/// pulls the RBD image's data into the overlay while a frontend writes to
+/// the disk, and the overlay then stands alone with both.
+#[test]
+#[ignore = "needs the Ceph test cluster; ci/test runs it"]
+fn block_stream_pulls_an_rbd_backing_into_a_local_overlay_under_io() {
+    let dir = tempfile::tempdir().unwrap();
+    let golden = random(8 * MIB as usize, 21);
+    image(dir.path(), "golden", &golden, 32 * MIB);
+    let overlay = dir.path().join("overlay.qcow2");
+    let out = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&overlay)
+        .arg("32M")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let base = format!(
+        "driver=rbd,node-name=base,pool=rbd,image=golden,conf={},read-only=on",
+        conf().display()
+    );
+    let file = format!("driver=file,node-name=of,filename={}", overlay.display());
+    let (d, mut qmp) = Daemon::qsd_with_monitor(
+        dir.path(),
+        &[
+            &base,
+            &file,
+            "driver=qcow2,node-name=top,file=of,backing=base",
+        ],
+        "id=vda,node-name=top,writable=on",
+        &[],
+    );
+    let mut c = SyncClient::connect(d.socket(), false).unwrap();
+    c.timeout = Some(std::time::Duration::from_secs(60));
+    assert!(c.read(MIB, 4096).unwrap()[..] == golden[MIB as usize..][..4096]);
+
+    qmp.execute(
+        "block-stream",
+        json!({"job-id": "s", "device": "top", "speed": 8 * MIB}),
+    )
+    .unwrap();
+    // The frontend writes while the job copies.
+    let mine = random(MIB as usize, 22);
+    for i in 0..4 {
+        c.write(
+            20 * MIB + i * 256 * 1024,
+            &mine[(i * 256 * 1024) as usize..][..256 * 1024],
+        )
+        .unwrap();
+    }
+    c.write(2 * MIB, &[9; 4096]).unwrap();
+    let done = qmp.wait_event(
+        "BLOCK_JOB_COMPLETED",
+        "device",
+        "s",
+        std::time::Duration::from_secs(120),
+    );
+    assert!(done.get("error").is_none(), "{done}");
+    let nodes = qmp.execute("query-named-block-nodes", json!({})).unwrap();
+    let top = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node-name"] == "top")
+        .unwrap();
+    assert!(
+        top.get("backing_file")
+            .is_none_or(|b| b.is_null() || b == ""),
+        "top still has a backing file: {top}"
+    );
+    c.flush().unwrap();
+    drop(c);
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+
+    // The overlay alone holds the golden data, and what was written.
+    let raw = dir.path().join("flat.raw");
+    let out = Command::new("qemu-img")
+        .args(["convert", "-O", "raw"])
+        .arg(&overlay)
+        .arg(&raw)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let flat = std::fs::read(&raw).unwrap();
+    let mut want = golden.clone();
+    want[2 * MIB as usize..][..4096].fill(9);
+    assert!(
+        flat[..8 * MIB as usize] == want[..],
+        "the golden data did not all arrive"
+    );
+    assert!(flat[20 * MIB as usize..][..MIB as usize] == mine[..]);
+    let info = Command::new("qemu-img")
+        .arg("info")
+        .arg(&overlay)
+        .output()
+        .unwrap();
+    let info = String::from_utf8_lossy(&info.stdout);
+    assert!(!info.contains("backing file"), "{info}");
+}
