@@ -152,6 +152,7 @@ impl Daemon {
             graph,
             ctx: OpenContext {
                 tls: Default::default(),
+                secrets: Default::default(),
                 throttle_groups: ThrottleGroups::default(),
                 events: events.clone(),
             },
@@ -756,6 +757,7 @@ impl Daemon {
                     .add(&id, limits)
                     .map_err(QmpError::generic)?;
             }
+            "secret" => self.ctx.secrets.add(&id, o)?,
             "iothread" => {
                 let poll = o
                     .take_u64("poll-max-ns")?
@@ -774,7 +776,7 @@ impl Daemon {
             other => {
                 return Err(QmpError::generic(format!(
                     "object type '{other}' is not supported (throttle-group, iothread, \
-                     tls-creds-x509 and authz-simple are)"
+                     secret, tls-creds-x509 and authz-simple are)"
                 )))
             }
         }
@@ -787,7 +789,7 @@ impl Daemon {
         if iothreads.remove(id).is_some() {
             return Ok(());
         }
-        if self.ctx.tls.remove(id) {
+        if self.ctx.tls.remove(id) || self.ctx.secrets.remove(id) {
             return Ok(());
         }
         drop(iothreads);

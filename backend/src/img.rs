@@ -42,6 +42,7 @@ fn open(
     let graph = Graph::new();
     let ctx = OpenContext {
         tls: Default::default(),
+        secrets: Default::default(),
         throttle_groups: ThrottleGroups::default(),
         events: Arc::new(NoEvents),
     };

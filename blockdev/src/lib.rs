@@ -15,6 +15,7 @@
 mod blkdebug;
 pub mod open;
 pub mod options;
+pub mod secret;
 pub mod socket_address;
 pub mod throttle;
 pub mod tls;

@@ -39,6 +39,8 @@ pub struct OpenContext {
     pub throttle_groups: ThrottleGroups,
     /// TLS credentials and authorization objects.
     pub tls: Arc<crate::tls::TlsObjects>,
+    /// `secret` objects, for options that name one.
+    pub secrets: Arc<crate::secret::Secrets>,
     /// Where drivers report events.
     pub events: Arc<dyn EventSink>,
 }
@@ -569,7 +571,12 @@ fn parse(
             )
         }
         "nbd" => Spec::Nbd(nbd::options(o, ctx)?, common.driver_read_only()),
-        "rbd" => Spec::Rbd(rbd::options(o, common.driver_read_only(), common.discard)?),
+        "rbd" => Spec::Rbd(rbd::options(
+            o,
+            ctx,
+            common.driver_read_only(),
+            common.discard,
+        )?),
         "null-co" | "null-aio" => {
             let size = o.take_size("size")?.unwrap_or(1 << 30);
             let read_zeroes = o.take_bool("read-zeroes")?.unwrap_or(true);

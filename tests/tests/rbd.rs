@@ -37,22 +37,21 @@ fn rbd(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// A fresh image of `size` bytes holding `data` at 0, named `name`.
-fn image(dir: &Path, name: &str, data: &[u8], size: u64) {
-    // Left over from an earlier run: snapshots first, then the image.
-    for args in [["snap", "purge"], ["rm", "--no-progress"]] {
-        let _ = Command::new("rbd")
-            .arg("-c")
-            .arg(conf())
-            .args(args)
-            .arg(format!("rbd/{name}"))
-            .output();
-    }
-    let src = dir.join(format!("{name}.src"));
+/// A fresh image of `size` bytes holding `data` at 0, named after `base`
+/// and this run: an image a killed client had open keeps its watcher for
+/// a while, so names are never reused. Returns the name.
+fn image(dir: &Path, base: &str, data: &[u8], size: u64) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    let name = format!("{base}-{}-{nanos}", std::process::id());
+    let src = dir.join(format!("{base}.src"));
     let mut bytes = data.to_vec();
     bytes.resize(size as usize, 0);
     std::fs::write(&src, &bytes).unwrap();
     rbd(&["import", src.to_str().unwrap(), &format!("rbd/{name}")]);
+    name
 }
 
 fn random(len: usize, seed: u64) -> Vec<u8> {
@@ -87,8 +86,8 @@ fn rbd_node(name: &str, extra: &str) -> String {
 fn an_rbd_image_round_trips_through_strata() {
     let dir = tempfile::tempdir().unwrap();
     let data = random(8 * MIB as usize, 7);
-    image(dir.path(), "rt", &data, 16 * MIB);
-    let (d, mut qmp) = serve(dir.path(), &rbd_node("rt", ",discard=unmap"), true);
+    let rt = image(dir.path(), "rt", &data, 16 * MIB);
+    let (d, mut qmp) = serve(dir.path(), &rbd_node(&rt, ",discard=unmap"), true);
     let mut c = SyncClient::connect(d.socket(), false).unwrap();
     c.timeout = Some(std::time::Duration::from_secs(60));
     assert_eq!(c.capacity, 16 * MIB);
@@ -109,7 +108,7 @@ fn an_rbd_image_round_trips_through_strata() {
     c.write_zeroes(MIB, 4096, false).unwrap();
     c.flush().unwrap();
     let exported = dir.path().join("rt.out");
-    rbd(&["export", "rbd/rt", exported.to_str().unwrap()]);
+    rbd(&["export", &format!("rbd/{rt}"), exported.to_str().unwrap()]);
     let out = std::fs::read(&exported).unwrap();
     assert!(out[12 * MIB as usize..][..pattern.len()] == pattern[..]);
     assert!(out[MIB as usize..][..4096].iter().all(|&b| b == 0));
@@ -117,7 +116,7 @@ fn an_rbd_image_round_trips_through_strata() {
 
     // qemu-io over QEMU's own rbd: protocol reads what Strata wrote, and
     // Strata reads what it writes.
-    let spec = format!("rbd:rbd/rt:conf={}", conf().display());
+    let spec = format!("rbd:rbd/{rt}:conf={}", conf().display());
     let io = |cmd: &str| {
         let out = Command::new("qemu-io")
             .args(["-f", "raw", "-c", cmd, &spec])
@@ -137,7 +136,7 @@ fn an_rbd_image_round_trips_through_strata() {
     // Discarding whole objects (4 MiB) gives their space back.
     let used = || -> u64 {
         let v: serde_json::Value =
-            serde_json::from_str(&rbd(&["du", "--format", "json", "rbd/rt"])).unwrap();
+            serde_json::from_str(&rbd(&["du", "--format", "json", &format!("rbd/{rt}")])).unwrap();
         v["images"][0]["used_size"].as_u64().unwrap()
     };
     let before = used();
@@ -159,12 +158,12 @@ fn an_rbd_image_round_trips_through_strata() {
 fn a_snapshot_serves_read_only_what_it_held() {
     let dir = tempfile::tempdir().unwrap();
     let data = random(MIB as usize, 3);
-    image(dir.path(), "snap", &data, 8 * MIB);
-    rbd(&["snap", "create", "rbd/snap@s1"]);
+    let snap = image(dir.path(), "snap", &data, 8 * MIB);
+    rbd(&["snap", "create", &format!("rbd/{snap}@s1")]);
     // The image moves on after the snapshot.
     let out = Command::new("qemu-io")
         .args(["-f", "raw", "-c", "write -P 1 0 1M"])
-        .arg(format!("rbd:rbd/snap:conf={}", conf().display()))
+        .arg(format!("rbd:rbd/{snap}:conf={}", conf().display()))
         .output()
         .unwrap();
     assert!(
@@ -172,7 +171,7 @@ fn a_snapshot_serves_read_only_what_it_held() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let (d, _q) = serve(dir.path(), &rbd_node("snap", ",snapshot=s1"), false);
+    let (d, _q) = serve(dir.path(), &rbd_node(&snap, ",snapshot=s1"), false);
     let mut c = SyncClient::connect(d.socket(), true).unwrap();
     c.timeout = Some(std::time::Duration::from_secs(60));
     assert!(c.read(0, MIB as usize).unwrap() == data);
@@ -201,7 +200,10 @@ fn bad_pools_images_and_options_are_refused_by_name() {
             "driver=rbd,node-name=disk,pool=rbd,image=x,conf=/nonexistent/ceph.conf".to_owned(),
             "cannot read Ceph configuration '/nonexistent/ceph.conf'",
         ),
-        (rbd_node("x", ",key-secret=s"), "key-secret"),
+        (
+            rbd_node("x", ",key-secret=s"),
+            "key-secret: no secret with id 's'",
+        ),
         ("driver=rbd,node-name=disk,pool=rbd".to_owned(), "'image'"),
     ];
     for (node, want) in cases {
@@ -222,8 +224,8 @@ fn bad_pools_images_and_options_are_refused_by_name() {
 #[ignore = "needs the Ceph test cluster and the test guest; ci/test runs it"]
 fn a_guest_runs_fio_verify_on_rbd_through_a_frozen_osd() {
     let dir = tempfile::tempdir().unwrap();
-    image(dir.path(), "guest", &[], 256 * MIB);
-    let node = rbd_node("guest", ",discard=unmap");
+    let name = image(dir.path(), "guest", &[], 256 * MIB);
+    let node = rbd_node(&name, ",discard=unmap");
     let export = "id=vda,node-name=disk,writable=on,num-queues=2";
     let (d, _q) = Daemon::qsd_with_monitor(dir.path(), &[&node], export, &[]);
     let pid_file = conf().parent().unwrap().join("run/osd.0.pid");
@@ -280,8 +282,8 @@ fn a_guest_runs_fio_verify_on_rbd_through_a_frozen_osd() {
 fn serve_takes_an_rbd_name_as_qemu_img_spells_it() {
     let dir = tempfile::tempdir().unwrap();
     let data = random(MIB as usize, 11);
-    image(dir.path(), "served", &data, 4 * MIB);
-    let name = format!("rbd:rbd/served:conf={}:id=admin", conf().display());
+    let served = image(dir.path(), "served", &data, 4 * MIB);
+    let name = format!("rbd:rbd/{served}:conf={}:id=admin", conf().display());
     let d = Daemon::serve(
         &[&name, "--num-queues", "2"],
         &dir.path().join("vm.sock"),
@@ -312,7 +314,7 @@ fn serve_takes_an_rbd_name_as_qemu_img_spells_it() {
 fn block_stream_pulls_an_rbd_backing_into_a_local_overlay_under_io() {
     let dir = tempfile::tempdir().unwrap();
     let golden = random(8 * MIB as usize, 21);
-    image(dir.path(), "golden", &golden, 32 * MIB);
+    let golden_name = image(dir.path(), "golden", &golden, 32 * MIB);
     let overlay = dir.path().join("overlay.qcow2");
     let out = Command::new("qemu-img")
         .args(["create", "-q", "-f", "qcow2"])
@@ -322,7 +324,7 @@ fn block_stream_pulls_an_rbd_backing_into_a_local_overlay_under_io() {
         .unwrap();
     assert!(out.status.success());
     let base = format!(
-        "driver=rbd,node-name=base,pool=rbd,image=golden,conf={},read-only=on",
+        "driver=rbd,node-name=base,pool=rbd,image={golden_name},conf={},read-only=on",
         conf().display()
     );
     let file = format!("driver=file,node-name=of,filename={}", overlay.display());
@@ -407,4 +409,58 @@ fn block_stream_pulls_an_rbd_backing_into_a_local_overlay_under_io() {
         .unwrap();
     let info = String::from_utf8_lossy(&info.stdout);
     assert!(!info.contains("backing file"), "{info}");
+}
+
+/// With `key-secret` and `server`, no ceph.conf and no keyring are needed:
+/// the key comes from a `secret` object. A wrong key is refused by the
+/// cluster, and the error says so.
+#[test]
+#[ignore = "needs the Ceph test cluster; ci/test runs it"]
+fn a_key_secret_and_a_monitor_address_are_all_it_takes() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = random(MIB as usize, 5);
+    let keyed = image(dir.path(), "keyed", &data, 4 * MIB);
+    let out = Command::new("ceph")
+        .arg("-c")
+        .arg(conf())
+        .args(["auth", "get-key", "client.admin"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let key = String::from_utf8(out.stdout).unwrap();
+    let node = format!(
+        "driver=rbd,node-name=disk,pool=rbd,image={keyed},key-secret=k,\
+         server.0.host=127.0.0.1,server.0.port=3300"
+    );
+    let node = node.as_str();
+    let secret = format!("secret,id=k,data={},format=base64", key.trim());
+    let (d, _q) = Daemon::qsd_with_monitor(
+        dir.path(),
+        &[node],
+        "id=vda,node-name=disk",
+        &["--object", &secret],
+    );
+    let mut c = SyncClient::connect(d.socket(), true).unwrap();
+    c.timeout = Some(std::time::Duration::from_secs(60));
+    assert!(c.read(0, MIB as usize).unwrap() == data);
+    drop(c);
+    drop(d);
+
+    // A well-formed key the cluster does not know.
+    let out = Command::new("ceph-authtool")
+        .arg("--gen-print-key")
+        .output()
+        .unwrap();
+    let unknown = String::from_utf8(out.stdout).unwrap();
+    let wrong = format!("secret,id=k,data={},format=base64", unknown.trim());
+    let out = Command::new(strata_tests::daemon::strata_bin())
+        .args(["--object", &wrong, "--blockdev", node])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("cannot connect to the Ceph cluster"),
+        "{err}"
+    );
 }

@@ -1,10 +1,11 @@
 //! `driver=rbd`'s options, as QEMU spells them: `pool`, `namespace`,
-//! `image`, `snapshot`, `conf`, `user`, `auth-client-required` and
-//! `server` (monitors, overriding the conf's).
+//! `image`, `snapshot`, `conf`, `user`, `key-secret` (a `secret` object
+//! holding the cephx key), `auth-client-required` and `server` (monitors,
+//! overriding the conf's).
 
 use strata_formats::rbd::RbdOptions;
 
-use super::BlockdevError;
+use super::{BlockdevError, OpenContext};
 use crate::options::{Options, OptionsError};
 
 fn invalid(msg: String) -> BlockdevError {
@@ -14,6 +15,7 @@ fn invalid(msg: String) -> BlockdevError {
 /// Parses the options of an `rbd` node.
 pub(super) fn options(
     o: &mut Options,
+    ctx: &OpenContext,
     read_only: bool,
     discard: bool,
 ) -> Result<RbdOptions, BlockdevError> {
@@ -21,13 +23,17 @@ pub(super) fn options(
     let pool = o.required("pool", pool)?;
     let image = o.take_str("image")?;
     let image = o.required("image", image)?;
-    for unsupported in ["encrypt", "key-secret"] {
-        if o.has(unsupported) {
-            return Err(BlockdevError::NotSupported(format!(
-                "rbd's '{unsupported}' option (put the key in the keyring that conf= names)"
-            )));
-        }
+    if o.has("encrypt") {
+        return Err(BlockdevError::NotSupported("rbd's 'encrypt' option".into()));
     }
+    let key = match o.take_str("key-secret")? {
+        Some(id) => Some(
+            ctx.secrets
+                .base64(&id)
+                .map_err(|e| invalid(format!("key-secret: {e}")))?,
+        ),
+        None => None,
+    };
     // QEMU takes a list (cephx, none), tried in order; librados takes the
     // same list as one string.
     let auth = match o.take("auth-client-required") {
@@ -76,7 +82,7 @@ pub(super) fn options(
         snapshot: o.take_str("snapshot")?,
         conf: o.take_str("conf")?.map(Into::into),
         user: o.take_str("user")?,
-        key: None,
+        key,
         auth_client_required: auth,
         servers,
         conf_options: Vec::new(),

@@ -20,6 +20,7 @@ impl EventSink for Events {
 fn ctx() -> OpenContext {
     OpenContext {
         tls: Default::default(),
+        secrets: Default::default(),
         throttle_groups: ThrottleGroups::default(),
         events: Arc::new(NoEvents),
     }
