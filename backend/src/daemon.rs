@@ -834,5 +834,8 @@ impl Daemon {
                 Err(e) => tracing::error!("flushing '{}' failed: {e}", node.name()),
             }
         }
+        for (_, node) in view.nodes() {
+            node.driver().close();
+        }
     }
 }

@@ -175,6 +175,11 @@ pub trait BlockDriver: Send + Sync + 'static {
         None
     }
 
+    /// The daemon is exiting, its requests drained and flushed: lets go of
+    /// what would otherwise outlive the process in someone else's hands
+    /// (a cluster's lock on the image). No request follows.
+    fn close(&self) {}
+
     /// What the node reports for monitoring; nothing by default.
     fn stats(&self, _g: &GraphView) -> NodeStats {
         NodeStats::default()

@@ -464,3 +464,61 @@ fn a_key_secret_and_a_monitor_address_are_all_it_takes() {
         "{err}"
     );
 }
+
+/// A daemon that stops lets go of the image's exclusive lock: the next
+/// writer (a restarted daemon, qemu-io) gets in at once, not after the
+/// cluster's 30 s wait for a dead owner.
+#[test]
+#[ignore = "needs the Ceph test cluster; ci/test runs it"]
+fn a_stopped_daemon_lets_the_next_writer_in_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let name = image(dir.path(), "handover", &[], 4 * MIB);
+    let (d, _q) = serve(dir.path(), &rbd_node(&name, ""), true);
+    let mut c = SyncClient::connect(d.socket(), false).unwrap();
+    c.timeout = Some(std::time::Duration::from_secs(60));
+    // Writing takes the lock.
+    c.write(0, &[4; 4096]).unwrap();
+    drop(c);
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+
+    let start = std::time::Instant::now();
+    let out = Command::new("timeout")
+        .args(["20", "qemu-io", "-f", "raw", "-c", "write -P 5 4096 4096"])
+        .arg(format!("rbd:rbd/{name}:conf={}", conf().display()))
+        .output()
+        .unwrap();
+    let took = start.elapsed();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        took < std::time::Duration::from_secs(10),
+        "the next writer waited {took:?} for the lock"
+    );
+}
+
+/// `block_resize` grows the image in the cluster, and the frontend sees
+/// the new size.
+#[test]
+#[ignore = "needs the Ceph test cluster; ci/test runs it"]
+fn block_resize_grows_the_image_in_the_cluster() {
+    let dir = tempfile::tempdir().unwrap();
+    let name = image(dir.path(), "grow", &[], 8 * MIB);
+    let (d, mut qmp) = serve(dir.path(), &rbd_node(&name, ""), true);
+    qmp.execute(
+        "block_resize",
+        json!({"node-name": "disk", "size": 24 * MIB}),
+    )
+    .unwrap();
+    let info: serde_json::Value =
+        serde_json::from_str(&rbd(&["info", "--format", "json", &format!("rbd/{name}")])).unwrap();
+    assert_eq!(info["size"], 24 * MIB, "{info}");
+    let mut c = SyncClient::connect(d.socket(), false).unwrap();
+    c.timeout = Some(std::time::Duration::from_secs(60));
+    assert_eq!(c.capacity, 24 * MIB);
+    c.write(20 * MIB, &[3; 4096]).unwrap();
+    assert!(c.read(20 * MIB, 4096).unwrap().iter().all(|&b| b == 3));
+}

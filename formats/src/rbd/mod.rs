@@ -9,7 +9,7 @@ pub mod filename;
 
 use std::ffi::{c_int, c_void, CString};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use strata_graph::{BlockDriver, BlockError, BlockStatus, GraphView, IoFuture, IoOp, IoVecs};
@@ -81,7 +81,8 @@ struct Handles {
     lib: &'static Lib,
     cluster: Rados,
     ioctx: IoCtx,
-    image: Image,
+    /// Null once closed at shutdown.
+    image: AtomicPtr<c_void>,
 }
 
 // SAFETY: librados and librbd handles may be used from any thread.
@@ -89,14 +90,32 @@ unsafe impl Send for Handles {}
 // SAFETY: as above; librbd serialises what needs it.
 unsafe impl Sync for Handles {}
 
+impl Handles {
+    /// The open image, or ESHUTDOWN once it was closed.
+    fn image(&self, op: IoOp, offset: u64) -> Result<Image, BlockError> {
+        let image = self.image.load(Ordering::Acquire);
+        if image.is_null() {
+            return Err(BlockError::errno(op, offset, libc::ESHUTDOWN));
+        }
+        Ok(image)
+    }
+
+    /// Closes the image (once), which releases its exclusive lock.
+    fn close_image(&self) {
+        let image = self.image.swap(std::ptr::null_mut(), Ordering::AcqRel);
+        if !image.is_null() {
+            // SAFETY: the image was open, and this is its only close.
+            unsafe { (self.lib.rbd_close)(image) };
+        }
+    }
+}
+
 impl Drop for Handles {
     fn drop(&mut self) {
+        self.close_image();
         // SAFETY: each handle was opened once and is closed once, in the
         // reverse order; null ones were never opened.
         unsafe {
-            if !self.image.is_null() {
-                (self.lib.rbd_close)(self.image);
-            }
             if !self.ioctx.is_null() {
                 (self.lib.rados_ioctx_destroy)(self.ioctx);
             }
@@ -139,7 +158,7 @@ impl RbdNode {
             lib,
             cluster: std::ptr::null_mut(),
             ioctx: std::ptr::null_mut(),
-            image: std::ptr::null_mut(),
+            image: AtomicPtr::new(std::ptr::null_mut()),
         };
         let user = o.user.as_deref().map(|u| cstr("user", u)).transpose()?;
         // SAFETY: `h.cluster` is written by the call; a null id means
@@ -217,7 +236,7 @@ impl RbdNode {
         };
         // SAFETY: `h.image` is written by the call; the strings live
         // across it.
-        let r = unsafe { open(h.ioctx, name.as_ptr(), &mut h.image, snap_ptr) };
+        let r = unsafe { open(h.ioctx, name.as_ptr(), h.image.get_mut(), snap_ptr) };
         check(
             || match &o.snapshot {
                 Some(s) => format!("cannot open RBD image '{}/{}@{s}'", o.pool, o.image),
@@ -227,11 +246,11 @@ impl RbdNode {
         )?;
         let mut size = 0;
         // SAFETY: an open image.
-        let r = unsafe { (lib.rbd_get_size)(h.image, &mut size) };
+        let r = unsafe { (lib.rbd_get_size)(*h.image.get_mut(), &mut size) };
         check(|| "cannot read the RBD image's size".into(), r)?;
         let mut features = 0;
         // SAFETY: an open image.
-        let r = unsafe { (lib.rbd_get_features)(h.image, &mut features) };
+        let r = unsafe { (lib.rbd_get_features)(*h.image.get_mut(), &mut features) };
         check(|| "cannot read the RBD image's features".into(), r)?;
         Ok(RbdNode {
             h: Arc::new(h),
@@ -249,7 +268,7 @@ impl RbdNode {
         offset: u64,
         submit: impl FnOnce(Image, ffi::Completion) -> c_int,
     ) -> Result<isize, BlockError> {
-        let image = self.h.image;
+        let image = self.h.image(op, offset)?;
         let aio = Aio::start(self.h.lib, |c| submit(image, c))
             .map_err(|e| BlockError::errno(op, offset, e))?;
         match aio.await {
@@ -285,6 +304,10 @@ extern "C" fn first_extent(offset: u64, len: usize, exists: c_int, arg: *mut c_v
 impl BlockDriver for RbdNode {
     fn driver_name(&self) -> &'static str {
         "rbd"
+    }
+
+    fn close(&self) {
+        self.h.close_image();
     }
 
     fn size(&self, _g: &GraphView) -> Result<u64, BlockError> {
@@ -415,9 +438,14 @@ impl BlockDriver for RbdNode {
                 let mut first = FirstExtent(None);
                 // SAFETY: an open image (kept open by `h`), and `first`
                 // lives across the synchronous walk.
+                let image = h.image.load(Ordering::Acquire);
+                if image.is_null() {
+                    return (-libc::ESHUTDOWN, None);
+                }
+                // SAFETY: as above.
                 let r = unsafe {
                     (h.lib.rbd_diff_iterate2)(
-                        h.image,
+                        image,
                         std::ptr::null(),
                         offset,
                         len,
@@ -462,11 +490,16 @@ impl BlockDriver for RbdNode {
         let h = Arc::clone(&self.h);
         IoFuture::new(async move {
             self.writable(IoOp::Write)?;
-            // SAFETY: an open image, kept open by `h`.
-            let r =
-                strata_runtime::offload::run(move || unsafe { (h.lib.rbd_resize)(h.image, size) })
-                    .await
-                    .unwrap_or(-libc::EIO);
+            let r = strata_runtime::offload::run(move || {
+                let image = h.image.load(Ordering::Acquire);
+                if image.is_null() {
+                    return -libc::ESHUTDOWN;
+                }
+                // SAFETY: an open image, kept open by `h`.
+                unsafe { (h.lib.rbd_resize)(image, size) }
+            })
+            .await
+            .unwrap_or(-libc::EIO);
             if r < 0 {
                 return Err(BlockError::errno(IoOp::Write, size, -r));
             }

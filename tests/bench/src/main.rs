@@ -10,6 +10,7 @@ mod migration_cost;
 mod nbd_client;
 mod nbd_export;
 mod nbd_floor;
+mod rbd;
 mod report;
 mod sandbox_cost;
 mod scaling;
@@ -96,6 +97,13 @@ struct Args {
     /// BENCHMARKS.md.
     #[arg(long)]
     nbd_only: bool,
+    /// Skip the RBD node against qsd's (it starts a one-node Ceph cluster).
+    #[arg(long)]
+    no_rbd: bool,
+    /// Only the RBD node against qsd's: replaces just that part of
+    /// BENCHMARKS.md.
+    #[arg(long)]
+    rbd_only: bool,
     /// Serve the no-work NBD server at this socket until killed (the
     /// NBD rows start it so).
     #[arg(long, value_name = "SOCKET", hide = true)]
@@ -190,7 +198,7 @@ fn main() -> anyhow::Result<()> {
     std::fs::create_dir_all(&plan.workdir)
         .with_context(|| format!("creating {}", plan.workdir.display()))?;
 
-    let only = args.migration_only || args.nbd_only || args.density_only;
+    let only = args.migration_only || args.nbd_only || args.density_only || args.rbd_only;
     let cells = if only {
         Vec::new()
     } else {
@@ -210,23 +218,34 @@ fn main() -> anyhow::Result<()> {
     if !(args.no_sandbox || args.smoke || only) {
         extras.sandbox = Some(sandbox_cost::run(&plan, &mut |line| eprintln!("{line}"))?);
     }
-    let migration = if args.no_migration || args.smoke || args.nbd_only || args.density_only {
+    let migration =
+        if args.no_migration || args.smoke || args.nbd_only || args.density_only || args.rbd_only {
+            None
+        } else {
+            Some(migration_cost::run(&plan, &mut |line| eprintln!("{line}"))?)
+        };
+    let nbd =
+        if args.no_nbd || args.smoke || args.migration_only || args.density_only || args.rbd_only {
+            None
+        } else if !nbd_export::available() {
+            eprintln!("skipping the NBD rows: this fio has no nbd engine");
+            None
+        } else {
+            Some(nbd_export::run(&plan, &mut |line| eprintln!("{line}"))?)
+        };
+    let nbd_client =
+        if args.no_nbd || args.smoke || args.migration_only || args.density_only || args.rbd_only {
+            None
+        } else {
+            Some(nbd_client::run(&plan, &mut |line| eprintln!("{line}"))?)
+        };
+    let rbd = if args.no_rbd || args.smoke || (only && !args.rbd_only) {
+        None
+    } else if !rbd::available() {
+        eprintln!("skipping the RBD rows: no Ceph daemons or no qemu-block-extra here");
         None
     } else {
-        Some(migration_cost::run(&plan, &mut |line| eprintln!("{line}"))?)
-    };
-    let nbd = if args.no_nbd || args.smoke || args.migration_only || args.density_only {
-        None
-    } else if !nbd_export::available() {
-        eprintln!("skipping the NBD rows: this fio has no nbd engine");
-        None
-    } else {
-        Some(nbd_export::run(&plan, &mut |line| eprintln!("{line}"))?)
-    };
-    let nbd_client = if args.no_nbd || args.smoke || args.migration_only || args.density_only {
-        None
-    } else {
-        Some(nbd_client::run(&plan, &mut |line| eprintln!("{line}"))?)
+        Some(rbd::run(&plan, &mut |line| eprintln!("{line}"))?)
     };
     let density_window = Duration::from_secs(60);
     let density = if args.no_density || args.smoke || (only && !args.density_only) {
@@ -270,6 +289,11 @@ fn main() -> anyhow::Result<()> {
             report::NBD_CLIENT_BEGIN,
             report::NBD_CLIENT_END,
         );
+    }
+    if let Some(rows) = &rbd {
+        let section = report::rbd_markdown(&plan, rows, &date);
+        println!("{section}");
+        doc = report::splice(&doc, &section, report::RBD_BEGIN, report::RBD_END);
     }
     if only {
         std::fs::write(&markdown, doc)

@@ -598,6 +598,71 @@ pub fn nbd_client_markdown(plan: &Plan, rows: &[nbd_client::Row], date: &str) ->
     s
 }
 
+/// Where the generated RBD part of BENCHMARKS.md begins and ends;
+/// `--rbd-only` replaces just this part.
+pub const RBD_BEGIN: &str = "<!-- strata-bench:rbd:begin -->";
+/// See [`RBD_BEGIN`].
+pub const RBD_END: &str = "<!-- strata-bench:rbd:end -->";
+
+/// The RBD section, markers included.
+pub fn rbd_markdown(plan: &Plan, rows: &[crate::rbd::Row], date: &str) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "{RBD_BEGIN}");
+    let _ = writeln!(
+        s,
+        "{}\n",
+        alternating_runs(
+            plan,
+            date,
+            "each serving a one-queue vhost-user export of an `rbd` node (qsd's from \
+             qemu-block-extra) on the same filled 256 MiB image in a one-node Ceph 16.2 cluster \
+             on this machine (one BlueStore OSD on a file, ci/ceph-cluster), the daemon on cpu 0 \
+             and the libblkio load on cpu 1; the cluster's daemons float",
+            "on a freshly started daemon. CPU per request is the daemon's alone (librbd's \
+             threads included). `rbd bench` is librbd with no daemon in between, with as many \
+             threads as the depth."
+        )
+    );
+    let _ = writeln!(
+        s,
+        "| workload | Strata IOPS | qsd IOPS | IOPS ratio | mean lat (us) Strata / qsd | \
+         CPU/req (ns) Strata / qsd | CPU ratio | rbd bench IOPS | Strata / rbd bench |"
+    );
+    let _ = writeln!(s, "|---|--:|--:|--:|--:|--:|--:|--:|--:|");
+    let mut goals = Vec::new();
+    for r in rows {
+        let (a, b) = (&r.strata, &r.qsd);
+        let what = if r.write { "randwrite" } else { "randread" };
+        let _ = writeln!(
+            s,
+            "| {what} 4k QD{} | {} | {:.0} | {:.2} |",
+            r.depth,
+            beside_qsd(a, b),
+            r.direct_iops,
+            a.iops / r.direct_iops
+        );
+        if r.depth == 32 {
+            let x = a.iops / b.iops;
+            goals.push(Goal {
+                what: format!("rbd {what} 4k QD32: IOPS / qsd"),
+                goal: ">= 1.00",
+                value: x,
+                met: x >= 1.0,
+            });
+        }
+        let c = a.cpu_ns / b.cpu_ns;
+        goals.push(Goal {
+            what: format!("rbd {what} 4k QD{}: CPU per request / qsd", r.depth),
+            goal: "<= 0.80",
+            value: c,
+            met: c <= 0.8,
+        });
+    }
+    goal_table(&mut s, &goals);
+    let _ = writeln!(s, "{RBD_END}");
+    s
+}
+
 /// Where the generated density part of BENCHMARKS.md begins and ends;
 /// `--density-only` replaces just this part.
 pub const DENSITY_BEGIN: &str = "<!-- strata-bench:density:begin -->";
