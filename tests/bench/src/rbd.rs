@@ -181,8 +181,12 @@ pub fn run(plan: &Plan, progress: &mut dyn FnMut(&str)) -> anyhow::Result<Vec<Ro
                     warmup: plan.warmup,
                     measure: plan.measure,
                 };
-                load::run(&b.socket, load, &|| b.cpu_ns())
-                    .with_context(|| format!("{} rbd node {label}", kind.name()))
+                let out = load::run(&b.socket, load, &|| b.cpu_ns())
+                    .with_context(|| format!("{} rbd node {label}", kind.name()));
+                // A killed daemon would keep the image's lock from the
+                // next one until the cluster gave up on it.
+                b.stop();
+                out
             })?;
             let direct_iops = rbd_bench(&cluster, write, depth, plan.measure.as_secs().max(1))?;
             progress(&format!("{label} rbd bench: {direct_iops:>9.0} IOPS"));
