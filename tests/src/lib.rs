@@ -8,6 +8,7 @@ pub mod guest;
 pub mod host;
 pub mod memory_diff;
 pub mod nbd_client;
+pub mod pattern;
 pub mod pki;
 pub mod qemu;
 pub mod qmp;

@@ -6,6 +6,7 @@ use std::path::Path;
 
 use blkio::{Blkio, Blkioq, Completion, MemoryRegion, ReqFlags};
 use strata_tests::daemon::Daemon;
+use strata_tests::pattern::pattern;
 
 const DISK: usize = 32 << 20;
 const BUF: usize = 8 << 20;
@@ -64,19 +65,6 @@ fn wait(q: &mut Blkioq, n: usize) -> Vec<(usize, i32)> {
 
 fn one(q: &mut Blkioq) -> i32 {
     wait(q, 1)[0].1
-}
-
-/// A deterministic byte pattern.
-fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 fn serve(dir: &Path, image_content: &[u8], extra: &[&str]) -> Daemon {

@@ -27,20 +27,27 @@ fn image(dir: &std::path::Path, size: u64) -> String {
     img.display().to_string()
 }
 
+/// A daemon with a two-queue export `vda` of a 64 MiB raw image, and
+/// extra export options; the directory lives as long as it is held.
+fn two_queue_export(extra: &str) -> (tempfile::TempDir, Daemon, strata_tests::qmp::Qmp) {
+    let dir = tempfile::tempdir().unwrap();
+    let [file, raw] = blockdevs(&image(dir.path(), 64 * MIB));
+    let (d, qmp) = Daemon::qsd_with_monitor(
+        dir.path(),
+        &[&file, &raw],
+        &format!("id=vda,node-name=disk,writable=on,num-queues=2{extra}"),
+        &[],
+    );
+    (dir, d, qmp)
+}
+
 fn keys(stats: &Value) -> BTreeSet<String> {
     stats.as_object().unwrap().keys().cloned().collect()
 }
 
 #[test]
 fn blockstats_count_each_request_the_guest_sent() {
-    let dir = tempfile::tempdir().unwrap();
-    let [file, raw] = blockdevs(&image(dir.path(), 64 * MIB));
-    let (d, mut qmp) = Daemon::qsd_with_monitor(
-        dir.path(),
-        &[&file, &raw],
-        "id=vda,node-name=disk,writable=on,num-queues=2",
-        &[],
-    );
+    let (_dir, d, mut qmp) = two_queue_export("");
     let before = qmp.execute("query-blockstats", json!({})).unwrap();
     assert_eq!(before[0]["stats"]["rd_operations"], 0);
     assert!(
@@ -240,14 +247,7 @@ fn an_nbd_export_counts_its_clients_requests() {
 /// unknown exports are refused by name, and an empty call removes all.
 #[test]
 fn latency_histograms_bin_every_request_after_they_are_set() {
-    let dir = tempfile::tempdir().unwrap();
-    let [file, raw] = blockdevs(&image(dir.path(), 64 * MIB));
-    let (d, mut qmp) = Daemon::qsd_with_monitor(
-        dir.path(),
-        &[&file, &raw],
-        "id=vda,node-name=disk,writable=on,num-queues=2",
-        &[],
-    );
+    let (_dir, d, mut qmp) = two_queue_export("");
     let mut c = SyncClient::connect(d.socket(), false).unwrap();
     c.read(0, 4096).unwrap();
     // One boundary no request reaches, one every request does: each
@@ -338,14 +338,7 @@ fn latency_histograms_bin_every_request_after_they_are_set() {
 /// recently; bad intervals are refused by name.
 #[test]
 fn timed_stats_cover_each_interval_the_export_was_given() {
-    let dir = tempfile::tempdir().unwrap();
-    let [file, raw] = blockdevs(&image(dir.path(), 64 * MIB));
-    let (d, mut qmp) = Daemon::qsd_with_monitor(
-        dir.path(),
-        &[&file, &raw],
-        "id=vda,node-name=disk,writable=on,num-queues=2,stats-intervals.0=60,stats-intervals.1=3600",
-        &[],
-    );
+    let (_dir, d, mut qmp) = two_queue_export(",stats-intervals.0=60,stats-intervals.1=3600");
     let mut c = SyncClient::connect(d.socket(), false).unwrap();
     for i in 0..4 {
         c.read(i * 4096, 4096).unwrap();

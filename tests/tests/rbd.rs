@@ -12,6 +12,7 @@ use std::process::Command;
 use serde_json::json;
 use strata_tests::client::SyncClient;
 use strata_tests::daemon::Daemon;
+use strata_tests::pattern::pattern;
 
 const MIB: u64 = 1 << 20;
 
@@ -54,16 +55,12 @@ fn image(dir: &Path, base: &str, data: &[u8], size: u64) -> String {
     name
 }
 
-fn random(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+/// A frontend on `d`'s export that gives up on a request after a minute,
+/// so a daemon that died fails the test instead of hanging it.
+fn client(d: &Daemon, read_only: bool) -> SyncClient {
+    let mut c = SyncClient::connect(d.socket(), read_only).unwrap();
+    c.timeout = Some(std::time::Duration::from_secs(60));
+    c
 }
 
 fn serve(dir: &Path, node: &str, writable: bool) -> (Daemon, strata_tests::qmp::Qmp) {
@@ -85,11 +82,10 @@ fn rbd_node(name: &str, extra: &str) -> String {
 #[ignore = "needs the Ceph test cluster; ci/test runs it"]
 fn an_rbd_image_round_trips_through_strata() {
     let dir = tempfile::tempdir().unwrap();
-    let data = random(8 * MIB as usize, 7);
+    let data = pattern(8 * MIB as usize, 7);
     let rt = image(dir.path(), "rt", &data, 16 * MIB);
     let (d, mut qmp) = serve(dir.path(), &rbd_node(&rt, ",discard=unmap"), true);
-    let mut c = SyncClient::connect(d.socket(), false).unwrap();
-    c.timeout = Some(std::time::Duration::from_secs(60));
+    let mut c = client(&d, false);
     assert_eq!(c.capacity, 16 * MIB);
     for at in (0..16 * MIB).step_by(MIB as usize) {
         let got = c.read(at, MIB as usize).unwrap();
@@ -103,7 +99,7 @@ fn an_rbd_image_round_trips_through_strata() {
     }
 
     // Writes land in the cluster, for rbd export to see.
-    let pattern = random(64 * 1024, 9);
+    let pattern = pattern(64 * 1024, 9);
     c.write(12 * MIB, &pattern).unwrap();
     c.write_zeroes(MIB, 4096, false).unwrap();
     c.flush().unwrap();
@@ -157,7 +153,7 @@ fn an_rbd_image_round_trips_through_strata() {
 #[ignore = "needs the Ceph test cluster; ci/test runs it"]
 fn a_snapshot_serves_read_only_what_it_held() {
     let dir = tempfile::tempdir().unwrap();
-    let data = random(MIB as usize, 3);
+    let data = pattern(MIB as usize, 3);
     let snap = image(dir.path(), "snap", &data, 8 * MIB);
     rbd(&["snap", "create", &format!("rbd/{snap}@s1")]);
     // The image moves on after the snapshot.
@@ -172,8 +168,7 @@ fn a_snapshot_serves_read_only_what_it_held() {
         String::from_utf8_lossy(&out.stderr)
     );
     let (d, _q) = serve(dir.path(), &rbd_node(&snap, ",snapshot=s1"), false);
-    let mut c = SyncClient::connect(d.socket(), true).unwrap();
-    c.timeout = Some(std::time::Duration::from_secs(60));
+    let mut c = client(&d, true);
     assert!(c.read(0, MIB as usize).unwrap() == data);
     // A write to a snapshot cannot happen: the export is read-only, and
     // the node would refuse it too.
@@ -281,7 +276,7 @@ fn a_guest_runs_fio_verify_on_rbd_through_a_frozen_osd() {
 #[ignore = "needs the Ceph test cluster; ci/test runs it"]
 fn serve_takes_an_rbd_name_as_qemu_img_spells_it() {
     let dir = tempfile::tempdir().unwrap();
-    let data = random(MIB as usize, 11);
+    let data = pattern(MIB as usize, 11);
     let served = image(dir.path(), "served", &data, 4 * MIB);
     let name = format!("rbd:rbd/{served}:conf={}:id=admin", conf().display());
     let d = Daemon::serve(
@@ -289,8 +284,7 @@ fn serve_takes_an_rbd_name_as_qemu_img_spells_it() {
         &dir.path().join("vm.sock"),
         &dir.path().join("log"),
     );
-    let mut c = SyncClient::connect(d.socket(), false).unwrap();
-    c.timeout = Some(std::time::Duration::from_secs(60));
+    let mut c = client(&d, false);
     assert_eq!(c.capacity, 4 * MIB);
     assert!(c.read(0, MIB as usize).unwrap() == data);
     c.write(2 * MIB, &[6; 4096]).unwrap();
@@ -313,7 +307,7 @@ fn serve_takes_an_rbd_name_as_qemu_img_spells_it() {
 #[ignore = "needs the Ceph test cluster; ci/test runs it"]
 fn block_stream_pulls_an_rbd_backing_into_a_local_overlay_under_io() {
     let dir = tempfile::tempdir().unwrap();
-    let golden = random(8 * MIB as usize, 21);
+    let golden = pattern(8 * MIB as usize, 21);
     let golden_name = image(dir.path(), "golden", &golden, 32 * MIB);
     let overlay = dir.path().join("overlay.qcow2");
     let out = Command::new("qemu-img")
@@ -338,8 +332,7 @@ fn block_stream_pulls_an_rbd_backing_into_a_local_overlay_under_io() {
         "id=vda,node-name=top,writable=on",
         &[],
     );
-    let mut c = SyncClient::connect(d.socket(), false).unwrap();
-    c.timeout = Some(std::time::Duration::from_secs(60));
+    let mut c = client(&d, false);
     assert!(c.read(MIB, 4096).unwrap()[..] == golden[MIB as usize..][..4096]);
 
     qmp.execute(
@@ -348,7 +341,7 @@ fn block_stream_pulls_an_rbd_backing_into_a_local_overlay_under_io() {
     )
     .unwrap();
     // The frontend writes while the job copies.
-    let mine = random(MIB as usize, 22);
+    let mine = pattern(MIB as usize, 22);
     for i in 0..4 {
         c.write(
             20 * MIB + i * 256 * 1024,
@@ -418,7 +411,7 @@ fn block_stream_pulls_an_rbd_backing_into_a_local_overlay_under_io() {
 #[ignore = "needs the Ceph test cluster; ci/test runs it"]
 fn a_key_secret_and_a_monitor_address_are_all_it_takes() {
     let dir = tempfile::tempdir().unwrap();
-    let data = random(MIB as usize, 5);
+    let data = pattern(MIB as usize, 5);
     let keyed = image(dir.path(), "keyed", &data, 4 * MIB);
     let out = Command::new("ceph")
         .arg("-c")
@@ -440,8 +433,7 @@ fn a_key_secret_and_a_monitor_address_are_all_it_takes() {
         "id=vda,node-name=disk",
         &["--object", &secret],
     );
-    let mut c = SyncClient::connect(d.socket(), true).unwrap();
-    c.timeout = Some(std::time::Duration::from_secs(60));
+    let mut c = client(&d, true);
     assert!(c.read(0, MIB as usize).unwrap() == data);
     drop(c);
     drop(d);
@@ -474,8 +466,7 @@ fn a_stopped_daemon_lets_the_next_writer_in_at_once() {
     let dir = tempfile::tempdir().unwrap();
     let name = image(dir.path(), "handover", &[], 4 * MIB);
     let (d, _q) = serve(dir.path(), &rbd_node(&name, ""), true);
-    let mut c = SyncClient::connect(d.socket(), false).unwrap();
-    c.timeout = Some(std::time::Duration::from_secs(60));
+    let mut c = client(&d, false);
     // Writing takes the lock.
     c.write(0, &[4; 4096]).unwrap();
     drop(c);
@@ -516,8 +507,7 @@ fn block_resize_grows_the_image_in_the_cluster() {
     let info: serde_json::Value =
         serde_json::from_str(&rbd(&["info", "--format", "json", &format!("rbd/{name}")])).unwrap();
     assert_eq!(info["size"], 24 * MIB, "{info}");
-    let mut c = SyncClient::connect(d.socket(), false).unwrap();
-    c.timeout = Some(std::time::Duration::from_secs(60));
+    let mut c = client(&d, false);
     assert_eq!(c.capacity, 24 * MIB);
     c.write(20 * MIB, &[3; 4096]).unwrap();
     assert!(c.read(20 * MIB, 4096).unwrap().iter().all(|&b| b == 3));
