@@ -113,7 +113,13 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         daemon.set_socket_mode(m);
     }
     match &rbd {
-        Some(name) => strata_backend::open::open_rbd(&daemon, name, args.read_only).map(drop)?,
+        Some(name) => strata_backend::open::open_rbd(
+            &daemon,
+            name,
+            args.read_only,
+            args.cache == CacheArg::None,
+        )
+        .map(drop)?,
         None => open_image(
             &daemon,
             &image,

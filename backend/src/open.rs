@@ -82,10 +82,17 @@ pub fn open_image(daemon: &Daemon, path: &Path, opts: &ImageOptions) -> anyhow::
 }
 
 /// Adds the RBD image named as qemu-img names it
-/// (`rbd:POOL/IMAGE[@SNAP][:OPTION=VALUE...]`) as node `disk`.
-pub fn open_rbd(daemon: &Daemon, name: &str, read_only: bool) -> anyhow::Result<NodeId> {
+/// (`rbd:POOL/IMAGE[@SNAP][:OPTION=VALUE...]`) as node `disk`; `direct`
+/// turns librbd's cache off, as `cache.direct=on` does.
+pub fn open_rbd(
+    daemon: &Daemon,
+    name: &str,
+    read_only: bool,
+    direct: bool,
+) -> anyhow::Result<NodeId> {
     let mut o = strata_formats::rbd::filename::parse(name).map_err(anyhow::Error::msg)?;
     o.read_only |= read_only;
+    o.cache = !direct;
     o.discard = true;
     daemon
         .graph()

@@ -571,12 +571,7 @@ fn parse(
             )
         }
         "nbd" => Spec::Nbd(nbd::options(o, ctx)?, common.driver_read_only()),
-        "rbd" => Spec::Rbd(rbd::options(
-            o,
-            ctx,
-            common.driver_read_only(),
-            common.discard,
-        )?),
+        "rbd" => Spec::Rbd(rbd::options(o, ctx, common)?),
         "null-co" | "null-aio" => {
             let size = o.take_size("size")?.unwrap_or(1 << 30);
             let read_zeroes = o.take_bool("read-zeroes")?.unwrap_or(true);

@@ -71,6 +71,18 @@ fn serve(dir: &Path, node: &str, writable: bool) -> (Daemon, strata_tests::qmp::
     Daemon::qsd_with_monitor(dir, &[node], &export, &[])
 }
 
+/// client.admin's cephx key, base64.
+fn admin_key() -> String {
+    let out = Command::new("ceph")
+        .arg("-c")
+        .arg(conf())
+        .args(["auth", "get-key", "client.admin"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
 fn rbd_node(name: &str, extra: &str) -> String {
     format!(
         "driver=rbd,node-name=disk,pool=rbd,image={name},conf={},user=admin{extra}",
@@ -413,14 +425,7 @@ fn a_key_secret_and_a_monitor_address_are_all_it_takes() {
     let dir = tempfile::tempdir().unwrap();
     let data = pattern(MIB as usize, 5);
     let keyed = image(dir.path(), "keyed", &data, 4 * MIB);
-    let out = Command::new("ceph")
-        .arg("-c")
-        .arg(conf())
-        .args(["auth", "get-key", "client.admin"])
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    let key = String::from_utf8(out.stdout).unwrap();
+    let key = admin_key();
     let node = format!(
         "driver=rbd,node-name=disk,pool=rbd,image={keyed},key-secret=k,\
          server.0.host=127.0.0.1,server.0.port=3300"
@@ -511,4 +516,175 @@ fn block_resize_grows_the_image_in_the_cluster() {
     assert_eq!(c.capacity, 24 * MIB);
     c.write(20 * MIB, &[3; 4096]).unwrap();
     assert!(c.read(20 * MIB, 4096).unwrap().iter().all(|&b| b == 3));
+}
+
+/// A librbd error reaches the frontend as an I/O error, and the daemon
+/// goes on serving: blocklisting the daemon's Ceph client makes every
+/// request of its node fail, while a node added afterwards (a new client)
+/// serves another image.
+#[test]
+#[ignore = "needs the Ceph test cluster; ci/test runs it"]
+fn a_librbd_error_reaches_the_frontend_and_the_daemon_serves_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let name = image(dir.path(), "fenced", &[6; 4096], 4 * MIB);
+    let (d, mut qmp) = serve(dir.path(), &rbd_node(&name, ""), true);
+    let mut c = client(&d, false);
+    c.write(4096, &[7; 4096]).unwrap();
+
+    let status: serde_json::Value = serde_json::from_str(&rbd(&[
+        "status",
+        "--format",
+        "json",
+        &format!("rbd/{name}"),
+    ]))
+    .unwrap();
+    let addr = status["watchers"][0]["address"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no watcher in {status}"))
+        .to_owned();
+    let ceph = |args: &[&str]| {
+        let out = Command::new("ceph")
+            .arg("-c")
+            .arg(conf())
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "ceph {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    ceph(&["osd", "blocklist", "add", &addr]);
+
+    // The OSD map that fences the client reaches it within moments; until
+    // then a request may still go through.
+    let start = std::time::Instant::now();
+    let err = loop {
+        match c.write(0, &[8; 4096]) {
+            Err(e) => break e,
+            Ok(()) if start.elapsed() < std::time::Duration::from_secs(30) => {
+                std::thread::sleep(std::time::Duration::from_millis(200))
+            }
+            Ok(()) => panic!("writes still succeed 30 s after the blocklist"),
+        }
+    };
+    assert_eq!(err, -libc::EIO, "a failed write is an I/O error");
+    assert_eq!(c.read(0, 4096).unwrap_err(), -libc::EIO);
+
+    // The daemon is still there: it answers its monitor, and a new node on
+    // another image serves through a second export. The sandbox keeps the
+    // daemon out of the cluster's directory, so that node names its
+    // monitor and key rather than a ceph.conf, as README says.
+    let other = image(dir.path(), "after", &[9; 4096], 4 * MIB);
+    let e = qmp
+        .execute(
+            "blockdev-add",
+            json!({"driver": "rbd", "node-name": "other", "pool": "rbd", "image": other,
+                   "conf": conf(), "user": "admin"}),
+        )
+        .unwrap_err();
+    let desc = e["desc"].as_str().unwrap();
+    assert!(
+        desc.contains(conf().to_str().unwrap()) && desc.contains("Permission denied"),
+        "{e}"
+    );
+    qmp.execute(
+        "object-add",
+        json!({"qom-type": "secret", "id": "k", "data": admin_key(), "format": "base64"}),
+    )
+    .unwrap();
+    qmp.execute(
+        "blockdev-add",
+        json!({"driver": "rbd", "node-name": "other", "pool": "rbd", "image": other,
+               "key-secret": "k", "server": [{"host": "127.0.0.1", "port": "3300"}]}),
+    )
+    .unwrap();
+    let sock2 = dir.path().join("vhost2.sock");
+    qmp.execute(
+        "block-export-add",
+        json!({"type": "vhost-user-blk", "id": "vdb", "node-name": "other", "writable": true,
+               "addr": {"type": "unix", "path": sock2}}),
+    )
+    .unwrap();
+    let mut c2 = SyncClient::connect(&sock2, false).unwrap();
+    c2.timeout = Some(std::time::Duration::from_secs(60));
+    assert!(c2.read(0, 4096).unwrap().iter().all(|&b| b == 9));
+    c2.write(0, &[10; 4096]).unwrap();
+    assert!(c2.read(0, 4096).unwrap().iter().all(|&b| b == 10));
+    qmp.execute("query-block-exports", json!({})).unwrap();
+
+    ceph(&["osd", "blocklist", "rm", &addr]);
+    drop((c, c2));
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+    assert!(!log.contains("panicked"), "{log}");
+}
+
+/// The cache mode reaches librbd as QEMU sets it: `cache.direct=on` turns
+/// `rbd_cache` off, and `cache.no-flush=on` keeps flushes from the
+/// cluster. librbd's own admin socket is the witness.
+#[test]
+#[ignore = "needs the Ceph test cluster; ci/test runs it"]
+fn the_cache_mode_sets_librbds_cache_and_flushes() {
+    let dir = tempfile::tempdir().unwrap();
+    let name = image(dir.path(), "cache", &[], 4 * MIB);
+    let asok = dir.path().join("client.asok");
+    let text = std::fs::read_to_string(conf()).unwrap();
+    let local = dir.path().join("ceph.conf");
+    std::fs::write(
+        &local,
+        text.lines()
+            .filter(|l| !l.starts_with("admin socket"))
+            .map(|l| format!("{l}\n"))
+            .collect::<String>()
+            .replacen(
+                "[global]\n",
+                &format!("[global]\nadmin socket = {}\n", asok.display()),
+                1,
+            ),
+    )
+    .unwrap();
+    let ask = |cmd: &[&str]| -> serde_json::Value {
+        let out = Command::new("ceph")
+            .arg("--admin-daemon")
+            .arg(&asok)
+            .args(cmd)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{cmd:?}");
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let flushes = || -> u64 {
+        let dump = ask(&["perf", "dump"]);
+        let (_, image) = dump
+            .as_object()
+            .unwrap()
+            .iter()
+            .find(|(k, _)| k.starts_with("librbd-"))
+            .unwrap_or_else(|| panic!("no librbd counters in {dump}"));
+        image["flush"].as_u64().unwrap()
+    };
+    for (cache, want_cache, flush_reaches) in [
+        ("cache.direct=on,cache.no-flush=on", "false", false),
+        ("cache.direct=off", "true", true),
+    ] {
+        let node = format!(
+            "driver=rbd,node-name=disk,pool=rbd,image={name},conf={},user=admin,{cache}",
+            local.display()
+        );
+        let (d, _q) = serve(dir.path(), &node, true);
+        assert_eq!(
+            ask(&["config", "get", "rbd_cache"])["rbd_cache"],
+            want_cache
+        );
+        let mut c = client(&d, false);
+        c.write(0, &[1; 4096]).unwrap();
+        let before = flushes();
+        c.flush().unwrap();
+        assert_eq!(flushes() > before, flush_reaches, "{cache}");
+        drop(c);
+        let (status, log) = d.stop();
+        assert!(status.success(), "{log}");
+    }
 }

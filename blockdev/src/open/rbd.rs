@@ -5,7 +5,7 @@
 
 use strata_formats::rbd::RbdOptions;
 
-use super::{BlockdevError, OpenContext};
+use super::{BlockdevError, Common, OpenContext};
 use crate::options::{Options, OptionsError};
 
 fn invalid(msg: String) -> BlockdevError {
@@ -16,8 +16,7 @@ fn invalid(msg: String) -> BlockdevError {
 pub(super) fn options(
     o: &mut Options,
     ctx: &OpenContext,
-    read_only: bool,
-    discard: bool,
+    common: &Common,
 ) -> Result<RbdOptions, BlockdevError> {
     let pool = o.take_str("pool")?;
     let pool = o.required("pool", pool)?;
@@ -86,7 +85,9 @@ pub(super) fn options(
         auth_client_required: auth,
         servers,
         conf_options: Vec::new(),
-        read_only,
-        discard,
+        read_only: common.driver_read_only(),
+        discard: common.discard,
+        cache: !common.direct,
+        no_flush: common.no_flush,
     })
 }

@@ -54,6 +54,11 @@ pub struct RbdOptions {
     pub read_only: bool,
     /// Pass discards to the cluster (`discard=unmap`).
     pub discard: bool,
+    /// `cache.direct=off`: librbd caches (`rbd_cache`), as QEMU sets it
+    /// for that mode; `cache.direct=on` turns the cache off.
+    pub cache: bool,
+    /// `cache.no-flush=on`: flushes succeed without reaching the cluster.
+    pub no_flush: bool,
 }
 
 /// Why an image could not be opened.
@@ -132,6 +137,7 @@ pub struct RbdNode {
     size: AtomicU64,
     read_only: bool,
     discard: bool,
+    no_flush: bool,
     fast_diff: bool,
 }
 
@@ -178,6 +184,14 @@ impl RbdNode {
         };
         match &o.conf {
             Some(path) => {
+                // librados says ENOENT for any file it cannot open; the
+                // sandbox's EACCES is the one worth seeing.
+                if let Err(e) = std::fs::File::open(path) {
+                    return Err(RbdError::Ceph {
+                        what: format!("cannot read Ceph configuration '{}'", path.display()),
+                        errno: e.raw_os_error().unwrap_or(libc::EIO),
+                    });
+                }
                 let p = cstr("conf", &path.to_string_lossy())?;
                 // SAFETY: the string lives across the call.
                 let r = unsafe { (lib.rados_conf_read_file)(h.cluster, p.as_ptr()) };
@@ -206,6 +220,9 @@ impl RbdNode {
             set("auth_client_required", a)?;
         }
         set("client_mount_timeout", MOUNT_TIMEOUT_S)?;
+        // After the conf file, as QEMU does: the cache mode decides, but
+        // an `rbd:` name's own rbd_cache= still wins.
+        set("rbd_cache", if o.cache { "true" } else { "false" })?;
         for (k, v) in &o.conf_options {
             set(k, v)?;
         }
@@ -257,6 +274,7 @@ impl RbdNode {
             size: AtomicU64::new(size),
             read_only,
             discard: o.discard,
+            no_flush: o.no_flush,
             fast_diff: features & FEATURE_FAST_DIFF != 0,
         })
     }
@@ -402,7 +420,7 @@ impl BlockDriver for RbdNode {
 
     fn flush<'a>(&'a self, _g: &'a GraphView) -> IoFuture<'a> {
         IoFuture::new(async move {
-            if self.read_only {
+            if self.read_only || self.no_flush {
                 return Ok(());
             }
             self.call(IoOp::Flush, 0, |image, c| {
