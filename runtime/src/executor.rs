@@ -58,8 +58,13 @@ impl Wake for TaskWaker {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .push(self.task);
-            self.ready.woken.store(true, Ordering::Release);
-            (self.ready.notify)();
+            // One notification per batch: while the flag is still up, the
+            // owner has yet to take the list, and the wake that raised it
+            // already notified. A burst of completions from another
+            // thread then costs one eventfd write, not one each.
+            if !self.ready.woken.swap(true, Ordering::AcqRel) {
+                (self.ready.notify)();
+            }
         }
     }
 }
@@ -145,7 +150,7 @@ impl<F: Future<Output = ()>> Executor<F> {
             let _ = LOCAL_READY.try_with(|r| std::mem::swap(&mut *r.borrow_mut(), &mut batch));
             // The flag is set after the push, so seeing it means the lock
             // holds that task (or a later round will find it).
-            if self.ready.woken.swap(false, Ordering::Acquire) {
+            if self.ready.woken.swap(false, Ordering::AcqRel) {
                 batch.append(&mut self.ready.remote.lock().unwrap_or_else(|e| e.into_inner()));
             }
             if batch.is_empty() {
@@ -255,6 +260,42 @@ mod tests {
         tx.send(1).unwrap();
         assert!(!notified.load(Ordering::SeqCst));
         ex.run_until_stalled();
+        assert!(ex.is_empty());
+    }
+
+    #[test]
+    fn a_burst_of_remote_wakes_notifies_once_until_the_owner_runs() {
+        let notified = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let n = notified.clone();
+        let ex = Executor::new(move || {
+            n.fetch_add(1, Ordering::SeqCst);
+        });
+        let got = Rc::new(Cell::new(0));
+        let mut senders = Vec::new();
+        for _ in 0..5 {
+            let (tx, rx) = futures::channel::oneshot::channel::<u32>();
+            let g = got.clone();
+            ex.spawn(async move {
+                let v = rx.await.unwrap();
+                g.set(g.get() + v);
+            });
+            senders.push(tx);
+        }
+        ex.run_until_stalled();
+        let last = senders.pop().unwrap();
+        std::thread::spawn(move || senders.into_iter().for_each(|tx| tx.send(1).unwrap()))
+            .join()
+            .unwrap();
+        assert_eq!(notified.load(Ordering::SeqCst), 1, "one poke for the burst");
+        ex.run_until_stalled();
+        assert_eq!(got.get(), 4);
+        // Once the owner took the list, the next wake pokes again.
+        std::thread::spawn(move || last.send(1).unwrap())
+            .join()
+            .unwrap();
+        assert_eq!(notified.load(Ordering::SeqCst), 2);
+        ex.run_until_stalled();
+        assert_eq!(got.get(), 5);
         assert!(ex.is_empty());
     }
 }
