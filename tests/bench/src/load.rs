@@ -141,6 +141,38 @@ pub fn run_queues(
     })
 }
 
+/// Writes one block of zeroes at 0 and flushes it, on a connection of
+/// its own. The write is there because QEMU passes no flush down when
+/// nothing was written since the last.
+pub fn write_and_flush(socket: &Path) -> anyhow::Result<()> {
+    let mut b = Blkio::new("virtio-blk-vhost-user")?;
+    b.set_str("path", socket.to_str().context("socket path is not UTF-8")?)?;
+    b.connect()
+        .with_context(|| format!("connecting to {}", socket.display()))?;
+    b.set_i32("num-queues", 1)?;
+    let mut q = b.start()?.queues.pop().context("no queue")?;
+    let region = b.alloc_mem_region(BLOCK)?;
+    b.map_mem_region(&region)?;
+    let mut c = [MaybeUninit::<Completion>::uninit()];
+    for flush in [false, true] {
+        if flush {
+            q.flush(0, ReqFlags::empty());
+        } else {
+            q.write(0, region.addr as *const u8, BLOCK, 0, ReqFlags::empty());
+        }
+        let mut timeout = Duration::from_secs(30);
+        if q.do_io(&mut c, 1, Some(&mut timeout), None)? != 1 {
+            bail!("a request did not complete in 30 s");
+        }
+        // SAFETY: do_io completed one request.
+        let ret = unsafe { c[0].assume_init_ref() }.ret;
+        if ret != 0 {
+            bail!("a request failed with {ret}");
+        }
+    }
+    Ok(())
+}
+
 /// The measured part of a run.
 #[derive(Clone, Copy)]
 struct Window {

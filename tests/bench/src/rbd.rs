@@ -174,6 +174,12 @@ pub fn run(plan: &Plan, progress: &mut dyn FnMut(&str)) -> anyhow::Result<Vec<Ro
                     &DAEMON_CPU.to_string(),
                     1,
                 )?;
+                // librbd writes through until it sees the first flush.
+                // A guest flushes soon after boot; so does Strata when a
+                // frontend leaves (the harness's own probe, for one), so
+                // without this the two daemons would be measured in
+                // different cache modes.
+                load::write_and_flush(&b.socket)?;
                 let load = Load {
                     write,
                     depth,
