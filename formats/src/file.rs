@@ -13,8 +13,8 @@ use std::sync::Arc;
 
 use io_uring::{opcode, types};
 use strata_graph::{
-    AlignedBuf, BlockDriver, BlockError, BlockStatus, EventSink, GraphView, IoFuture, IoOp, IoVecs,
-    NodeStats, Perm, SlotPerm,
+    AlignedBuf, BlockDriver, BlockError, BlockStatus, DataExtentCache, EventSink, GraphView,
+    IoFuture, IoOp, IoVecs, NodeStats, Perm, SlotPerm,
 };
 
 use strata_runtime::reactor::Reactor;
@@ -107,6 +107,8 @@ pub struct FileNode {
     /// fallocate(ZERO_RANGE) failed as unsupported: zeroes are written as
     /// data from then on.
     zero_range_unsupported: AtomicBool,
+    /// The last data extent lseek found.
+    status_cache: DataExtentCache,
     events: Option<(Arc<dyn EventSink>, Arc<str>)>,
 }
 
@@ -169,6 +171,7 @@ impl FileNode {
             force_share: opts.force_share,
             write_back_error: AtomicI32::new(0),
             zero_range_unsupported: AtomicBool::new(false),
+            status_cache: DataExtentCache::default(),
             events: None,
         })
     }
@@ -456,30 +459,12 @@ impl BlockDriver for FileNode {
             return IoFuture::ready(Err(e));
         }
         IoFuture::new(async move {
-            const KEEP: i32 = libc::FALLOC_FL_KEEP_SIZE;
-            // A hole reads as zeroes; zero-range keeps the blocks allocated.
-            // The guest's permission to unmap counts only where the node
-            // lets discards through (discard=unmap), as in QEMU.
-            if may_unmap
-                && self.discard
-                && self
-                    .fallocate(libc::FALLOC_FL_PUNCH_HOLE | KEEP, offset, len)
-                    .await
-                    == 0
-            {
-                return Ok(());
-            }
-            match self
-                .fallocate(libc::FALLOC_FL_ZERO_RANGE | KEEP, offset, len)
-                .await
-            {
-                0 => Ok(()),
-                e if -e == libc::EOPNOTSUPP || -e == libc::EINVAL => {
-                    self.zero_range_unsupported.store(true, Ordering::Relaxed);
-                    self.write_zero_buffer(offset, len).await
-                }
-                e => Err(BlockError::errno(IoOp::WriteZeroes, offset, -e)),
-            }
+            // Zeroing may leave a hole (or an unwritten extent, which
+            // SEEK_DATA skips) where the cache says data.
+            self.status_cache.forget();
+            let r = self.zero(offset, len, may_unmap).await;
+            self.status_cache.forget();
+            r
         })
     }
 
@@ -492,7 +477,10 @@ impl BlockDriver for FileNode {
         }
         IoFuture::new(async move {
             let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
-            match self.fallocate(mode, offset, len).await {
+            self.status_cache.forget();
+            let r = self.fallocate(mode, offset, len).await;
+            self.status_cache.forget();
+            match r {
                 0 => Ok(()),
                 // Discard is a hint: a host that cannot punch holes ignores it.
                 e if -e == libc::EOPNOTSUPP => Ok(()),
@@ -555,6 +543,35 @@ impl BlockDriver for FileNode {
 impl FileNode {
     /// Data or hole at `offset`, from SEEK_DATA/SEEK_HOLE: a hole reads as
     /// zeroes. Filesystems without them report everything as data.
+    /// Zeroes `len` bytes at `offset`: a hole where unmapping is allowed,
+    /// else zero-range, else zeroes written as data.
+    async fn zero(&self, offset: u64, len: u64, may_unmap: bool) -> Result<(), BlockError> {
+        const KEEP: i32 = libc::FALLOC_FL_KEEP_SIZE;
+        // A hole reads as zeroes; zero-range keeps the blocks allocated.
+        // The guest's permission to unmap counts only where the node
+        // lets discards through (discard=unmap), as in QEMU.
+        if may_unmap
+            && self.discard
+            && self
+                .fallocate(libc::FALLOC_FL_PUNCH_HOLE | KEEP, offset, len)
+                .await
+                == 0
+        {
+            return Ok(());
+        }
+        match self
+            .fallocate(libc::FALLOC_FL_ZERO_RANGE | KEEP, offset, len)
+            .await
+        {
+            0 => Ok(()),
+            e if -e == libc::EOPNOTSUPP || -e == libc::EINVAL => {
+                self.zero_range_unsupported.store(true, Ordering::Relaxed);
+                self.write_zero_buffer(offset, len).await
+            }
+            e => Err(BlockError::errno(IoOp::WriteZeroes, offset, -e)),
+        }
+    }
+
     fn seek_status(&self, offset: u64, len: u64) -> BlockStatus {
         let fd = self.file.as_raw_fd();
         let data = |whence| {
@@ -568,9 +585,14 @@ impl FileNode {
             zero: false,
             offset: Some(offset),
         };
+        if let Some(n) = self.status_cache.lookup(offset, len) {
+            return BlockStatus { len: n, ..all_data };
+        }
+        let generation = self.status_cache.generation();
         match data(libc::SEEK_DATA) {
             Some(d) if d == offset => {
                 let hole = data(libc::SEEK_HOLE).unwrap_or(offset + len);
+                self.status_cache.fill(generation, offset..hole);
                 BlockStatus {
                     len: (hole - offset).clamp(1, len),
                     ..all_data

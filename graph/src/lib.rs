@@ -33,6 +33,7 @@ mod ids;
 mod iovec;
 mod perm;
 mod slot;
+mod status_cache;
 mod transaction;
 mod view;
 
@@ -49,5 +50,6 @@ pub use ids::{valid_id, NodeId, SlotId};
 pub use iovec::{IoVecs, MAX_IOVECS};
 pub use perm::{default_child_perm, slot_perms, Perm, SlotPerm};
 pub use slot::{Parent, Slot, User, UserKind};
+pub use status_cache::DataExtentCache;
 pub use transaction::{NodeBuilder, Transaction};
 pub use view::{GraphView, Node};

@@ -363,3 +363,42 @@ fn a_change_that_asks_for_nothing_new_ignores_a_passing_claim() {
     assert!(err.is_some(), "a new permission meets the claim");
     drop(other);
 }
+
+/// Status inside a data extent lseek found is answered from the cache,
+/// and a discard or an unmapping zeroing through the node forgets it.
+#[test]
+fn block_status_remembers_data_until_the_node_punches_a_hole() {
+    let (tmp, node) = node_with(&pattern(1 << 20, 4), false, false);
+    let g = view();
+    let status = |offset| {
+        block_on(node.block_status(&g, offset, 4096))
+            .unwrap()
+            .unwrap()
+    };
+    assert!(status(0).allocated && !status(0).zero);
+    // Behind the node's back the answer stays (data is never wrong) ...
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(tmp.path())
+        .unwrap();
+    // SAFETY: a plain fallocate on a file this test owns.
+    let r = unsafe {
+        libc::fallocate(
+            f.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            8192,
+            4096,
+        )
+    };
+    assert_eq!(r, 0);
+    assert!(!status(8192).zero, "answered from the cache");
+    // ... and the node's own hole punching is seen at once.
+    block_on(node.discard(&g, 65536, 65536)).unwrap().unwrap();
+    assert!(status(65536).zero, "a discard forgets the cache");
+    assert!(status(8192).zero);
+    assert!(!status(0).zero);
+    block_on(node.write_zeroes(&g, 0, 4096, true))
+        .unwrap()
+        .unwrap();
+    assert!(status(0).zero, "an unmapping zeroing forgets it too");
+}
