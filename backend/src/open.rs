@@ -99,5 +99,6 @@ pub fn open_rbd(
         .add_node("disk", |_| {
             strata_formats::rbd::RbdNode::open(&o).map(|n| Arc::new(n) as Arc<dyn BlockDriver>)
         })
-        .with_context(|| format!("cannot open '{name}'"))
+        // GraphError already says its source: a context would say it twice.
+        .map_err(|e| anyhow::anyhow!("cannot open '{name}': {e}"))
 }

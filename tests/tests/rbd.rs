@@ -688,3 +688,25 @@ fn the_cache_mode_sets_librbds_cache_and_flushes() {
         assert!(status.success(), "{log}");
     }
 }
+
+/// A bad `rbd:` name on `strata serve` is refused with its reason said
+/// once.
+#[test]
+#[ignore = "needs librbd (ci/test installs Ceph for the cluster tests)"]
+fn serve_names_a_missing_ceph_conf_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(strata_tests::daemon::strata_bin())
+        .args(["serve", "rbd:rbd/x:conf=/nonexistent/ceph.conf", "--socket"])
+        .arg(dir.path().join("s.sock"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert_eq!(
+        err.matches("cannot read Ceph configuration '/nonexistent/ceph.conf'")
+            .count(),
+        1,
+        "{err}"
+    );
+    assert!(err.contains("No such file or directory"), "{err}");
+}
