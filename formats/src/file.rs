@@ -460,8 +460,9 @@ impl BlockDriver for FileNode {
         }
         IoFuture::new(async move {
             // Zeroing may leave a hole (or an unwritten extent, which
-            // SEEK_DATA skips) where the cache says data.
-            self.status_cache.forget();
+            // SEEK_DATA skips) where the cache says data. Forgetting once it
+            // is done is enough: the generation keeps out what a query saw
+            // before, and nobody waits on the zeroing until then.
             let r = self.zero(offset, len, may_unmap).await;
             self.status_cache.forget();
             r
@@ -477,7 +478,6 @@ impl BlockDriver for FileNode {
         }
         IoFuture::new(async move {
             let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
-            self.status_cache.forget();
             let r = self.fallocate(mode, offset, len).await;
             self.status_cache.forget();
             match r {
@@ -541,8 +541,6 @@ impl BlockDriver for FileNode {
 }
 
 impl FileNode {
-    /// Data or hole at `offset`, from SEEK_DATA/SEEK_HOLE: a hole reads as
-    /// zeroes. Filesystems without them report everything as data.
     /// Zeroes `len` bytes at `offset`: a hole where unmapping is allowed,
     /// else zero-range, else zeroes written as data.
     async fn zero(&self, offset: u64, len: u64, may_unmap: bool) -> Result<(), BlockError> {
@@ -572,6 +570,8 @@ impl FileNode {
         }
     }
 
+    /// Data or hole at `offset`, from SEEK_DATA/SEEK_HOLE: a hole reads as
+    /// zeroes. Filesystems without them report everything as data.
     fn seek_status(&self, offset: u64, len: u64) -> BlockStatus {
         let fd = self.file.as_raw_fd();
         let data = |whence| {

@@ -52,8 +52,8 @@ impl DataExtentCache {
         }
     }
 
-    /// Forgets the extent: call it before and after anything that may turn
-    /// data into a hole (a discard, zeroing, a shrink).
+    /// Forgets the extent: call it once anything that may turn data into a
+    /// hole (a discard, zeroing, a shrink) is done, before it completes.
     pub fn forget(&self) {
         let mut inner = self.lock();
         inner.generation += 1;

@@ -97,10 +97,10 @@ unsafe impl Sync for Handles {}
 
 impl Handles {
     /// The open image, or ESHUTDOWN once it was closed.
-    fn image(&self, op: IoOp, offset: u64) -> Result<Image, BlockError> {
+    fn image(&self) -> Result<Image, c_int> {
         let image = self.image.load(Ordering::Acquire);
         if image.is_null() {
-            return Err(BlockError::errno(op, offset, libc::ESHUTDOWN));
+            return Err(libc::ESHUTDOWN);
         }
         Ok(image)
     }
@@ -290,7 +290,10 @@ impl RbdNode {
         offset: u64,
         submit: impl FnOnce(Image, ffi::Completion) -> c_int,
     ) -> Result<isize, BlockError> {
-        let image = self.h.image(op, offset)?;
+        let image = self
+            .h
+            .image()
+            .map_err(|e| BlockError::errno(op, offset, e))?;
         let aio = Aio::start(self.h.lib, |c| submit(image, c))
             .map_err(|e| BlockError::errno(op, offset, e))?;
         match aio.await {
@@ -458,13 +461,12 @@ impl BlockDriver for RbdNode {
             // rbd_diff_iterate2 blocks: it runs on the offload pool.
             let walk = strata_runtime::offload::run(move || {
                 let mut first = FirstExtent(None);
+                let image = match h.image() {
+                    Ok(image) => image,
+                    Err(e) => return (-e, None),
+                };
                 // SAFETY: an open image (kept open by `h`), and `first`
                 // lives across the synchronous walk.
-                let image = h.image.load(Ordering::Acquire);
-                if image.is_null() {
-                    return (-libc::ESHUTDOWN, None);
-                }
-                // SAFETY: as above.
                 let r = unsafe {
                     (h.lib.rbd_diff_iterate2)(
                         image,
@@ -513,10 +515,10 @@ impl BlockDriver for RbdNode {
         IoFuture::new(async move {
             self.writable(IoOp::Write)?;
             let r = strata_runtime::offload::run(move || {
-                let image = h.image.load(Ordering::Acquire);
-                if image.is_null() {
-                    return -libc::ESHUTDOWN;
-                }
+                let image = match h.image() {
+                    Ok(image) => image,
+                    Err(e) => return -e,
+                };
                 // SAFETY: an open image, kept open by `h`.
                 unsafe { (h.lib.rbd_resize)(image, size) }
             })
