@@ -8,8 +8,7 @@ use std::time::Duration;
 use anyhow::{bail, Context as _};
 use blkio::{Blkio, ReqFlags};
 
-use crate::backend::{Backend, Kind};
-use crate::suite::DAEMON_CPU;
+use crate::backend::Kind;
 
 /// What an idle backend costs.
 #[derive(Clone, Copy, Debug)]
@@ -37,7 +36,7 @@ pub fn measure(kind: Kind, bin: &Path, dir: &Path, window: Duration) -> anyhow::
         format!("driver=file,node-name=file,filename={}", image.display()),
         "driver=qcow2,node-name=root,file=file".to_string(),
     ];
-    let backend = Backend::start(kind, bin, dir, &blockdevs, None, &DAEMON_CPU.to_string(), 1)?;
+    let backend = crate::suite::start_pinned(kind, bin, dir, &blockdevs, None)?;
 
     let mut b = Blkio::new("virtio-blk-vhost-user")?;
     b.set_str("path", backend.socket.to_str().context("socket path")?)?;

@@ -10,9 +10,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 
-use crate::backend::Backend;
-use crate::load::{self, Load, Outcome};
-use crate::suite::{self, Plan, CLIENT_CPU, DAEMON_CPU};
+use crate::load::{self, Outcome};
+use crate::suite::{self, Plan, CLIENT_CPU};
 
 /// Requests in flight, per row.
 pub const DEPTHS: [usize; 2] = [1, 32];
@@ -101,23 +100,8 @@ pub fn run(plan: &Plan, progress: &mut dyn FnMut(&str)) -> anyhow::Result<Vec<Ro
         let (strata, qsd) = suite::alternating(plan, &label, progress, |_, kind, bin| {
             suite::warm(&img)?;
             let _server = qemu_nbd(&img, &sock)?;
-            let b = Backend::start(
-                kind,
-                bin,
-                &dir,
-                std::slice::from_ref(&node),
-                None,
-                &DAEMON_CPU.to_string(),
-                1,
-            )?;
-            let load = Load {
-                write: false,
-                depth,
-                poll: false,
-                warmup: plan.warmup,
-                measure: plan.measure,
-            };
-            load::run(&b.socket, load, &|| b.cpu_ns())
+            let b = suite::start_pinned(kind, bin, &dir, std::slice::from_ref(&node), None)?;
+            load::run(&b.socket, plan.load(false, depth, false), &|| b.cpu_ns())
                 .with_context(|| format!("{} nbd node QD{depth}", kind.name()))
         })?;
         rows.push(Row { depth, strata, qsd });

@@ -10,9 +10,8 @@ use std::process::Command;
 
 use anyhow::{bail, Context as _};
 
-use crate::backend::Backend;
-use crate::load::{self, Load, Outcome};
-use crate::suite::{self, Plan, CLIENT_CPU, DAEMON_CPU};
+use crate::load::{self, Outcome};
+use crate::suite::{self, Plan, CLIENT_CPU};
 
 /// Requests in flight, per row.
 pub const DEPTHS: [usize; 2] = [1, 32];
@@ -165,29 +164,14 @@ pub fn run(plan: &Plan, progress: &mut dyn FnMut(&str)) -> anyhow::Result<Vec<Ro
                 if write { "write" } else { "read" }
             );
             let (strata, qsd) = suite::alternating(plan, &label, progress, |_, kind, bin| {
-                let b = Backend::start(
-                    kind,
-                    bin,
-                    &dir,
-                    std::slice::from_ref(&node),
-                    None,
-                    &DAEMON_CPU.to_string(),
-                    1,
-                )?;
+                let b = suite::start_pinned(kind, bin, &dir, std::slice::from_ref(&node), None)?;
                 // librbd writes through until it sees the first flush.
                 // A guest flushes soon after boot; so does Strata when a
                 // frontend leaves (the harness's own probe, for one), so
                 // without this the two daemons would be measured in
                 // different cache modes.
                 load::write_and_flush(&b.socket)?;
-                let load = Load {
-                    write,
-                    depth,
-                    poll: false,
-                    warmup: plan.warmup,
-                    measure: plan.measure,
-                };
-                let out = load::run(&b.socket, load, &|| b.cpu_ns())
+                let out = load::run(&b.socket, plan.load(write, depth, false), &|| b.cpu_ns())
                     .with_context(|| format!("{} rbd node {label}", kind.name()));
                 // A killed daemon would keep the image's lock from the
                 // next one until the cluster gave up on it.

@@ -13,7 +13,7 @@ use std::process::Command;
 use anyhow::{bail, Context as _};
 
 use crate::backend::{Backend, Kind};
-use crate::load::{self, Load, Outcome, Rng};
+use crate::load::{self, Outcome, Rng};
 use crate::suite::{self, Plan};
 
 /// Virtual size of the compressed disk: compressing takes a while.
@@ -62,13 +62,7 @@ pub fn run(plan: &Plan, progress: &mut dyn FnMut(&str)) -> anyhow::Result<Scalin
             "driver=qcow2,node-name=root,file=file".to_string(),
         ]
     };
-    let load = Load {
-        write: false,
-        depth: DEPTH,
-        poll: false,
-        warmup: plan.warmup,
-        measure: plan.measure,
-    };
+    let load = plan.load(false, DEPTH, false);
     let mut samples: [[Vec<Outcome>; 2]; 2] = Default::default();
     let configs = [(0, 1), (1, 1), (0, 2), (1, 2)];
     for run in 0..plan.runs {

@@ -75,6 +75,40 @@ pub struct Plan {
     pub workdir: PathBuf,
 }
 
+impl Plan {
+    /// One run's load: 4 KiB requests kept `depth` deep, timed as the plan
+    /// says.
+    pub fn load(&self, write: bool, depth: usize, poll: bool) -> Load {
+        Load {
+            write,
+            depth,
+            poll,
+            warmup: self.warmup,
+            measure: self.measure,
+        }
+    }
+}
+
+/// A one-queue export of `blockdevs` (the last is exported) on
+/// [`DAEMON_CPU`], with `iothread`'s poll-max-ns when given.
+pub fn start_pinned(
+    kind: Kind,
+    bin: &Path,
+    dir: &Path,
+    blockdevs: &[String],
+    iothread: Option<u64>,
+) -> anyhow::Result<Backend> {
+    Backend::start(
+        kind,
+        bin,
+        dir,
+        blockdevs,
+        iothread,
+        &DAEMON_CPU.to_string(),
+        1,
+    )
+}
+
 /// The medians of one cell for both backends.
 #[derive(Clone, Debug)]
 pub struct Cell {
@@ -153,13 +187,7 @@ pub fn one(
     blockdevs: &[String],
 ) -> anyhow::Result<Outcome> {
     let backend = start(target, workload.poll, kind, bin, dir, blockdevs)?;
-    let load = Load {
-        write: workload.write,
-        depth: workload.depth,
-        poll: workload.poll,
-        warmup: plan.warmup,
-        measure: plan.measure,
-    };
+    let load = plan.load(workload.write, workload.depth, workload.poll);
     load::run(&backend.socket, load, &|| backend.cpu_ns())
 }
 
@@ -179,16 +207,7 @@ pub fn start(
     for f in target.files(dir) {
         warm(&f)?;
     }
-    let iothread = poll.then_some(POLL_MAX_NS);
-    Backend::start(
-        kind,
-        bin,
-        dir,
-        blockdevs,
-        iothread,
-        &DAEMON_CPU.to_string(),
-        1,
-    )
+    start_pinned(kind, bin, dir, blockdevs, poll.then_some(POLL_MAX_NS))
 }
 
 /// The machine's cores (not those this thread may run on: the harness
